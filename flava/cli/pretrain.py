@@ -1,0 +1,8 @@
+"""`flava pretrain ...` commands. Skeleton: the owning stage registers its subcommands here."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(groups: argparse._SubParsersAction) -> None:
+    groups.add_parser("pretrain", help="pretrain stages (not yet available)")

@@ -1,0 +1,121 @@
+"""The one source of truth for configuration: ``params.yaml`` -> a typed, validated ``PipelineConfig``.
+
+Each stage owns the typed section it reads (``flava.data.config``, ``flava.model.config``, ``flava.train.config``,
+``flava.eval.config``); this module composes them, applies ``key.path=value`` overrides (from the CLI, Prefect
+parameters or Optuna trials) and flattens the effective config for logging.
+Importing this module has no side effects: no directories are created and no tracking URI is set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from flava.data.config import DataConfig
+from flava.eval.config import EvalConfig
+from flava.model.config import ModelSection
+from flava.train.config import TrainConfig
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathsConfig(StrictModel):
+    """Where each stage reads and writes, relative to the project root unless absolute (or an s3:// URI)."""
+
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    validated: str = "data/validated"
+    shards: str = "data/shards"
+    artifacts: str = "artifacts"
+    models: str = "models"
+    reports: str = "reports"
+
+
+class TrackingConfig(StrictModel):
+    """MLflow. ``tracking_uri`` is used unless the environment sets MLFLOW_TRACKING_URI (a shared server)."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str | None = None
+    experiment: str = "flava"
+    log_system_metrics: bool = True
+
+
+class PipelineConfig(StrictModel):
+    seed: int = 0
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``{"a.b.c": value}`` view, as logged to MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def digest(self) -> str:
+        """Stable short hash of the effective config (lineage tag ``params_hash``)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.joint.steps=200"`` -> (["train", "joint", "steps"], 200). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {text!r} has an empty key segment")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Iterable[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply overrides to a raw params tree (a copy is returned). Unknown keys fail later in validation."""
+    tree = json.loads(json.dumps(tree))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        path = key.split(".") if isinstance(key, str) else key
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {'.'.join(path)}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def load_config(
+    path: str | Path = "params.yaml", overrides: Iterable[str] | dict[str, Any] = ()
+) -> PipelineConfig:
+    """Read ``params.yaml``, apply overrides and validate. Errors name the offending field."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} not found")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path} must hold a mapping at top level")
+    return PipelineConfig.model_validate(apply_overrides(tree, overrides))
+
+
+def dump_config(cfg: PipelineConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path

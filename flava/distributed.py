@@ -1,0 +1,93 @@
+"""Process setup and cross-rank helpers, in one place.
+
+Rank and world size come from the torchrun environment. A single process (world size 1) never touches
+``torch.distributed``; the model files never import it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def process_info() -> ProcessInfo:
+    """Rank/world size of this process, from the initialised group or else the torchrun environment."""
+    if dist.is_available() and dist.is_initialized():
+        return ProcessInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
+    return ProcessInfo(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    )
+
+
+def init_process(backend: str | None = None) -> ProcessInfo:
+    """Join the process group when launched by torchrun with more than one rank; otherwise do nothing."""
+    info = process_info()
+    if info.world_size > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return process_info()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    return process_info().is_main
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Broadcast a picklable object from ``src`` (identity at world size 1)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def gather_features(features: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Concatenate ``features`` (B, D) from every rank into (world_size * B, D) in rank order.
+
+    Gradients flow to this rank's own slice only (the others are detached copies), which is what the
+    global contrastive loss needs: every rank computes the loss over all pairs and back-propagates into its shard.
+    At world size 1 this is the identity and ``torch.distributed`` is not touched.
+    """
+    if world_size == 1:
+        return features
+    gathered = [torch.empty_like(features) for _ in range(world_size)]
+    dist.all_gather(gathered, features.detach().contiguous())
+    gathered[rank] = features
+    return torch.cat(gathered, dim=0)
