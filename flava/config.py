@@ -34,6 +34,7 @@ class PathsConfig(StrictModel):
     shards: str = "data/shards"
     artifacts: str = "artifacts"
     models: str = "models"
+    checkpoints: str = "checkpoints"  # trainer state for resume; outside DVC outs so a re-run can resume
     reports: str = "reports"
 
 

@@ -1,0 +1,37 @@
+"""Lineage facts for tags: git commit, data version (from ``data.dvc``), host. No MLflow import here."""
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import yaml
+
+PARENT_RUN_ENV = "FLAVA_PARENT_RUN_ID"  # set by `flava pipeline run`; stage runs nest under it
+
+
+def git_commit(root: str | Path = ".") -> str:
+    """HEAD commit, with ``-dirty`` when tracked files differ; ``unknown`` outside a git checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def data_version(root: str | Path = ".", dvc_file: str = "data.dvc") -> str:
+    """The md5 DVC recorded for the raw data (``outs[0].md5``), or ``untracked`` without a .dvc file."""
+    path = Path(root) / dvc_file
+    if not path.exists():
+        return "untracked"
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    return str(outs[0].get("md5", "untracked"))
+
+
+def host() -> str:
+    return socket.gethostname()
