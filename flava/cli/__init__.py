@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from flava.config import PipelineConfig, load_config
 
 # Command-group modules, in the order they appear in ``flava --help``.
-GROUPS = ("flava.cli.data", "flava.cli.pretrain", "flava.cli.evaluate")
+GROUPS = ("flava.cli.pipeline", "flava.cli.data", "flava.cli.pretrain", "flava.cli.evaluate", "flava.cli.launch")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
