@@ -1,20 +1,206 @@
-"""Typed config of data preparation: synthetic generation, ingestion, validation. Owned by those stages."""
+"""Typed config of data preparation: synthetic generation, ingestion, validation. Owned by those stages.
+
+Defaults are the embedded (synthetic, small) pipeline's values: ``data.generate`` writes the raw layout that
+``data.ingest``'s default sources read, and ``data.validation``'s bounds accept every synthetic sample.
+Paths inside ``data.ingest`` sources are relative to ``paths.raw`` unless absolute.
+"""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# --------------------------------------------------------------------------------------------- generate
 class GenerateConfig(_Section):
-    """The embedded synthetic world (``flava data generate``)."""
+    """The embedded synthetic world (``flava data generate``): shapes with colours, sizes, positions and
+    background textures, captioned in varied phrasings. Zero-shot classes are ``"<colour> <shape>"``, so chance
+    level is ``1 / (len(colours) * len(shapes))`` (1/24 with the defaults)."""
+
+    image_size: int = Field(64, ge=16, le=1024)
+    colours: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
+    shapes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle", "cross"])
+    max_count: int = Field(3, ge=1, le=4)  # objects per image: 1..max_count copies of one coloured shape
+    # sizes of the corpora
+    pairs: int = Field(3000, ge=1)
+    images_per_class: int = Field(40, ge=1)  # unpaired class-folder images
+    text_passages: int = Field(1500, ge=1)
+    text_files: int = Field(3, ge=1)
+    # sizes of the evaluation splits
+    zeroshot_per_class: dict[str, int] = Field(default_factory=lambda: {"train": 20, "val": 5, "test": 10})
+    retrieval_images: int = Field(200, ge=1)
+    retrieval_captions: int = Field(5, ge=1, le=8)
+    text_cls: dict[str, int] = Field(default_factory=lambda: {"train": 800, "val": 200, "test": 400})
+    vqa: dict[str, int] = Field(default_factory=lambda: {"train": 600, "val": 200, "test": 400})
+    prompt_templates: list[str] = Field(
+        default_factory=lambda: [
+            "a photo of a {}.",
+            "a picture of a {}.",
+            "an image showing a {}.",
+            "a drawing of a {}.",
+            "a {} on a plain background.",
+        ]
+    )
+    png_compress_level: int = Field(6, ge=0, le=9)
+
+    @field_validator("colours", "shapes")
+    @classmethod
+    def _known_and_unique(cls, value: list[str], info) -> list[str]:
+        from flava.data.world import COLOURS, SHAPES  # the palette and the shapes the renderer can draw
+
+        known = COLOURS if info.field_name == "colours" else SHAPES
+        unknown = [v for v in value if v not in known]
+        if unknown or not value or len(set(value)) != len(value):
+            raise ValueError(
+                f"data.generate.{info.field_name} must be distinct names from {sorted(known)}, got {value}"
+            )
+        return value
+
+    @field_validator("zeroshot_per_class", "text_cls", "vqa")
+    @classmethod
+    def _splits(cls, value: dict[str, int], info) -> dict[str, int]:
+        if set(value) != {"train", "val", "test"} or any(n < 1 for n in value.values()):
+            raise ValueError(f"data.generate.{info.field_name} needs positive counts for exactly train, val, test")
+        return value
+
+    @field_validator("prompt_templates")
+    @classmethod
+    def _templates(cls, value: list[str]) -> list[str]:
+        if not value or any(t.count("{}") != 1 for t in value):
+            raise ValueError("data.generate.prompt_templates must be non-empty, each with exactly one '{}'")
+        return value
+
+
+# --------------------------------------------------------------------------------------------- ingest
+class ManifestPairs(_Section):
+    """Image-text pairs from a CSV / JSONL / Parquet manifest. ``image`` is a path relative to the manifest's
+    directory, an absolute path, or an ``s3://bucket/key`` URI."""
+
+    kind: Literal["manifest"] = "manifest"
+    path: str = "pairs/captions.jsonl"
+    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"  # auto: from the file extension
+    key_column: str | None = "key"  # None: keys are "<name>-<row index>"
+    image_column: str = "image"
+    caption_column: str | None = "caption"
+    # PMD/YFCC style: caption = description if it passes the caption filter, else title (needs caption_filter)
+    title_column: str | None = None
+    description_column: str | None = None
+    caption_filter: bool = False
+    name: str | None = None  # source name used in keys and provenance; default: the file stem
+
+    @model_validator(mode="after")
+    def _caption_source(self) -> "ManifestPairs":
+        if self.caption_column is None and self.title_column is None and self.description_column is None:
+            raise ValueError(f"pair source {self.path}: set caption_column or title_column/description_column")
+        return self
+
+
+class WebdatasetPairs(_Section):
+    """Image-text pairs from existing webdataset tar shards (LAION/PMD style ``jpg`` + ``txt`` members; with
+    ``caption_filter`` the ``json`` member's title/description fields are used instead). Images are extracted
+    to ``paths.prepared/extracted/<name>/``."""
+
+    kind: Literal["webdataset"] = "webdataset"
+    path: str  # a directory holding the shards, or one .tar file
+    pattern: str = "*.tar"
+    image_extensions: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    text_extension: str = "txt"
+    caption_filter: bool = False
+    title_field: str = "title"
+    description_field: str = "description"
+    name: str | None = None
+
+
+PairSource = Annotated[Union[ManifestPairs, WebdatasetPairs], Field(discriminator="kind")]
+
+
+class ClassFolderImages(_Section):
+    """Unpaired images in the ImageNet layout: ``<path>/<class>/<image>``; the label is the folder name."""
+
+    path: str = "images"
+    extensions: list[str] = Field(default_factory=lambda: ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"])
+    name: str | None = None
+
+
+class TextFiles(_Section):
+    """Unpaired text (CCNews/BookCorpus style): ``.txt`` files (paragraphs separated by blank lines) and
+    ``.jsonl`` files (one document per line, in ``jsonl_field``), split into passages."""
+
+    path: str = "text"
+    patterns: list[str] = Field(default_factory=lambda: ["*.txt", "*.jsonl"])
+    jsonl_field: str = "text"
+    name: str | None = None
+
+
+class CaptionFilterConfig(_Section):
+    """The PMD/YFCC caption filter: English (heuristic) and more than two words."""
+
+    min_words: int = Field(3, ge=1)  # "more than two words"
+    min_ascii_letter_fraction: float = Field(0.9, ge=0, le=1)  # of the letters, the share that are a-z/A-Z
+    min_stopwords: int = Field(1, ge=0)  # common English function words the caption must contain
+
+
+class S3SourceConfig(_Section):
+    """boto3 access for ``s3://`` image URIs. Credentials come from the usual AWS chain."""
+
+    endpoint_url: str | None = None  # else $AWS_ENDPOINT_URL, else AWS
+    region: str | None = None
+    max_attempts: int = Field(3, ge=1)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
 
 
 class IngestConfig(_Section):
     """Ingestion of raw corpora into per-corpus manifests (``flava data prepare``)."""
 
+    pairs: list[PairSource] = Field(default_factory=lambda: [ManifestPairs()])
+    images: list[ClassFolderImages] = Field(default_factory=lambda: [ClassFolderImages()])
+    text: list[TextFiles] = Field(default_factory=lambda: [TextFiles()])
+    eval_dir: str | None = "eval"  # evaluation sets under paths.raw; None: none
+    max_passage_words: int = Field(64, ge=1)
+    caption_filter: CaptionFilterConfig = Field(default_factory=CaptionFilterConfig)
+    s3: S3SourceConfig = Field(default_factory=S3SourceConfig)
 
+
+# --------------------------------------------------------------------------------------------- validate
 class ValidateConfig(_Section):
-    """Great Expectations validation (``flava data validate``)."""
+    """Great Expectations validation (``flava data validate``). Rows failing a check are quarantined with the
+    reason; images in convertible modes (CMYK, L, P, RGBA, 16-bit, ...) are normalised to RGB, EXIF-rotated,
+    and written under ``paths.validated/images/<corpus>/``."""
+
+    min_accept_fraction: float = Field(0.9, ge=0, le=1)
+    # captions (pairs) and passages (text)
+    min_caption_words: int = Field(1, ge=1)
+    max_caption_words: int = Field(128, ge=1)
+    max_caption_chars: int = Field(1024, ge=1)
+    truncate_captions: bool = False  # True: cut over-long captions to max_caption_words instead of rejecting
+    min_text_words: int = Field(3, ge=1)
+    max_text_words: int = Field(512, ge=1)
+    max_text_chars: int = Field(8192, ge=1)
+    # images
+    min_image_side: int = Field(16, ge=1)
+    max_image_side: int = Field(4096, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # decompression-bomb limit (decoded pixels)
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)  # encoded file size
+    max_aspect_ratio: float = Field(8.0, ge=1)
+    allowed_modes: list[str] = Field(
+        default_factory=lambda: ["RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "I;16",
+                                 "I;16B", "I;16L", "I", "F", "LAB", "HSV"]
+    )
+    alpha_background: list[int] = Field(default_factory=lambda: [255, 255, 255])  # RGBA composited onto this
+    image_format: Literal["png", "jpg"] = "png"  # format of the normalised images
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ValidateConfig":
+        for low, high in [("min_caption_words", "max_caption_words"), ("min_text_words", "max_text_words"),
+                          ("min_image_side", "max_image_side")]:
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"data.validation.{low} must be <= data.validation.{high}")
+        if len(self.alpha_background) != 3 or any(not 0 <= c <= 255 for c in self.alpha_background):
+            raise ValueError("data.validation.alpha_background must be three integers in 0..255")
+        return self
