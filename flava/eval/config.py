@@ -1,8 +1,130 @@
-"""Typed configuration of evaluation and promotion (``eval:`` in params.yaml). Skeleton; evaluation extends it."""
+"""Typed configuration of evaluation and promotion (``eval:`` in params.yaml).
+
+Defaults are the embedded (synthetic, small) pipeline's values. Each task has its own small section so a real
+evaluation set can change, e.g., the probe's regularisation grid without touching the others.
+"""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class EvalConfig(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ZeroShotConfig(_Section):
+    """CLIP-style zero-shot classification; prompt templates come from ``zeroshot/classes.json``."""
+
+    enabled: bool = True
+    split: Literal["val", "test"] = "test"
+    top_k: list[int] = Field(default_factory=lambda: [1, 5])
+
+    @field_validator("top_k")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("eval.zeroshot.top_k must be a non-empty list of integers >= 1")
+        return sorted(set(value))
+
+
+class RetrievalConfig(_Section):
+    """Zero-shot image<->text retrieval, Recall@K with several captions per image (Flickr30K/COCO protocol)."""
+
+    enabled: bool = True
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    # Scoring runs over (query_chunk x key_chunk) blocks with a running top-k, so the full N x 5N similarity
+    # matrix never exists; these bound the block to query_chunk * key_chunk floats.
+    query_chunk: int = Field(default=1024, ge=1)
+    key_chunk: int = Field(default=16384, ge=1)
+    # Largest K of the recall curve drawn in the report (also capped by the number of candidates).
+    curve_max_k: int = Field(default=20, ge=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("eval.retrieval.ks must be a non-empty list of integers >= 1")
+        return sorted(set(value))
+
+
+class ProbeConfig(_Section):
+    """Linear probe on frozen image features: L-BFGS logistic regression, C swept on val (paper, Sec. 5)."""
+
+    enabled: bool = True
+    # Inverse L2 strength C of sklearn's LogisticRegression, swept on the validation split.
+    c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
+    max_iter: int = Field(default=1000, ge=1)
+    standardize: bool = True  # z-score features with train statistics (helps L-BFGS converge)
+    refit_on_train_val: bool = True  # after the sweep, refit the chosen C on train+val before testing
+
+    @field_validator("c_grid")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if not value or any(c <= 0 for c in value):
+            raise ValueError("eval.probe.c_grid must be a non-empty list of positive numbers")
+        return value
+
+
+class FinetuneConfig(_Section):
+    """A head fine-tuned together with a copy of the encoder; the best epoch on val is tested."""
+
+    enabled: bool = True
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    head_lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+
+class TextFinetuneConfig(FinetuneConfig):
+    """GLUE-style text classification (or regression) on the text encoder's CLS."""
+
+    task: Literal["auto", "classification", "regression"] = "auto"
+
+
+class MultimodalFinetuneConfig(FinetuneConfig):
+    """VQA-style closed-answer classification on the multimodal CLS."""
+
+
+class RegistryConfig(_Section):
+    """MLflow Model Registry and the promotion gate against ``@champion``."""
+
+    model_name: str = "flava-tiny"
+    # Pass iff overall macro >= champion overall + margin AND no domain macro < champion's - tolerance.
+    margin: float = Field(default=0.0, ge=0)
+    domain_tolerance: float = Field(default=0.02, ge=0)
+    # First model: champion iff its score beats the chance baseline by at least this much on every task.
+    chance_margin: float = Field(default=0.0, ge=0)
+    lock_timeout_s: float = Field(default=120.0, gt=0)
+    # Where the promotion lock file lives when the tracking store is not a local sqlite file (relative to the
+    # project root); for sqlite the lock sits next to the database file.
+    lock_dir: str = ".mlflow-locks"
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    previous_alias: str = "previous"
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> "RegistryConfig":
+        aliases = {self.champion_alias, self.challenger_alias, self.previous_alias}
+        if len(aliases) != 3:
+            raise ValueError("eval.registry aliases champion/challenger/previous must be distinct")
+        return self
+
+
+class EvalConfig(_Section):
+    """The ``eval:`` section: shared knobs plus one section per task and the registry gate."""
+
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    batch_size: int = Field(default=64, ge=1)  # feature extraction batch size
+    max_text_length: int = Field(default=32, ge=2)  # tokens per prompt/caption/sentence/question
+    zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    text_finetune: TextFinetuneConfig = Field(default_factory=TextFinetuneConfig)
+    multimodal_finetune: MultimodalFinetuneConfig = Field(default_factory=MultimodalFinetuneConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    # Report plots.
+    plot_dpi: int = Field(default=100, ge=20)

@@ -1,0 +1,209 @@
+"""Readers for the evaluation sets (layout in docs/interfaces.md, "Evaluation sets").
+
+Real datasets enter through the same formats as the synthetic ones: class folders become zero-shot rows
+``{"image", "label"}``, retrieval manifests ``{"image", "captions": [...]}``, GLUE-style TSV ``sentence\\tlabel``
+and VQA-style JSONL ``{"image", "question", "answer"}``. Every malformed row raises a ``ValueError`` naming the
+file, line and problem. Relative image paths resolve against the manifest's folder, then the eval root, then the
+working directory.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from flava.data.storage import is_s3, read_bytes
+from flava.data.transforms import decode_image
+
+SPLITS = ("train", "val", "test")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluation file {path} not found")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def resolve_image(value: Any, manifest: Path, eval_root: Path, where: str) -> str:
+    """A row's ``image`` field -> an existing local path (string)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: 'image' must be a non-empty string path")
+    if is_s3(value):
+        return value  # fetched when read; a missing object fails then with its URI
+    candidate = Path(value)
+    if candidate.is_absolute():
+        options = [candidate]
+    else:
+        options = [manifest.parent / candidate, eval_root / candidate, candidate]
+    for option in options:
+        if option.is_file():
+            return str(option)
+    raise ValueError(f"{where}: image {value!r} not found (tried {', '.join(str(o) for o in options)})")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+@dataclass(frozen=True)
+class ZeroShotSet:
+    classnames: list[str]
+    templates: list[str]
+    images: list[str]
+    labels: list[int]
+
+
+def load_classes(eval_root: str | Path) -> tuple[list[str], list[str]]:
+    path = Path(eval_root) / "zeroshot" / "classes.json"
+    if not path.exists():
+        raise FileNotFoundError(f"zero-shot classes file {path} not found")
+    spec = json.loads(path.read_text())
+    classnames, templates = spec.get("classnames"), spec.get("templates")
+    if not isinstance(classnames, list) or len(classnames) < 2 or not all(isinstance(c, str) for c in classnames):
+        raise ValueError(f"{path}: 'classnames' must be a list of at least two strings")
+    if len(set(classnames)) != len(classnames):
+        raise ValueError(f"{path}: 'classnames' has duplicates")
+    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
+        raise ValueError(f"{path}: 'templates' must be a non-empty list of strings")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"{path}: templates {bad} lack the '{{}}' placeholder for the class name")
+    return classnames, templates
+
+
+def load_zeroshot(eval_root: str | Path, split: str) -> ZeroShotSet:
+    """Class names, prompt templates and ``(image, label)`` rows of one split (train/val also feed the probe)."""
+    _check_split(split)
+    root = Path(eval_root)
+    classnames, templates = load_classes(root)
+    manifest = root / "zeroshot" / f"{split}.jsonl"
+    images, labels = [], []
+    for i, row in enumerate(read_jsonl(manifest)):
+        where = f"{manifest}: row {i}"
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(classnames):
+            raise ValueError(f"{where}: 'label' must be a class index in [0, {len(classnames)}), got {label!r}")
+        images.append(resolve_image(row.get("image"), manifest, root, where))
+        labels.append(label)
+    return ZeroShotSet(classnames, templates, images, labels)
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    images: list[str]
+    captions: list[list[str]]
+
+
+def load_retrieval(eval_root: str | Path, split: str = "test") -> RetrievalSet:
+    _check_split(split)
+    root = Path(eval_root)
+    manifest = root / "retrieval" / f"{split}.jsonl"
+    images, captions = [], []
+    for i, row in enumerate(read_jsonl(manifest)):
+        where = f"{manifest}: row {i}"
+        caps = row.get("captions")
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise ValueError(f"{where}: 'captions' must be a non-empty list of non-empty strings")
+        images.append(resolve_image(row.get("image"), manifest, root, where))
+        captions.append(caps)
+    return RetrievalSet(images, captions)
+
+
+@dataclass(frozen=True)
+class TextSet:
+    sentences: list[str]
+    labels: list[str]  # raw label strings; the fine-tuner decides classes vs regression targets
+
+
+def load_text_cls(eval_root: str | Path, split: str) -> TextSet:
+    """GLUE-style TSV with header ``sentence<TAB>label``."""
+    _check_split(split)
+    path = Path(eval_root) / "text_cls" / f"{split}.tsv"
+    if not path.exists():
+        raise FileNotFoundError(f"text classification file {path} not found")
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["sentence", "label"]:
+            raise ValueError(f"{path}: header must start with 'sentence\\tlabel', got {header!r}")
+        sentences, labels = [], []
+        for lineno, fields in enumerate(reader, 2):
+            if not fields or all(not f.strip() for f in fields):
+                continue
+            if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
+                raise ValueError(f"{path}:{lineno}: expected a sentence and a label separated by a tab")
+            sentences.append(fields[0])
+            labels.append(fields[1].strip())
+    if not sentences:
+        raise ValueError(f"{path} holds no rows")
+    return TextSet(sentences, labels)
+
+
+@dataclass(frozen=True)
+class VqaSet:
+    images: list[str]
+    questions: list[str]
+    answers: list[str]
+
+
+def load_vqa(eval_root: str | Path, split: str) -> VqaSet:
+    _check_split(split)
+    root = Path(eval_root)
+    manifest = root / "vqa" / f"{split}.jsonl"
+    images, questions, answers = [], [], []
+    for i, row in enumerate(read_jsonl(manifest)):
+        where = f"{manifest}: row {i}"
+        question, answer = row.get("question"), row.get("answer")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: 'question' must be a non-empty string")
+        if not isinstance(answer, (str, int)) or isinstance(answer, bool) or not str(answer).strip():
+            raise ValueError(f"{where}: 'answer' must be a non-empty string")
+        images.append(resolve_image(row.get("image"), manifest, root, where))
+        questions.append(question)
+        answers.append(str(answer))
+    return VqaSet(images, questions, answers)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Image paths or ``s3://`` URIs -> transformed tensors (EXIF-oriented RGB, as the training loaders decode)."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            image = decode_image(read_bytes(path))
+        except ValueError as err:
+            raise ValueError(f"evaluation image {path}: {err}") from err
+        return self.transform(image)
+
+
+def load_images(paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """Stack the transformed images ``(N, 3, H, W)``; for the small sets the fine-tuners iterate several times."""
+    dataset = ImageDataset(paths, transform)
+    return torch.stack([dataset[i] for i in range(len(dataset))])

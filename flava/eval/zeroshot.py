@@ -1,0 +1,104 @@
+"""CLIP-style zero-shot image classification with prompt templates.
+
+Each class is represented by the mean of its L2-normalised prompt embeddings (one prompt per template, e.g.
+"a photo of a {}."), renormalised; an image is assigned the class whose embedding has the largest cosine
+similarity with the image embedding. The training stage calls :func:`evaluate_zeroshot` to select checkpoints.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from flava.eval.config import EvalConfig, ZeroShotConfig
+from flava.eval.datasets import load_zeroshot
+from flava.eval.features import default_transform, encode_images, encode_texts, model_device, pick_device
+
+_DEFAULTS = EvalConfig()
+
+
+def class_embeddings(
+    model: torch.nn.Module,
+    tokenizer,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    max_length: int,
+) -> torch.Tensor:
+    """(C, P): per class, the renormalised average of its normalised template embeddings."""
+    prompts = [template.format(name) for name in classnames for template in templates]
+    emb = encode_texts(model, tokenizer, prompts, batch_size=batch_size, device=device, max_length=max_length)
+    emb = F.normalize(emb, dim=-1).view(len(classnames), len(templates), -1)  # (C, T, P)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """``{"top1": ..., "top5": ...}``; K above the number of classes counts every prediction as a hit."""
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"logits (N, C) and labels (N,) expected, got {tuple(logits.shape)}, {tuple(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("cannot compute accuracy on an empty set")
+    kmax = min(max(ks), logits.shape[1])
+    ranked = logits.topk(kmax, dim=1).indices  # (N, kmax)
+    hit = (ranked == labels[:, None]).cumsum(dim=1) > 0
+    return {f"top{k}": hit[:, min(k, kmax) - 1].float().mean().item() for k in ks}
+
+
+def zeroshot_logits(
+    model: torch.nn.Module,
+    tokenizer,
+    eval_root: str | Path,
+    split: str = "val",
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    max_length: int = _DEFAULTS.max_text_length,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(cosine logits (N, C), labels (N,), classnames) for one split."""
+    data = load_zeroshot(eval_root, split)
+    if transform is None:
+        transform = default_transform(model)
+    classes = class_embeddings(
+        model, tokenizer, data.classnames, data.templates, batch_size=batch_size, device=device, max_length=max_length
+    )
+    images = encode_images(model, data.images, transform, batch_size=batch_size, device=device)
+    logits = F.normalize(images, dim=-1) @ classes.T  # (N, C)
+    return logits, torch.tensor(data.labels, dtype=torch.long), data.classnames
+
+
+def evaluate_zeroshot(
+    model: torch.nn.Module,
+    tokenizer,
+    eval_root: str | Path,
+    split: str = "val",
+    *,
+    batch_size: int = _DEFAULTS.batch_size,
+    device: torch.device | str | None = None,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    max_length: int = _DEFAULTS.max_text_length,
+    top_k: Sequence[int] = tuple(ZeroShotConfig().top_k),
+) -> dict[str, float]:
+    """Zero-shot top-K accuracy on ``eval_root/zeroshot/{split}.jsonl`` -> ``{"top1": ..., "top5": ...}``.
+
+    ``device`` is where the inputs go (default: where the model's parameters live; ``"auto"`` picks CUDA when
+    present); the model must already live there. Its train/eval flag is restored afterwards.
+    """
+    device = model_device(model) if device is None else pick_device(str(device))
+    logits, labels, _ = zeroshot_logits(
+        model, tokenizer, eval_root, split, batch_size=batch_size, device=device, transform=transform,
+        max_length=max_length,
+    )
+    return topk_accuracy(logits, labels, top_k)
+
+
+def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts, rows = true class, columns = predicted class."""
+    pred = logits.argmax(dim=1)
+    flat = labels * num_classes + pred
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
