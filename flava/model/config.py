@@ -1,18 +1,229 @@
-"""Typed model configuration: one small config per tower and named presets (owned by the model library).
+"""Typed model configuration: one small config per tower, the loss weights, and named presets.
 
-Placeholder written by the skeleton; the model library replaces it with the tower configs and presets.
+``FlavaConfig`` composes an image, a text and a multimodal tower config (all three share the transformer fields
+of ``TransformerConfig``), a ``LossConfig`` and the few model-wide settings (projection width, temperature,
+codebook size, attention kernel). ``preset(name)`` returns one of
+
+- ``tiny``: unit tests (32 px images, 4x4 patches of 8 px, width 32, 2 layers per tower);
+- ``small``: the embedded default pipeline (64 px, patch 8, width 192, 4 image + 4 text + 2 multimodal layers);
+- ``base``: the paper's FLAVA (ViT-B/16 at 224 px, 768 wide, 12 + 12 + 6 layers, BERT vocabulary, DALL-E codebook).
+
+``ModelSection`` is the ``model:`` section of ``params.yaml``: a preset name plus nested ``overrides``; its
+``build(vocab_size=..., codebook_size=...)`` applies them together with the values fixed by earlier stages (the
+fitted tokenizer's vocabulary, the fitted codebook's size). Every validation error names the offending field.
 """
 from __future__ import annotations
 
-from typing import Any
+import copy
+import math
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class ModelSection(BaseModel):
-    """The ``model:`` section of params.yaml: a named preset plus field overrides."""
-
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = "small"
+
+class TransformerConfig(_Strict):
+    """The pre-norm transformer stack shared by all three towers."""
+
+    hidden_size: int = Field(192, ge=1)
+    num_layers: int = Field(4, ge=0)
+    num_heads: int = Field(3, ge=1)
+    intermediate_size: int = Field(768, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on embeddings and residual branches
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on attention probabilities
+    layer_norm_eps: float = Field(1e-6, gt=0.0)
+    hidden_act: Literal["gelu", "gelu_tanh", "relu"] = "gelu"
+    qkv_bias: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class ImageEncoderConfig(TransformerConfig):
+    """ViT: square images cut into square patches, a CLS token and learned positions."""
+
+    image_size: int = Field(64, ge=1)
+    patch_size: int = Field(8, ge=1)
+    num_channels: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _patches_tile_image(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+class TextEncoderConfig(TransformerConfig):
+    """BERT-style embeddings (word + position + token type, then LayerNorm) under the shared stack."""
+
+    vocab_size: int = Field(1000, ge=2)  # replaced by the fitted tokenizer's size in the pipeline
+    max_position_embeddings: int = Field(64, ge=1)
+    type_vocab_size: int = Field(2, ge=1)
+    pad_token_id: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _pad_in_vocab(self):
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id ({self.pad_token_id}) must be < vocab_size ({self.vocab_size})")
+        return self
+
+
+class MultimodalEncoderConfig(TransformerConfig):
+    """Fusion encoder over [mm CLS, image states, text states], each tower projected into this width."""
+
+    num_layers: int = Field(2, ge=0)
+    # Which unimodal hidden states feed the fusion: the last block's output before the tower's final LayerNorm
+    # ("pre_norm", as FLAVA and transformers do) or after it ("post_norm").
+    fusion_input: Literal["pre_norm", "post_norm"] = "pre_norm"
+
+
+class LossConfig(_Strict):
+    """Weight per objective; 0 disables it (e.g. only ``contrastive`` > 0 is the paper's contrastive ablation)."""
+
+    mim: float = Field(1.0, ge=0.0)
+    mlm: float = Field(1.0, ge=0.0)
+    mmm_image: float = Field(1.0, ge=0.0)
+    mmm_text: float = Field(1.0, ge=0.0)
+    itm: float = Field(1.0, ge=0.0)
+    contrastive: float = Field(1.0, ge=0.0)
+    # Without ``itm_labels`` in a pair batch, this fraction of its captions is swapped for another caption of the
+    # batch to form ITM negatives (the reference implementation uses about 10 %).
+    itm_negative_prob: float = Field(0.1, ge=0.0, le=1.0)
+
+    def weight(self, name: str) -> float:
+        return float(getattr(self, name))
+
+
+OBJECTIVES = ("mim", "mlm", "mmm_image", "mmm_text", "itm", "contrastive")
+
+
+class FlavaConfig(_Strict):
+    image: ImageEncoderConfig = Field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    multimodal: MultimodalEncoderConfig = Field(default_factory=MultimodalEncoderConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    projection_dim: int = Field(128, ge=1)  # contrastive embedding width
+    logit_scale_init: float = math.log(1 / 0.07)  # CLIP/FLAVA: temperature 0.07
+    logit_scale_min: float = 0.0
+    logit_scale_max: float = math.log(100.0)  # temperature never below 1/100
+    codebook_size: int = Field(256, ge=2)  # MIM vocabulary; replaced by the fitted codebook's size
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    initializer_range: float = Field(0.02, gt=0.0)
+    activation_checkpointing: bool = False
+    # Check every batch (shapes, id ranges, labels) before compute; costs one host sync per step on a GPU.
+    validate_inputs: bool = True
+    # Add 0 * sum(params) to the loss so every parameter gets a gradient for every batch kind: DDP then works
+    # without find_unused_parameters. Leave off in one process (AdamW would keep moving idle towers by momentum).
+    touch_unused_parameters: bool = False
+
+    @model_validator(mode="after")
+    def _logit_scale_range(self):
+        if not self.logit_scale_min <= self.logit_scale_init <= self.logit_scale_max:
+            raise ValueError(
+                f"logit_scale_init ({self.logit_scale_init}) must lie in "
+                f"[logit_scale_min, logit_scale_max] = [{self.logit_scale_min}, {self.logit_scale_max}]"
+            )
+        return self
+
+
+_TINY: dict[str, Any] = {
+    "image": dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+    "text": dict(vocab_size=64, max_position_embeddings=16, hidden_size=32, num_layers=2, num_heads=2,
+                 intermediate_size=64),
+    "multimodal": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+    "projection_dim": 16,
+    "codebook_size": 32,
+}
+
+_SMALL: dict[str, Any] = {
+    "image": dict(image_size=64, patch_size=8, hidden_size=192, num_layers=4, num_heads=3, intermediate_size=768),
+    "text": dict(vocab_size=1000, max_position_embeddings=64, hidden_size=192, num_layers=4, num_heads=3,
+                 intermediate_size=768),
+    "multimodal": dict(hidden_size=192, num_layers=2, num_heads=3, intermediate_size=768),
+    "projection_dim": 128,
+    "codebook_size": 256,
+}
+
+_BASE_TOWER = dict(hidden_size=768, num_heads=12, intermediate_size=3072, layer_norm_eps=1e-12)
+_BASE: dict[str, Any] = {
+    "image": dict(image_size=224, patch_size=16, num_layers=12, **_BASE_TOWER),
+    "text": dict(vocab_size=30522, max_position_embeddings=512, num_layers=12, **_BASE_TOWER),
+    "multimodal": dict(num_layers=6, **_BASE_TOWER),
+    "projection_dim": 768,
+    "codebook_size": 8192,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "small": _SMALL, "base": _BASE}
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """Nested dict merge (a copy); a dict value merges into a dict, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, f"{path}{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _validate(tree: dict[str, Any], name: str) -> FlavaConfig:
+    try:
+        return FlavaConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in err.errors()
+        )
+        raise ValueError(f"invalid model config (preset {name!r}): {problems}") from None
+
+
+def preset(name: str, overrides: dict[str, Any] | None = None) -> FlavaConfig:
+    """A named preset (``tiny``, ``small``, ``base``), optionally with nested overrides applied."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return _validate(merge(PRESETS[name], overrides or {}), name)
+
+
+class ModelSection(_Strict):
+    """The ``model:`` section of params.yaml: a named preset plus nested field overrides, e.g.
+    ``overrides: {image: {num_layers: 6}, loss: {itm: 0}}``."""
+
+    preset: Literal["tiny", "small", "base"] = "small"
     overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _overrides_validate(self):
+        self.build()  # fail at parse time, naming the field, rather than when a stage builds the model
+        return self
+
+    def build(self, vocab_size: int | None = None, codebook_size: int | None = None) -> FlavaConfig:
+        """The effective ``FlavaConfig``: preset, then overrides, then the values fixed by earlier stages
+        (``vocab_size`` from the fitted tokenizer, ``codebook_size`` from the fitted codebook)."""
+        tree = merge(PRESETS[self.preset], self.overrides)
+        if vocab_size is not None:
+            tree = merge(tree, {"text": {"vocab_size": int(vocab_size)}})
+        if codebook_size is not None:
+            tree["codebook_size"] = int(codebook_size)
+        return _validate(tree, self.preset)
