@@ -1,0 +1,263 @@
+"""``flava data shard``: validated manifests -> webdataset tar shards + an index, on local disk or S3.
+
+Layout (``paths.shards`` may be ``s3://bucket/prefix``)::
+
+    {root}/{corpus}/shard-000000.tar ...   samples: {key}.png|jpg (image), {key}.txt (text), {key}.json (metadata)
+    {root}/{corpus}/index.json             num_samples, num_shards, per shard: name, samples, bytes, sha256
+    {root}/metrics.json                    per corpus counts and bytes
+
+Rows are shuffled once with ``cfg.seed`` before sharding (manifests are often ordered by class or source; the
+loader only shuffles shard order and within a shard). Tar headers are fixed (mtime 0, uid/gid 0, no user names,
+mode 0644), so the same input and seed give byte-identical shards and checksums. Every tar is built in a local
+temporary file and then moved into place (local root) or uploaded with boto3 (multipart above the threshold,
+retries on transient errors; see ``flava.data.storage``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import re
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from PIL import Image
+
+from flava.data import storage
+from flava.data.stream_config import ShardConfig
+from flava.data.transforms import to_rgb
+
+if TYPE_CHECKING:
+    from flava.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+CORPUS_KIND = {"pairs": "pair", "images": "image", "text": "text"}
+SHARD_PATTERN = "shard-{:06d}.tar"
+INDEX_NAME = "index.json"
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")  # webdataset splits the extension at the first dot
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample as stored in a shard: ``files`` maps extension -> bytes."""
+
+    key: str
+    files: dict[str, bytes]
+
+
+def shard_key(key: str) -> str:
+    """A tar-safe sample key: no dots or slashes (webdataset groups files by the name before the first dot)."""
+    safe = _KEY_UNSAFE.sub("_", str(key))
+    if not safe:
+        raise ValueError(f"empty sample key {key!r}")
+    return safe
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # fixed headers: byte-identical shards for the same input
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(samples: list[Sample], path: Path) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for ext in sorted(sample.files):
+                _tar_member(tar, f"{sample.key}.{ext}", sample.files[ext])
+
+
+def read_tar(data: bytes) -> list[Sample]:
+    """Samples of a webdataset tar, in file order (consecutive files with the same key form one sample)."""
+    samples: list[Sample] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key, dot, ext = base.partition(".")
+            if not dot:
+                raise ValueError(f"tar member {member.name!r} has no extension")
+            payload = tar.extractfile(member).read()
+            if samples and samples[-1].key == key:
+                samples[-1].files[ext] = payload
+            else:
+                samples.append(Sample(key, {ext: payload}))
+    return samples
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"validated manifest {path} not found (run `flava data validate` first)")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
+        if not isinstance(row, dict) or "key" not in row:
+            raise ValueError(f"{path}:{lineno}: a manifest row must be an object with a 'key'")
+        rows.append(row)
+    return rows
+
+
+def resolve_image(image: str, manifest_dir: Path) -> str:
+    """Image reference -> readable URI: s3:// and absolute paths as they are; relative ones from the working
+    directory, else from the manifest's directory."""
+    if storage.is_s3(image) or Path(image).is_absolute() or Path(image).exists():
+        return image
+    return str(manifest_dir / image)
+
+
+def encode_image(data: bytes, cfg: ShardConfig, where: str) -> tuple[str, bytes]:
+    """Image file bytes -> (extension, bytes to store), per ``image_format`` and ``max_image_side``."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        img.load()
+    except Exception as err:  # PIL raises several unrelated types for bad files
+        raise ValueError(f"cannot decode image {where}: {err}") from err
+    too_big = cfg.max_image_side is not None and max(img.size) > cfg.max_image_side
+    target = cfg.image_format
+    if target == "source":
+        if fmt in ("PNG", "JPEG") and not too_big:
+            return ("png" if fmt == "PNG" else "jpg"), data
+        target = "jpg" if fmt == "JPEG" else "png"
+    rgb = to_rgb(img)
+    if too_big:
+        scale = cfg.max_image_side / max(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BICUBIC)
+    out = io.BytesIO()
+    if target == "png":
+        rgb.save(out, format="PNG")
+    else:
+        rgb.save(out, format="JPEG", quality=cfg.jpeg_quality)
+    return target, out.getvalue()
+
+
+def build_samples(
+    rows: list[dict[str, Any]], corpus: str, manifest_dir: Path, cfg: ShardConfig
+) -> Iterator[Sample]:
+    seen: dict[str, str] = {}
+    for row in rows:
+        key = shard_key(row["key"])
+        if key in seen:
+            raise ValueError(f"{corpus}: keys {seen[key]!r} and {row['key']!r} collide as shard key {key!r}")
+        seen[key] = row["key"]
+        files: dict[str, bytes] = {}
+        meta = {k: v for k, v in row.items() if k not in ("text", "caption")}
+        if corpus in ("pairs", "images"):
+            if not row.get("image"):
+                raise ValueError(f"{corpus}: row {row['key']!r} has no 'image'")
+            uri = resolve_image(str(row["image"]), manifest_dir)
+            ext, data = encode_image(storage.read_bytes(uri, s3=cfg.s3), cfg, f"{uri} (row {row['key']!r})")
+            files[ext] = data
+        if corpus in ("pairs", "text"):
+            text = row.get("text", row.get("caption"))
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{corpus}: row {row['key']!r} has no text")
+            files["txt"] = text.encode("utf-8")
+        files["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        yield Sample(key, files)
+
+
+def write_corpus(rows: list[dict[str, Any]], corpus: str, manifest_dir: Path, root: str, cfg: ShardConfig,
+                 seed: int) -> dict[str, Any]:
+    """Shard one corpus under ``{root}/{corpus}/`` and write its index. Returns the index."""
+    if not rows:
+        raise ValueError(f"{corpus}: the validated manifest has no rows to shard")
+    rows = list(rows)
+    random.Random(f"{seed}:{corpus}").shuffle(rows)
+    out = storage.join(root, corpus)
+    if not storage.is_s3(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for stale in Path(out).glob("shard-*.tar"):  # a previous run may have written more shards
+            stale.unlink()
+    shards = []
+    samples = build_samples(rows, corpus, manifest_dir, cfg)
+    with tempfile.TemporaryDirectory(prefix="flava-shard-") as tmp:
+        batch: list[Sample] = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == cfg.samples_per_shard:
+                shards.append(_flush(batch, len(shards), Path(tmp), out, cfg))
+                batch = []
+        if batch:
+            shards.append(_flush(batch, len(shards), Path(tmp), out, cfg))
+    index = {
+        "corpus": corpus,
+        "kind": CORPUS_KIND[corpus],
+        "num_samples": sum(s["samples"] for s in shards),
+        "num_shards": len(shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "shards": shards,
+    }
+    storage.write_bytes(storage.join(out, INDEX_NAME), json.dumps(index, indent=2).encode(), s3=cfg.s3)
+    return index
+
+
+def _flush(batch: list[Sample], number: int, tmp: Path, out: str, cfg: ShardConfig) -> dict[str, Any]:
+    name = SHARD_PATTERN.format(number)
+    local = tmp / name
+    write_tar(batch, local)
+    entry = {"name": name, "samples": len(batch), "bytes": local.stat().st_size, "sha256": _sha256(local)}
+    storage.upload_file(local, storage.join(out, name), s3=cfg.s3)
+    local.unlink()
+    return entry
+
+
+def load_index(root: str, corpus: str, *, s3=None) -> dict[str, Any]:
+    """The index of ``{root}/{corpus}``; a readable error when the corpus was never sharded."""
+    uri = storage.join(root, corpus, INDEX_NAME)
+    try:
+        index = json.loads(storage.read_bytes(uri, s3=s3))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no shard index at {uri} (run `flava data shard` first)") from err
+    if index.get("num_samples", 0) <= 0 or not index.get("shards"):
+        raise ValueError(f"shard index {uri} lists no samples")
+    return index
+
+
+def verify_shard(data: bytes, entry: dict[str, Any], where: str) -> None:
+    """Check bytes and sha256 of a downloaded shard against its index entry."""
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"shard {where} does not match its index (size or sha256): corrupt or stale")
+
+
+def run_shard(cfg: "PipelineConfig") -> dict[str, Any]:
+    """Stage function: shard every configured corpus; returns (and writes) the metrics."""
+    sc = cfg.data.shards
+    validated = Path(cfg.paths.validated)
+    root = cfg.paths.shards
+    metrics: dict[str, Any] = {"root": root, "samples_per_shard": sc.samples_per_shard, "corpora": {}}
+    for corpus in sc.corpora:
+        start = time.perf_counter()
+        manifest = validated / f"{corpus}.jsonl"
+        index = write_corpus(read_manifest(manifest), corpus, manifest.parent, root, sc, cfg.seed)
+        metrics["corpora"][corpus] = {
+            "num_samples": index["num_samples"], "num_shards": index["num_shards"], "bytes": index["bytes"],
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        log.info("sharded %s: %d samples in %d shards", corpus, index["num_samples"], index["num_shards"])
+    storage.write_bytes(storage.join(root, "metrics.json"), json.dumps(metrics, indent=2).encode(), s3=sc.s3)
+    return metrics

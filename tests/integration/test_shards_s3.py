@@ -1,0 +1,118 @@
+"""Shards on S3 (boto3 against a moto server on loopback): the same index and bytes as on disk, multipart uploads
+for large shards, retries through transient 503s, and the loader streaming from the bucket."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from flava.data import storage
+from flava.data.shards import run_shard
+from tests.unit.shard_fixtures import config, make_validated
+
+BUCKET = "flava-shards"
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name, value in [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")]:
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield endpoint, client
+    finally:
+        server.stop()
+
+
+def s3_config(tmp_path, endpoint, **shards):
+    return config(tmp_path, out=f"s3://{BUCKET}/run1",
+                  shards={"samples_per_shard": 5, "s3": {"endpoint_url": endpoint, "retry_backoff_s": 0}} | shards)
+
+
+def test_s3_shards_match_local_ones(tmp_path, s3_endpoint):
+    endpoint, client = s3_endpoint
+    make_validated(tmp_path, n_pairs=9, n_images=6, n_text=7)
+    run_shard(s3_config(tmp_path, endpoint))
+    run_shard(config(tmp_path))
+    for corpus in ("pairs", "images", "text"):
+        remote = json.loads(client.get_object(Bucket=BUCKET, Key=f"run1/{corpus}/index.json")["Body"].read())
+        local = json.loads((tmp_path / "shards" / corpus / "index.json").read_text())
+        assert remote == local
+        for entry in remote["shards"]:
+            body = client.get_object(Bucket=BUCKET, Key=f"run1/{corpus}/{entry['name']}")["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert "run1/metrics.json" in keys
+
+
+def test_large_shard_is_uploaded_multipart(tmp_path, s3_endpoint):
+    endpoint, client = s3_endpoint
+    validated = make_validated(tmp_path, n_pairs=2)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):  # noise PNGs of ~0.75 MB: one shard of ~9 MB > the 5 MB threshold
+        path = tmp_path / f"noise-{i}.png"
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(path)
+        rows.append({"key": f"n{i}", "image": str(path), "text": "noise"})
+    (validated / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = s3_config(tmp_path, endpoint, samples_per_shard=100, corpora=["pairs"],
+                    s3={"endpoint_url": endpoint, "multipart_threshold_mb": 5, "multipart_chunk_mb": 5})
+    run_shard(cfg)
+    head = client.head_object(Bucket=BUCKET, Key="run1/pairs/shard-000000.tar")
+    assert head["ETag"].strip('"').endswith("-2")  # a 2-part multipart upload
+    index = json.loads(client.get_object(Bucket=BUCKET, Key="run1/pairs/index.json")["Body"].read())
+    body = client.get_object(Bucket=BUCKET, Key="run1/pairs/shard-000000.tar")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == index["shards"][0]["sha256"]
+
+
+def test_transient_errors_are_retried(tmp_path, s3_endpoint):
+    from botocore.awsrequest import AWSResponse
+
+    endpoint, client = s3_endpoint
+    make_validated(tmp_path, n_pairs=4)
+    cfg = s3_config(tmp_path, endpoint, corpora=["pairs"])
+    s3 = storage.s3_client(cfg.data.shards.s3)
+    calls = {"n": 0}
+
+    class Raw:
+        def stream(self, **_):
+            yield b"<Error><Code>SlowDown</Code><Message>try later</Message></Error>"
+
+    def flaky(request, **_):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # the first two PUTs get a 503 SlowDown
+            return AWSResponse(request.url, 503, {}, Raw())
+        return None
+
+    s3.meta.events.register("before-send.s3.PutObject", flaky)
+    try:
+        run_shard(cfg)
+    finally:
+        s3.meta.events.unregister("before-send.s3.PutObject", flaky)
+    assert calls["n"] >= 3
+    index = json.loads(client.get_object(Bucket=BUCKET, Key="run1/pairs/index.json")["Body"].read())
+    assert index["num_samples"] == 4
+
+    # With a single attempt allowed the same fault surfaces as an error.
+    calls["n"] = 0
+    one = s3_config(tmp_path, endpoint, corpora=["pairs"],
+                    s3={"endpoint_url": endpoint, "max_attempts": 1})
+    s3_one = storage.s3_client(one.data.shards.s3)
+    s3_one.meta.events.register("before-send.s3.PutObject", flaky)
+    try:
+        with pytest.raises(Exception, match="SlowDown|503"):
+            run_shard(one)
+    finally:
+        s3_one.meta.events.unregister("before-send.s3.PutObject", flaky)
