@@ -10,6 +10,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flava.data.stream_config import S3Config
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -144,16 +146,6 @@ class CaptionFilterConfig(_Section):
     min_stopwords: int = Field(1, ge=0)  # common English function words the caption must contain
 
 
-class S3SourceConfig(_Section):
-    """boto3 access for ``s3://`` image URIs. Credentials come from the usual AWS chain."""
-
-    endpoint_url: str | None = None  # else $AWS_ENDPOINT_URL, else AWS
-    region: str | None = None
-    max_attempts: int = Field(3, ge=1)
-    connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(30.0, gt=0)
-
-
 class IngestConfig(_Section):
     """Ingestion of raw corpora into per-corpus manifests (``flava data prepare``)."""
 
@@ -163,7 +155,16 @@ class IngestConfig(_Section):
     eval_dir: str | None = "eval"  # evaluation sets under paths.raw; None: none
     max_passage_words: int = Field(64, ge=1)
     caption_filter: CaptionFilterConfig = Field(default_factory=CaptionFilterConfig)
-    s3: S3SourceConfig = Field(default_factory=S3SourceConfig)
+    # boto3 access for s3:// image URIs (endpoint else $AWS_ENDPOINT_URL; credentials from the AWS chain)
+    s3: S3Config = Field(default_factory=S3Config)
+
+    @field_validator("pairs", mode="before")
+    @classmethod
+    def _default_kind(cls, value):
+        """A pair source without ``kind`` is a manifest."""
+        if isinstance(value, list):
+            return [{"kind": "manifest", **v} if isinstance(v, dict) and "kind" not in v else v for v in value]
+        return value
 
 
 # --------------------------------------------------------------------------------------------- validate

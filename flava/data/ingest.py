@@ -1,0 +1,229 @@
+"""`flava data prepare`: raw corpora -> per-corpus manifests ``paths.prepared/{pairs,images,text}.jsonl``.
+
+Sources come from ``data.ingest`` (default: the layout ``flava data generate`` writes). Rows dropped here go to
+``{corpus}.rejects.jsonl`` with a reason; per corpus ``in == accepted + rejected`` (for text, counted in
+documents; the manifest holds their passages). Image bytes are not read here: validation decodes them (local
+files and ``s3://`` objects alike) and quarantines what it cannot read. Evaluation sets are copied to
+``paths.prepared/eval/`` with image paths resolved so that they open from the working directory.
+
+Manifest rows: pairs ``{key, image, text, source}``, images ``{key, image, label, source}``,
+text ``{key, text, source}``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+from flava.data import sources
+from flava.data.prep_config import IngestConfig, ManifestPairs
+from flava.data.storage import is_s3
+
+log = logging.getLogger(__name__)
+
+CORPORA = ("pairs", "images", "text")
+EXTRACTED = "extracted"  # webdataset images land in paths.prepared/extracted/<source>/
+
+
+def dump_row(row: dict[str, Any]) -> str:
+    # ensure_ascii: undecodable bytes kept as lone surrogates are written as \udcXX escapes (valid JSON)
+    return json.dumps(row, sort_keys=True, ensure_ascii=True, default=str)
+
+
+class _Sink:
+    """Writes accepted rows and rejects of one corpus and counts them."""
+
+    def __init__(self, out: Path, corpus: str):
+        self.accepted_f = (out / f"{corpus}.jsonl").open("w", encoding="utf-8", newline="\n")
+        self.rejects_f = (out / f"{corpus}.rejects.jsonl").open("w", encoding="utf-8", newline="\n")
+        self.accepted = self.rejected = 0
+        self.reasons: Counter[str] = Counter()
+        self.per_source: dict[str, Counter[str]] = {}
+
+    def add(self, item: sources.Item, source: str) -> None:
+        counts = self.per_source.setdefault(source, Counter())
+        counts["in"] += 1
+        if item.reason is None:
+            self.accepted_f.write(dump_row(item.row) + "\n")
+            self.accepted += 1
+            counts["accepted"] += 1
+        else:
+            self.rejects_f.write(dump_row({"row": item.raw, "reason": item.reason, "source": source}) + "\n")
+            self.rejected += 1
+            self.reasons[item.reason.split(":")[0]] += 1
+            counts["rejected"] += 1
+
+    def close(self) -> dict[str, Any]:
+        self.accepted_f.close()
+        self.rejects_f.close()
+        total = self.accepted + self.rejected
+        return {"in": total, "accepted": self.accepted, "rejected": self.rejected,
+                "reject_rate": self.rejected / total if total else 0.0, "reasons": dict(sorted(self.reasons.items())),
+                "sources": {k: dict(sorted(v.items())) for k, v in self.per_source.items()}}
+
+
+def _prepare_pairs(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
+    sink = _Sink(out, "pairs")
+    for src in ing.pairs:
+        name = sources.source_name(src.path, src.name)
+        if isinstance(src, ManifestPairs):
+            items: Iterable[sources.Item] = sources.read_manifest(src, raw, ing.caption_filter)
+        else:
+            items = sources.read_webdataset(src, raw, ing.caption_filter, out / EXTRACTED / name)
+        for item in items:
+            sink.add(item, name)
+    return sink.close()
+
+
+def _prepare_images(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
+    sink = _Sink(out, "images")
+    for src in ing.images:
+        name = sources.source_name(src.path, src.name)
+        for item in sources.read_class_folders(src, raw):
+            sink.add(item, name)
+    result = sink.close()
+    result["labels"] = sorted({json.loads(line)["label"] for line in (out / "images.jsonl").open()})
+    return result
+
+
+def _prepare_text(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
+    sink = _Sink(out, "text")
+    passages = 0
+    for src in ing.text:
+        name = sources.source_name(src.path, src.name)
+        for doc_id, item in sources.read_text_documents(src, raw):
+            if item.reason is not None:
+                sink.add(item, name)
+                continue
+            chunks = sources.split_passages(item.row["text"], ing.max_passage_words)
+            if not chunks:
+                sink.add(sources.Item(None, item.raw, "empty document"), name)
+                continue
+            sink.accepted += 1
+            sink.per_source.setdefault(name, Counter()).update({"in": 1, "accepted": 1})
+            for n, text in enumerate(chunks):
+                sink.accepted_f.write(dump_row({"key": sources.safe_key(f"{name}-{doc_id}-{n}"), "text": text,
+                                                "source": name}) + "\n")
+            passages += len(chunks)
+    result = sink.close()
+    result["unit"] = "documents"
+    result["passages"] = passages
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- eval sets
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+    return rows
+
+
+def _resolve_images(rows: list[dict[str, Any]], base: Path, path: Path) -> list[dict[str, Any]]:
+    out = []
+    for lineno, row in enumerate(rows, 1):
+        if "image" not in row:
+            raise ValueError(f"{path}:{lineno}: row has no 'image'")
+        image = sources.resolve(str(row["image"]), base)
+        if not is_s3(image) and not Path(image).is_file():
+            raise ValueError(f"{path}:{lineno}: image {image} does not exist")
+        out.append({**row, "image": image})
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    return len(rows)
+
+
+def prepare_eval(src: Path, dst: Path) -> dict[str, Any]:
+    """Copy the evaluation sets that exist under ``src`` to ``dst``, checking them and resolving image paths.
+    Eval sets are curated: a malformed one is an error (``ValueError`` naming file and line), not a reject."""
+    if not src.is_dir():
+        raise ValueError(f"evaluation sets directory {src} does not exist (set data.ingest.eval_dir: null "
+                         "if there are none)")
+    if dst.exists():
+        shutil.rmtree(dst)
+    counts: dict[str, Any] = {}
+    zs = src / "zeroshot"
+    if (zs / "classes.json").is_file():
+        classes = json.loads((zs / "classes.json").read_text(encoding="utf-8"))
+        names, templates = classes.get("classnames"), classes.get("templates")
+        if not names or not templates or any("{}" not in t for t in templates):
+            raise ValueError(f"{zs / 'classes.json'}: needs non-empty 'classnames' and 'templates' with '{{}}'")
+        (dst / "zeroshot").mkdir(parents=True)
+        shutil.copyfile(zs / "classes.json", dst / "zeroshot" / "classes.json")
+        counts["zeroshot"] = {}
+        for split in ("train", "val", "test"):
+            if not (zs / f"{split}.jsonl").is_file():
+                continue
+            rows = _resolve_images(_read_jsonl(zs / f"{split}.jsonl"), zs, zs / f"{split}.jsonl")
+            bad = [r["label"] for r in rows if not isinstance(r.get("label"), int) or not 0 <= r["label"] < len(names)]
+            if bad:
+                raise ValueError(f"{zs / f'{split}.jsonl'}: labels must be class indices < {len(names)}, got {bad[:5]}")
+            counts["zeroshot"][split] = _write_jsonl(dst / "zeroshot" / f"{split}.jsonl", rows)
+    ret = src / "retrieval" / "test.jsonl"
+    if ret.is_file():
+        rows = _resolve_images(_read_jsonl(ret), ret.parent, ret)
+        if any(not isinstance(r.get("captions"), list) or not r["captions"] for r in rows):
+            raise ValueError(f"{ret}: every row needs a non-empty 'captions' list")
+        counts["retrieval"] = {"test": _write_jsonl(dst / "retrieval" / "test.jsonl", rows)}
+    tc = src / "text_cls"
+    if tc.is_dir():
+        counts["text_cls"] = {}
+        for tsv in sorted(tc.glob("*.tsv")):
+            lines = tsv.read_text(encoding="utf-8").splitlines()
+            if not lines or lines[0].split("\t") != ["sentence", "label"]:
+                raise ValueError(f"{tsv}: header must be 'sentence<TAB>label'")
+            (dst / "text_cls").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tsv, dst / "text_cls" / tsv.name)
+            counts["text_cls"][tsv.stem] = len(lines) - 1
+    vqa = src / "vqa"
+    if vqa.is_dir():
+        counts["vqa"] = {}
+        for split in ("train", "val", "test"):
+            path = vqa / f"{split}.jsonl"
+            if path.is_file():
+                rows = _resolve_images(_read_jsonl(path), vqa, path)
+                if any("question" not in r or "answer" not in r for r in rows):
+                    raise ValueError(f"{path}: every row needs 'question' and 'answer'")
+                counts["vqa"][split] = _write_jsonl(dst / "vqa" / f"{split}.jsonl", rows)
+    for extra in ("text_cls/labels.json", "vqa/answers.json"):  # label/answer vocabularies, when present
+        if (src / extra).is_file():
+            (dst / extra).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / extra, dst / extra)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def prepare(ing: IngestConfig, raw: str | Path, prepared: str | Path) -> dict[str, Any]:
+    raw, out = Path(raw), Path(prepared)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / EXTRACTED).exists():  # stale extractions from an earlier run
+        shutil.rmtree(out / EXTRACTED)
+    metrics: dict[str, Any] = {
+        "pairs": _prepare_pairs(ing, raw, out),
+        "images": _prepare_images(ing, raw, out),
+        "text": _prepare_text(ing, raw, out),
+    }
+    metrics["eval"] = prepare_eval(raw / ing.eval_dir, out / "eval") if ing.eval_dir else None
+    (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    for corpus in CORPORA:
+        m = metrics[corpus]
+        log.info("prepare %s: in=%d accepted=%d rejected=%d %s", corpus, m["in"], m["accepted"], m["rejected"],
+                 m["reasons"])
+    return {corpus: {k: metrics[corpus][k] for k in ("in", "accepted", "rejected")} for corpus in CORPORA}
+
+
+def run_prepare(cfg) -> dict[str, Any]:
+    """Stage function of ``flava data prepare`` (``cfg``: a ``PipelineConfig``)."""
+    return prepare(cfg.data.ingest, cfg.paths.raw, cfg.paths.prepared)
