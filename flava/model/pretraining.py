@@ -1,0 +1,459 @@
+"""``FlavaForPretraining``: the three towers, the five heads, and the per-batch-kind choice of objectives.
+
+The batch kind decides what runs (FLAVA Sec. 3.4):
+
+- ``image``: the image encoder on masked patches -> MIM (codebook ids of the masked patches);
+- ``text``: the text encoder on masked tokens -> MLM;
+- ``pair``: an unmasked image + text pass -> global contrastive; a masked image + text pass fused by the
+  multimodal encoder -> ITM on the multimodal CLS, MMM-image and MMM-text on matched pairs only.
+
+Unlike transformers' FLAVA, image-only and text-only batches run one (masked) encoder pass, not two; a pair
+batch runs the unmasked pass only when the contrastive loss is on and the masked/fused pass only when ITM or MMM
+is on. ITM negatives (when the batch carries no ``itm_labels``) re-pair the already computed text states with
+other images of the batch, so they cost no extra text-encoder pass.
+
+DDP and per-kind heads: each batch kind leaves some parameters without a gradient (the text tower on an image
+batch, the MIM head on a pair batch, ...). Either wrap the model with ``find_unused_parameters=True`` or set
+``config.touch_unused_parameters`` (``model.touch_unused_parameters = True``), which adds ``0 * sum(p)`` over all
+parameters to the loss so every parameter receives a (zero) gradient on every step and DDP's reducer sees a
+fixed set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flava.distributed import process_info
+from flava.model.config import OBJECTIVES, FlavaConfig
+from flava.model.encoders import EncoderOutput, ImageEncoder, MultimodalEncoder, TextEncoder
+from flava.model.heads import ITMHead, MaskedPredictionHead
+from flava.model.layers import LayerNorm, TransformerStack
+from flava.model.losses import (
+    IGNORE_INDEX,
+    WeightedObjective,
+    contrastive_loss,
+    itm_loss,
+    masked_prediction_loss,
+)
+
+BATCH_KINDS = ("image", "text", "pair")
+
+# Parameter names (suffixes) that weight decay must not touch, besides every bias and normalisation weight.
+NO_DECAY_SUFFIXES = ("cls_token", "mask_token", "position_embeddings", "position_embeddings.weight", "logit_scale")
+
+
+@dataclass
+class FlavaOutput:
+    loss: torch.Tensor  # weighted sum of the objectives computed for this batch
+    losses: dict[str, torch.Tensor]  # unweighted objectives by name (only those computed)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached accuracies, logit scale
+
+
+class FlavaForPretraining(nn.Module):
+    def __init__(self, config: FlavaConfig, codebook: Any = None) -> None:
+        super().__init__()
+        self.config = config
+        impl = config.attention
+        img, txt, mm = config.image, config.text, config.multimodal
+        self.image_encoder = ImageEncoder(img, impl)
+        self.text_encoder = TextEncoder(txt, impl)
+        self.multimodal_encoder = MultimodalEncoder(mm, img.hidden_size, txt.hidden_size, impl)
+        self.image_projection = nn.Linear(img.hidden_size, config.projection_dim)
+        self.text_projection = nn.Linear(txt.hidden_size, config.projection_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        # An objective's head uses the eps/activation of the tower whose vocabulary it predicts (as transformers).
+        self.mim_head = MaskedPredictionHead(img.hidden_size, config.codebook_size, img.layer_norm_eps, img.hidden_act)
+        self.mlm_head = MaskedPredictionHead(txt.hidden_size, txt.vocab_size, txt.layer_norm_eps, txt.hidden_act)
+        self.mmm_image_head = MaskedPredictionHead(
+            mm.hidden_size, config.codebook_size, img.layer_norm_eps, img.hidden_act
+        )
+        self.mmm_text_head = MaskedPredictionHead(mm.hidden_size, txt.vocab_size, txt.layer_norm_eps, txt.hidden_act)
+        self.itm_head = ITMHead(mm.hidden_size)
+        self.objective = WeightedObjective({name: config.loss.weight(name) for name in OBJECTIVES})
+        self.touch_unused_parameters = config.touch_unused_parameters
+        self.validate_inputs = config.validate_inputs
+        # (rank, world_size) for the global contrastive loss; None = read from flava.distributed.process_info().
+        self.process_group_info: tuple[int, int] | None = None
+        self.reset_parameters()
+        self.set_activation_checkpointing(config.activation_checkpointing)
+        self.codebook = codebook
+
+    # ----------------------------------------------------------------------------------------------- setup
+    @property
+    def codebook(self):
+        """The image tokenizer giving MIM targets. Held outside the module tree: it is frozen, is not part of
+        ``state_dict()`` (``flava.model.io`` saves it beside the weights) and never reaches the optimizer."""
+        return self.__dict__.get("_codebook")
+
+    @codebook.setter
+    def codebook(self, codebook: Any) -> None:
+        if codebook is not None and int(codebook.num_codes) != self.config.codebook_size:
+            raise ValueError(
+                f"codebook has {codebook.num_codes} codes but config.codebook_size is {self.config.codebook_size}"
+            )
+        self.__dict__["_codebook"] = codebook
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    module.weight.data[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith(("cls_token", "mask_token")) or name.endswith("image_encoder.position_embeddings"):
+                nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
+        with torch.no_grad():
+            self.logit_scale.fill_(self.config.logit_scale_init)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each transformer block in backward (less activation memory, ~30 % more compute)."""
+        for module in self.modules():
+            if isinstance(module, TransformerStack):
+                module.activation_checkpointing = bool(enabled)
+
+    @staticmethod
+    def is_no_decay(name: str, param: torch.Tensor) -> bool:
+        """Biases, normalisation weights, CLS/mask tokens, position embeddings and the logit scale."""
+        return param.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES)
+
+    def param_groups_for_weight_decay(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Two AdamW parameter groups: ``weight_decay`` on matrices (linear, conv, word embeddings), 0 elsewhere."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if self.is_no_decay(name, param) else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": float(weight_decay)},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    # -------------------------------------------------------------------------------------- feature API
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, H_img) image CLS hidden state (after the final LayerNorm)."""
+        self._check_images(pixel_values, "pixel_values")
+        return self.image_encoder(pixel_values).cls
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, H_txt) text CLS hidden state."""
+        self._check_text(input_ids, attention_mask)
+        return self.text_encoder(input_ids, attention_mask).cls
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, projection_dim), L2-normalised (zero-shot classification, retrieval)."""
+        return F.normalize(self.image_projection(self.image_features(pixel_values)), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, projection_dim), L2-normalised."""
+        return F.normalize(self.text_projection(self.text_features(input_ids, attention_mask)), dim=-1)
+
+    def fuse(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> EncoderOutput:
+        """The multimodal encoder's output over (image, text) pairs (unmasked inputs)."""
+        self._check_images(pixel_values, "pixel_values")
+        self._check_text(input_ids, attention_mask)
+        self._check_batch_sizes({"pixel_values": pixel_values, "input_ids": input_ids})
+        image = self.image_encoder(pixel_values)
+        text = self.text_encoder(input_ids, attention_mask)
+        mm = self.multimodal_encoder
+        return mm(mm.fusion_states(image), mm.fusion_states(text), attention_mask)
+
+    def multimodal_features(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """-> (B, H_mm) multimodal CLS hidden state (VQA and other fused fine-tuning)."""
+        return self.fuse(pixel_values, input_ids, attention_mask).cls
+
+    def itm_logits(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """-> (B, 2) image-text matching logits; class 1 = matched."""
+        return self.itm_head(self.multimodal_features(pixel_values, input_ids, attention_mask))
+
+    # ---------------------------------------------------------------------------------------- training
+    def forward(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> FlavaOutput:
+        """One batch (see docs/interfaces.md) -> the weighted loss and its unweighted parts.
+
+        ``generator`` seeds the in-batch ITM negatives of pair batches without ``itm_labels`` (CPU generator;
+        default: torch's global RNG)."""
+        kind = batch.get("kind")
+        if kind not in BATCH_KINDS:
+            raise ValueError(f"batch['kind'] must be one of {BATCH_KINDS}, got {kind!r}")
+        if self.validate_inputs:
+            self.validate_batch(batch)
+        losses: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        if kind == "image":
+            self._image_objectives(batch, losses, metrics)
+        elif kind == "text":
+            self._text_objectives(batch, losses, metrics)
+        else:
+            self._pair_objectives(batch, losses, metrics, generator)
+        loss = self.objective(losses) if losses else self._zero()
+        if self.touch_unused_parameters:
+            loss = loss + self._zero()
+        return FlavaOutput(loss=loss, losses=losses, metrics=metrics)
+
+    def _zero(self) -> torch.Tensor:
+        """0 * sum of every trainable parameter: an exact zero through which every parameter gets a gradient."""
+        return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+
+    def _weight(self, name: str) -> bool:
+        return self.objective.enabled(name)
+
+    def _image_objectives(self, batch, losses, metrics) -> None:
+        if not self._weight("mim"):
+            return
+        mask = batch["image_mask"].to(torch.bool)
+        labels = self.mim_targets(batch).masked_fill(~mask, IGNORE_INDEX)  # (B, P)
+        out = self.image_encoder(batch["pixel_values"], mask)
+        losses["mim"], metrics["mim_acc"] = masked_prediction_loss(self.mim_head, out.hidden[:, 1:], labels)
+
+    def _text_objectives(self, batch, losses, metrics) -> None:
+        if not self._weight("mlm"):
+            return
+        out = self.text_encoder(batch["input_ids_masked"], batch.get("attention_mask"))
+        losses["mlm"], metrics["mlm_acc"] = masked_prediction_loss(self.mlm_head, out.hidden, batch["mlm_labels"])
+
+    def _pair_objectives(self, batch, losses, metrics, generator) -> None:
+        pixel_values, attention_mask = batch["pixel_values"], batch.get("attention_mask")
+        given_itm = batch.get("itm_labels")
+        # Rows known to be matched pairs. With given ITM labels and no positive at all, every row counts
+        # (transformers' convention, kept for parity).
+        matched = None
+        if given_itm is not None:
+            positives = given_itm.ne(0)
+            matched = positives | ~positives.any()
+
+        if self._weight("contrastive"):
+            image = self.image_encoder(pixel_values)
+            text = self.text_encoder(batch["input_ids"], attention_mask)
+            image_emb = F.normalize(self.image_projection(image.cls), dim=-1)
+            text_emb = F.normalize(self.text_projection(text.cls), dim=-1)
+            rank, world_size = self.process_group_info or _process_group()
+            losses["contrastive"], metrics["contrastive_acc"] = contrastive_loss(
+                image_emb, text_emb, self._clamped_logit_scale(), rank=rank, world_size=world_size, rows=matched
+            )
+            metrics["logit_scale"] = self.logit_scale.detach().clone()
+
+        if not (self._weight("itm") or self._weight("mmm_image") or self._weight("mmm_text")):
+            return
+        image_mask = batch.get("image_mask")
+        image_mask = image_mask.to(torch.bool) if image_mask is not None else None
+        masked_ids = batch.get("input_ids_masked", batch["input_ids"])
+        image = self.image_encoder(pixel_values, image_mask)
+        text = self.text_encoder(masked_ids, attention_mask)
+        mm = self.multimodal_encoder
+        text_states, text_mask = mm.fusion_states(text), attention_mask
+        itm_labels = given_itm
+        if itm_labels is None and self._weight("itm"):
+            itm_labels, text_index = self._itm_negatives(pixel_values.shape[0], generator, pixel_values.device)
+            text_states = text_states[text_index]  # row i now holds caption text_index[i]
+            text_mask = text_mask[text_index] if text_mask is not None else None
+            matched = itm_labels.bool()
+        fused = mm(mm.fusion_states(image), text_states, text_mask)  # (B, 1 + (1 + P) + T, H_mm)
+
+        if self._weight("itm"):
+            losses["itm"], metrics["itm_acc"] = itm_loss(self.itm_head(fused.cls), itm_labels)
+        num_patches = self.config.image.num_patches
+        if self._weight("mmm_image"):
+            labels = self.mim_targets(batch).masked_fill(~image_mask, IGNORE_INDEX)
+            if matched is not None:
+                labels = labels.masked_fill(~matched[:, None], IGNORE_INDEX)
+            # positions: 0 = mm CLS, 1 = image CLS, 2 .. 1 + P = patches
+            losses["mmm_image"], metrics["mmm_image_acc"] = masked_prediction_loss(
+                self.mmm_image_head, fused.hidden[:, 2 : 2 + num_patches], labels
+            )
+        if self._weight("mmm_text"):
+            labels = batch["mlm_labels"]  # matched rows keep their own caption, so row i's labels still apply
+            if matched is not None:
+                labels = labels.masked_fill(~matched[:, None], IGNORE_INDEX)
+            length = labels.shape[1]
+            losses["mmm_text"], metrics["mmm_text_acc"] = masked_prediction_loss(
+                self.mmm_text_head, fused.hidden[:, -length:], labels
+            )
+
+    def _itm_negatives(
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Swap a fraction ``loss.itm_negative_prob`` of captions for another caption of the batch.
+
+        Returns (itm_labels (B,) long, 1 = matched; text_index (B,) long: the caption row paired with image i)."""
+        rows = torch.arange(batch_size)
+        if batch_size < 2:
+            return torch.ones(batch_size, dtype=torch.long, device=device), rows.to(device)
+        negative = torch.rand(batch_size, generator=generator) < self.config.loss.itm_negative_prob
+        shift = torch.randint(1, batch_size, (batch_size,), generator=generator)  # never pairs i with itself
+        text_index = torch.where(negative, (rows + shift) % batch_size, rows)
+        return (~negative).long().to(device), text_index.to(device)
+
+    def _clamped_logit_scale(self) -> torch.Tensor:
+        lo, hi = self.config.logit_scale_min, self.config.logit_scale_max
+        if self.training:
+            # Keep the parameter itself in range (CLIP/FLAVA), so its gradient never dies outside the clamp.
+            with torch.no_grad():
+                self.logit_scale.clamp_(lo, hi)
+        return self.logit_scale.clamp(lo, hi)
+
+    @torch.no_grad()
+    def mim_targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """(B, num_patches) codebook ids: ``batch['mim_labels']`` if given, else the codebook applied to
+        ``codebook_pixel_values`` (or ``pixel_values``)."""
+        if batch.get("mim_labels") is not None:
+            return batch["mim_labels"].reshape(batch["mim_labels"].shape[0], -1).long()
+        if self.codebook is None:
+            raise ValueError("MIM/MMM-image targets need a codebook (FlavaForPretraining(cfg, codebook)) or "
+                             "batch['mim_labels'] (B, num_patches)")
+        source = batch.get("codebook_pixel_values")
+        source = batch["pixel_values"] if source is None else source
+        ids = self.codebook(source).reshape(source.shape[0], -1).long()
+        expected = (source.shape[0], self.config.image.num_patches)
+        if tuple(ids.shape) != expected:
+            name = "codebook_pixel_values" if batch.get("codebook_pixel_values") is not None else "pixel_values"
+            raise ValueError(
+                f"the codebook turned {name} {tuple(source.shape)} into {tuple(ids.shape)} token ids; expected "
+                f"{expected} (one per image patch)"
+            )
+        return ids
+
+    # -------------------------------------------------------------------------------------- validation
+    def validate_batch(self, batch: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the tensor and the expected shape before any compute."""
+        kind = batch.get("kind")
+        needs_images = kind in ("image", "pair")
+        needs_text = kind in ("text", "pair")
+        img = self.config.image
+        tensors: dict[str, torch.Tensor] = {}
+        for name, value in batch.items():
+            if name != "kind" and value is not None and not isinstance(value, torch.Tensor):
+                raise ValueError(f"batch[{name!r}] must be a torch.Tensor, got {type(value).__name__}")
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value
+        if needs_images:
+            self._check_images(_require(batch, "pixel_values", kind), "pixel_values")
+            if batch.get("image_mask") is not None:
+                _check_shape(batch["image_mask"], "image_mask", ("B", img.num_patches))
+        if needs_text:
+            self._check_text(_require(batch, "input_ids", kind), batch.get("attention_mask"))
+            for name in ("input_ids_masked", "mlm_labels"):
+                if batch.get(name) is not None:
+                    _check_shape(batch[name], name, ("B", tuple(batch["input_ids"].shape)[1]))
+            if batch.get("input_ids_masked") is not None:
+                self._check_ids(batch["input_ids_masked"], "input_ids_masked")
+            if batch.get("mlm_labels") is not None:
+                labels = batch["mlm_labels"]
+                self._check_ids(labels[labels != IGNORE_INDEX], "mlm_labels (where != -100)")
+        if batch.get("itm_labels") is not None:
+            labels = batch["itm_labels"]
+            _check_shape(labels, "itm_labels", ("B",))
+            if labels.numel() and (labels.min() < 0 or labels.max() > 1):
+                raise ValueError("itm_labels must hold 0 (not matched) or 1 (matched)")
+        if batch.get("mim_labels") is not None:
+            labels = batch["mim_labels"].reshape(batch["mim_labels"].shape[0], -1)
+            _check_shape(labels, "mim_labels", ("B", img.num_patches))
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.codebook_size):
+                raise ValueError(f"mim_labels must lie in [0, codebook_size={self.config.codebook_size})")
+        if batch.get("codebook_pixel_values") is not None:
+            _check_shape(batch["codebook_pixel_values"], "codebook_pixel_values", ("B", img.num_channels, "H", "W"))
+
+        # Labels every enabled objective of this kind needs.
+        required: list[str] = []
+        if kind == "image" and self._weight("mim"):
+            required += ["image_mask"]
+        if kind == "text" and self._weight("mlm"):
+            required += ["input_ids_masked", "mlm_labels"]
+        if kind == "pair":
+            if self._weight("mmm_image"):
+                required += ["image_mask"]
+            if self._weight("mmm_text"):
+                required += ["input_ids_masked", "mlm_labels"]
+        for name in required:
+            _require(batch, name, kind)
+        if ((kind == "image" and self._weight("mim")) or (kind == "pair" and self._weight("mmm_image"))) and (
+            self.codebook is None and batch.get("mim_labels") is None
+        ):
+            raise ValueError(
+                f"a {kind!r} batch with the {'mim' if kind == 'image' else 'mmm_image'} loss on needs MIM targets: "
+                "pass a codebook to FlavaForPretraining or batch['mim_labels'] (B, num_patches)"
+            )
+        self._check_batch_sizes(tensors)
+
+    def _check_images(self, pixel_values: torch.Tensor, name: str) -> None:
+        img = self.config.image
+        expected = ("B", img.num_channels, img.image_size, img.image_size)
+        _check_shape(pixel_values, name, expected)
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor of shape {_fmt(expected)}, got {pixel_values.dtype}")
+
+    def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        txt = self.config.text
+        _check_shape(input_ids, "input_ids", ("B", "T"))
+        if input_ids.shape[1] > txt.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens per row; expected at most max_position_embeddings="
+                f"{txt.max_position_embeddings}"
+            )
+        self._check_ids(input_ids, "input_ids")
+        if attention_mask is not None:
+            _check_shape(attention_mask, "attention_mask", (input_ids.shape[0], input_ids.shape[1]))
+
+    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
+        vocab = self.config.text.vocab_size
+        if ids.is_floating_point():
+            raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(
+                f"{name} holds token ids in [{int(ids.min())}, {int(ids.max())}]; expected ids in [0, vocab_size="
+                f"{vocab}) (does the tokenizer match the model?)"
+            )
+
+    @staticmethod
+    def _check_batch_sizes(tensors: Mapping[str, torch.Tensor]) -> None:
+        sizes = {name: int(t.shape[0]) for name, t in tensors.items() if t.ndim > 0}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sizes}")
+
+
+def _process_group() -> tuple[int, int]:
+    info = process_info()
+    return info.rank, info.world_size
+
+
+def _fmt(shape: Iterable[Any]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _check_shape(tensor: torch.Tensor, name: str, expected: tuple[Any, ...]) -> None:
+    """``expected`` holds ints (must match) and strings (any size)."""
+    shape = tuple(tensor.shape)
+    ok = len(shape) == len(expected) and all(
+        isinstance(want, str) or got == want for got, want in zip(shape, expected)
+    )
+    if not ok:
+        raise ValueError(f"{name} has shape {shape}; expected {_fmt(expected)}")
+
+
+def _require(batch: Mapping[str, Any], name: str, kind: str) -> torch.Tensor:
+    value = batch.get(name)
+    if value is None:
+        raise ValueError(f"a {kind!r} batch needs batch[{name!r}] for the objectives enabled in the config")
+    return value
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["FlavaForPretraining", "FlavaOutput", "BATCH_KINDS", "LayerNorm", "count_parameters"]
