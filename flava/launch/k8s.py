@@ -37,6 +37,8 @@ CONTAINER = "trainer"
 RUN_LABEL = "flava/run"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 PARAMS_FILE = "params.yaml"
+# This client release sends no Content-Type on create (and ignores `_content_type`): set the header ourselves.
+JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,9 @@ def submit(manifests: list[dict[str, Any]], namespace: str | None = None, *, api
     job_manifest = kinds["Job"]
     name = job_manifest["metadata"]["name"]
     try:
-        created = batch.create_namespaced_job(namespace, client.V1Job.from_dict(job_manifest))
+        created = batch.create_namespaced_job(
+            namespace, client.V1Job.from_dict(job_manifest), _headers={"Content-Type": JSON}
+        )
     except ApiException as err:
         if err.status == 409:
             raise ValueError(f"job {namespace}/{name} already exists; choose another run id") from err
@@ -273,7 +277,7 @@ def submit(manifests: list[dict[str, Any]], namespace: str | None = None, *, api
         ):
             body = json.loads(json.dumps(kinds[kind]))
             body["metadata"]["ownerReferences"] = [owner]
-            create(namespace, model.from_dict(body))
+            create(namespace, model.from_dict(body), _headers={"Content-Type": JSON})
     except ApiException as err:
         batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
         raise RuntimeError(
@@ -348,15 +352,22 @@ def logs(job: SubmittedJob, *, api=None, tail_lines: int | None = None) -> dict[
     return out
 
 
-def run_joint(cfg, *, api=None, parent_run_id: str | None = None, run_id: str | None = None) -> dict[str, Any]:
+def run_joint(
+    cfg,
+    *,
+    api=None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    k8s: K8sConfig | None = None,
+) -> dict[str, Any]:
     """Render, submit and watch one joint run; save the pod logs under ``paths.reports/k8s/{job}/``.
 
     The trainer writes its outputs to the shared workspace; the caller reads ``paths.reports/joint.json`` from
     there (the same volume must be mounted where the pipeline runs). A failed Job raises ``RuntimeError``.
     """
-    k8s = _k8s(cfg, None)
+    k8s = _k8s(cfg, k8s)
     parent_run_id = parent_run_id or os.environ.get(lineage.PARENT_RUN_ENV)
-    manifests = build_manifests(cfg, run_id=run_id, parent_run_id=parent_run_id)
+    manifests = build_manifests(cfg, run_id=run_id, k8s=k8s, parent_run_id=parent_run_id)
     api = api or api_client(k8s)
     job = submit(manifests, k8s.namespace, api=api)
     status = wait(job, api=api, timeout_s=k8s.wait_timeout_s, poll_s=k8s.poll_interval_s)
