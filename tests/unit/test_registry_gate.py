@@ -1,0 +1,98 @@
+"""The promotion gate as a pure function, and the lock file placement."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from flava.eval.config import RegistryConfig
+from flava.tracking.registry import exclusive_lock, gate, lock_path, metrics_from_tags, _metric_tags
+
+
+def _metrics(overall, vision=None, language=None, multimodal=None, tasks=None, chance=None):
+    macro = {"overall": overall}
+    for name, value in (("vision", vision), ("language", language), ("multimodal", multimodal)):
+        if value is not None:
+            macro[name] = value
+    return {"macro": macro, "tasks": tasks or {}, "chance": chance or {}}
+
+
+RCFG = RegistryConfig(margin=0.01, domain_tolerance=0.02)
+
+
+def test_first_model_needs_to_beat_chance_on_every_task():
+    good = _metrics(0.6, tasks={"zeroshot": 0.5, "vqa": 0.4}, chance={"zeroshot": 0.1, "vqa": 0.25})
+    assert gate(good, None, RCFG).promote
+    bad = _metrics(0.6, tasks={"zeroshot": 0.5, "vqa": 0.25}, chance={"zeroshot": 0.1, "vqa": 0.25})
+    decision = gate(bad, None, RCFG)
+    assert not decision.promote
+    assert len(decision.reasons) == 1 and "vqa" in decision.reasons[0]
+    strict = RegistryConfig(chance_margin=0.5)
+    assert not gate(good, None, strict).promote
+    with pytest.raises(ValueError, match="chance baseline"):
+        gate(_metrics(0.6, tasks={"zeroshot": 0.5}), None, RCFG)
+
+
+def test_margin_on_overall_macro():
+    champ = _metrics(0.50, 0.5, 0.5, 0.5)
+    assert gate(_metrics(0.515, 0.52, 0.5, 0.52), champ, RCFG).promote
+    decision = gate(_metrics(0.505, 0.51, 0.5, 0.505), champ, RCFG)
+    assert not decision.promote and "overall" in decision.reasons[0]
+    assert decision.deltas["overall"] == pytest.approx(0.005)
+
+
+def test_no_domain_may_regress_beyond_tolerance():
+    champ = _metrics(0.50, 0.5, 0.5, 0.5)
+    # Much better overall, but language dropped by 0.03 > 0.02.
+    decision = gate(_metrics(0.60, 0.8, 0.47, 0.53), champ, RCFG)
+    assert not decision.promote
+    assert decision.reasons == [
+        "language macro 0.4700 is worse than champion 0.5000 by more than tolerance 0.02"
+    ]
+    # Within tolerance passes.
+    assert gate(_metrics(0.60, 0.8, 0.485, 0.515), champ, RCFG).promote
+    # A domain the champion had but the candidate skipped is a failure, not a pass by omission.
+    assert not gate(_metrics(0.9, 0.9, None, 0.9), champ, RCFG).promote
+
+
+def test_gate_rejects_metrics_without_macro():
+    with pytest.raises(ValueError, match="macro.overall"):
+        gate({"tasks": {}}, None, RCFG)
+
+
+def test_metric_tags_round_trip():
+    m = _metrics(0.5, 0.4, 0.6, 0.5, tasks={"zeroshot": 0.3}, chance={"zeroshot": 0.1})
+    back = metrics_from_tags(_metric_tags(m) | {"git_commit": "abc"})
+    assert back == m
+
+
+def test_lock_path_next_to_sqlite_and_in_lock_dir_otherwise(tmp_path):
+    assert str(lock_path("sqlite:////tmp/x/mlflow.db", RCFG)) == "/tmp/x/mlflow.db.promote.lock"
+    assert str(lock_path("sqlite:///mlflow.db", RCFG)) == "mlflow.db.promote.lock"
+    remote = lock_path("http://mlflow:5000", RegistryConfig(lock_dir="locks"), root=tmp_path)
+    assert remote.parent == tmp_path / "locks"
+
+
+def test_exclusive_lock_serialises_threads_and_times_out(tmp_path):
+    path = tmp_path / "l.lock"
+    inside, overlap = [], []
+
+    def worker():
+        with exclusive_lock(path, timeout_s=10):
+            inside.append(1)
+            if len(inside) > 1:
+                overlap.append(1)
+            time.sleep(0.05)
+            inside.pop()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlap
+    with exclusive_lock(path, timeout_s=5):
+        with pytest.raises(TimeoutError, match="still held"):
+            with exclusive_lock(path, timeout_s=0.2):
+                pass
