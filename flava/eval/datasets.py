@@ -207,3 +207,19 @@ def load_images(paths: Sequence[str], transform: Callable[[Image.Image], torch.T
     """Stack the transformed images ``(N, 3, H, W)``; for the small sets the fine-tuners iterate several times."""
     dataset = ImageDataset(paths, transform)
     return torch.stack([dataset[i] for i in range(len(dataset))])
+
+
+def load_closed_set(eval_root: str | Path, task: str) -> list[str] | None:
+    """The closed label/answer set a task declares beside its splits (``text_cls/labels.json`` ``{"labels"}``,
+    ``vqa/answers.json`` ``{"answers"}``), or None when the file is absent (then the train split defines it)."""
+    names = {"text_cls": ("labels.json", "labels"), "vqa": ("answers.json", "answers")}
+    if task not in names:
+        raise ValueError(f"no closed set for task {task!r}; known: {sorted(names)}")
+    filename, key = names[task]
+    path = Path(eval_root) / task / filename
+    if not path.exists():
+        return None
+    values = json.loads(path.read_text()).get(key)
+    if not isinstance(values, list) or len(values) < 2 or len(set(map(str, values))) != len(values):
+        raise ValueError(f"{path}: {key!r} must be a list of at least two distinct values")
+    return [str(v) for v in values]

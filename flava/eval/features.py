@@ -53,6 +53,13 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Te
     return enc["input_ids"], enc["attention_mask"]
 
 
+def text_length(model: torch.nn.Module, requested: int) -> int:
+    """``requested`` capped by the model's text positions (``config.text.max_position_embeddings``) if known."""
+    config = getattr(model, "config", None)
+    limit = getattr(getattr(config, "text", None), "max_position_embeddings", None)
+    return min(requested, int(limit)) if isinstance(limit, int) else requested
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -98,6 +105,7 @@ def encode_texts(
     """``model.<method>(input_ids, attention_mask)`` over all texts -> (N, D) float32 on the CPU."""
     device = torch.device(device)
     fn = getattr(model, method)
+    max_length = text_length(model, max_length)
     out = []
     with eval_mode(model):
         for start in range(0, len(texts), batch_size):

@@ -1,0 +1,234 @@
+"""Fine-tuning evaluations: a head on the text CLS (GLUE style) and on the multimodal CLS (VQA style).
+
+Each run deep-copies the evaluated model (the original is never touched), puts a dropout + linear head on the
+chosen CLS feature, trains both with AdamW (encoder at ``lr``, head at ``head_lr``) for ``epochs`` epochs, and
+reports the test metric at the epoch with the best validation metric (checkpoint selection on val, as GLUE
+protocols do). Classification reports accuracy; regression (GLUE STS-B style, numeric labels) reports Pearson r.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from flava.eval.config import FinetuneConfig, TextFinetuneConfig
+from flava.eval.datasets import ImageDataset, TextSet, VqaSet
+from flava.eval.features import text_length, tokenize
+
+
+class Head(torch.nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(dropout)
+        self.linear = torch.nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(x))
+
+
+@dataclass
+class _Split:
+    """Inputs of one split: tokenised text (+ image paths for multimodal) and targets."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    images: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+
+def _pearson(pred: torch.Tensor, target: torch.Tensor) -> float:
+    pred, target = pred.double() - pred.double().mean(), target.double() - target.double().mean()
+    denom = pred.norm() * target.norm()
+    return float((pred * target).sum() / denom) if denom > 0 else 0.0
+
+
+def _metric(outputs: torch.Tensor, targets: torch.Tensor, regression: bool) -> float:
+    if regression:
+        return _pearson(outputs.squeeze(-1), targets)
+    return float((outputs.argmax(dim=-1) == targets).float().mean())
+
+
+def _run(
+    model: torch.nn.Module,
+    features: Callable[[torch.nn.Module, _Split, torch.Tensor, torch.device], torch.Tensor],
+    feature_dim: int,
+    splits: dict[str, _Split],
+    out_dim: int,
+    regression: bool,
+    fcfg: FinetuneConfig,
+    device: torch.device,
+    seed: int,
+) -> dict[str, float]:
+    torch.manual_seed(seed)
+    encoder = copy.deepcopy(model).to(device)
+    head = Head(feature_dim, out_dim, fcfg.dropout).to(device)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "lr": fcfg.lr}, {"params": head.parameters(), "lr": fcfg.head_lr}],
+        weight_decay=fcfg.weight_decay,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    train = splits["train"]
+
+    def predict(split: _Split) -> torch.Tensor:
+        encoder.eval()
+        head.eval()
+        outs = []
+        with torch.no_grad():
+            for start in range(0, len(split), fcfg.batch_size):
+                idx = torch.arange(start, min(start + fcfg.batch_size, len(split)))
+                outs.append(head(features(encoder, split, idx, device)).float().cpu())
+        return torch.cat(outs)
+
+    history = []
+    for epoch in range(fcfg.epochs):
+        encoder.train()
+        head.train()
+        order = torch.randperm(len(train), generator=gen)
+        total, steps = 0.0, 0
+        for start in range(0, len(train), fcfg.batch_size):
+            idx = order[start : start + fcfg.batch_size]
+            out = head(features(encoder, train, idx, device))
+            target = train.targets[idx].to(device)
+            loss = F.mse_loss(out.squeeze(-1), target) if regression else F.cross_entropy(out, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + float(loss.detach()), steps + 1
+        val = _metric(predict(splits["val"]), splits["val"].targets, regression)
+        test = _metric(predict(splits["test"]), splits["test"].targets, regression)
+        history.append({"epoch": epoch + 1, "train_loss": total / max(steps, 1), "val": val, "test": test})
+    best = max(history, key=lambda h: h["val"])  # first best epoch on ties
+    name = "pearson" if regression else "accuracy"
+    return {
+        name: best["test"],
+        f"val_{name}": best["val"],
+        "best_epoch": float(best["epoch"]),
+        "final_train_loss": history[-1]["train_loss"],
+    }
+
+
+def _feature_dim(model: torch.nn.Module, fn: Callable[[], torch.Tensor]) -> int:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        dim = fn().shape[-1]
+    model.train(was)
+    return int(dim)
+
+
+def _class_targets(labels: Sequence[str], classes: list[str], where: str) -> torch.Tensor:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f"{where}: labels {unknown[:5]} are not in the closed set {classes[:10]}")
+    return torch.tensor([index[label] for label in labels], dtype=torch.long)
+
+
+def text_task_kind(labels: Sequence[str], requested: str) -> str:
+    """``auto``: regression when every label is a number and some is not an integer, else classification."""
+    if requested != "auto":
+        return requested
+    try:
+        values = [float(v) for v in labels]
+    except ValueError:
+        return "classification"
+    return "regression" if any(not v.is_integer() for v in values) else "classification"
+
+
+def finetune_text(
+    model: torch.nn.Module,
+    tokenizer,
+    data: dict[str, TextSet],
+    fcfg: TextFinetuneConfig,
+    *,
+    device: torch.device | str,
+    max_length: int,
+    classes: list[str] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Head on ``model.text_features`` (text CLS) over ``data["train"|"val"|"test"]``."""
+    device = torch.device(device)
+    max_length = text_length(model, max_length)
+    kind = text_task_kind(data["train"].labels, fcfg.task)
+    regression = kind == "regression"
+    if not regression:
+        classes = classes or sorted(set(data["train"].labels))
+        if len(classes) < 2:
+            raise ValueError("text fine-tuning needs at least two classes in the train split")
+    splits = {}
+    for name, ds in data.items():
+        ids, mask = tokenize(tokenizer, ds.sentences, max_length)
+        if regression:
+            try:
+                targets = torch.tensor([float(v) for v in ds.labels], dtype=torch.float32)
+            except ValueError as err:
+                raise ValueError(f"text_cls {name}: regression labels must be numbers ({err})") from err
+        else:
+            targets = _class_targets(ds.labels, classes, f"text_cls {name}")
+        splits[name] = _Split(ids, mask, targets)
+
+    def features(enc, split: _Split, idx, dev):
+        return enc.text_features(split.input_ids[idx].to(dev), split.attention_mask[idx].to(dev))
+
+    probe = splits["train"]
+    dim = _feature_dim(model, lambda: features(model, probe, torch.arange(1), _param_device(model)))
+    out = _run(model, features, dim, splits, 1 if regression else len(classes), regression, fcfg, device, seed)
+    out["num_classes"] = float(0 if regression else len(classes))
+    return out
+
+
+def finetune_multimodal(
+    model: torch.nn.Module,
+    tokenizer,
+    data: dict[str, VqaSet],
+    fcfg: FinetuneConfig,
+    *,
+    transform: Callable[[Image.Image], torch.Tensor],
+    device: torch.device | str,
+    max_length: int,
+    answers: list[str] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Closed-answer classification head on ``model.multimodal_features`` (multimodal CLS) for VQA-style data."""
+    device = torch.device(device)
+    max_length = text_length(model, max_length)
+    answers = answers or sorted(set(data["train"].answers))
+    if len(answers) < 2:
+        raise ValueError("multimodal fine-tuning needs at least two answers")
+    splits = {}
+    for name, ds in data.items():
+        ids, mask = tokenize(tokenizer, ds.questions, max_length)
+        splits[name] = _Split(ids, mask, _class_targets(ds.answers, answers, f"vqa {name}"), list(ds.images))
+    cache: dict[str, ImageDataset] = {}
+
+    def pixels(split: _Split, idx) -> torch.Tensor:
+        key = str(id(split))
+        if key not in cache:
+            cache[key] = ImageDataset(split.images, transform)
+        return torch.stack([cache[key][int(i)] for i in idx])
+
+    def features(enc, split: _Split, idx, dev):
+        return enc.multimodal_features(
+            pixels(split, idx).to(dev), split.input_ids[idx].to(dev), split.attention_mask[idx].to(dev)
+        )
+
+    probe = splits["train"]
+    dim = _feature_dim(model, lambda: features(model, probe, torch.arange(1), _param_device(model)))
+    out = _run(model, features, dim, splits, len(answers), False, fcfg, device, seed)
+    out["num_classes"] = float(len(answers))
+    return out
+
+
+def _param_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
