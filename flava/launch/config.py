@@ -116,13 +116,16 @@ class SearchParam(_Section):
             raise ValueError(f"launch.sweep.space[{self.key}]: low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
             raise ValueError(f"launch.sweep.space[{self.key}]: a log range needs low > 0")
+        if self.kind == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError(f"launch.sweep.space[{self.key}]: an int range needs whole bounds")
         return self
 
 
 def _default_space() -> list[SearchParam]:
     return [
-        SearchParam(key="data.mixing.ratios.pairs", low=0.2, high=1.0),
-        SearchParam(key="data.mixing.ratios.images", low=0.05, high=0.5),
+        # Unnormalised weights: the corpus mixer divides by their sum.
+        SearchParam(key="data.mixing.ratios.pair", low=0.2, high=1.0),
+        SearchParam(key="data.mixing.ratios.image", low=0.05, high=0.5),
         SearchParam(key="data.mixing.ratios.text", low=0.05, high=0.5),
         SearchParam(key="train.joint.warmup_steps", low=0, high=20, kind="int"),
     ]
@@ -140,7 +143,8 @@ class SweepConfig(_Section):
     direction: Literal["maximize", "minimize"] = "maximize"
     metric: str = "best_zeroshot_top1"  # key of the joint stage's result dict
     space: list[SearchParam] = Field(default_factory=_default_space)
-    trial_overrides: list[str] = Field(default_factory=lambda: ["train.joint.steps=30"])
+    # Short trials; evaluate zero-shot often enough that every trial reports the metric.
+    trial_overrides: list[str] = Field(default_factory=lambda: ["train.joint.steps=60", "train.eval_every=20"])
     workdir: str = "reports/sweep"  # per-trial models/checkpoints/reports go under here
     keep_trial_models: bool = False
     report: str = "sweep.json"  # written under paths.reports
