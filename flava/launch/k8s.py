@@ -217,9 +217,21 @@ def build_manifests(
     return [config_map, service, job]
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the embedded params.yaml) as readable ``|`` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
 def render_yaml(manifests: list[dict[str, Any]]) -> str:
     """A multi-document YAML stream, as ``kubectl apply -f`` reads it."""
-    return yaml.safe_dump_all(manifests, sort_keys=False)
+    return yaml.dump_all(manifests, Dumper=_BlockDumper, sort_keys=False)
 
 
 def api_client(k8s: K8sConfig):
