@@ -106,6 +106,7 @@ class LoaderConfig(_Section):
 
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes per rank; 0 = decode in the training process
     prefetch_factor: int = Field(2, ge=1)
+    verify_checksums: bool = True  # check each shard's sha256 against the index when it is read
     # Image normalisation (CLIP/FLAVA statistics).
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -116,6 +117,8 @@ class LoaderConfig(_Section):
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     horizontal_flip: bool = False
     resample: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
+    # DALL-E codebook pixels are mapped from [0, 1] to [eps, 1 - eps] (its logit-Laplace input range).
+    codebook_pixel_eps: float = Field(0.1, ge=0, lt=0.5)
     pad_to_max_length: bool = True  # fixed (B, max_length) text tensors; False pads to the longest in the batch
 
     @field_validator("std")

@@ -79,13 +79,22 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         img = to_rgb(img)
+        return self.render(img, *self.draw(img.size, generator))
+
+    def draw(self, size: tuple[int, int], generator: torch.Generator | None = None):
+        """The random choices for one image of ``size`` (w, h): (crop box or None, flip). Separate from
+        ``render`` so a second view (the dVAE codebook's pixels) can reuse the same crop and flip."""
+        box = self._crop_box(size, generator) if self.train and self.random_resized_crop else None
+        flip = self.train and self.horizontal_flip and bool(torch.rand((), generator=generator) < 0.5)
+        return box, flip
+
+    def render(self, img: Image.Image, box=None, flip: bool = False) -> torch.Tensor:
         method = _RESAMPLE[self.resample]
-        if self.train and self.random_resized_crop:
-            box = self._crop_box(img.size, generator)
+        if box is not None:
             img = img.resize((self.size, self.size), method, box=box)
         else:
             img = self._resize_center_crop(img, method)
-        if self.train and self.horizontal_flip and bool(torch.rand((), generator=generator) < 0.5):
+        if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return self.normalise(img)
 

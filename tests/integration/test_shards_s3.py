@@ -116,3 +116,24 @@ def test_transient_errors_are_retried(tmp_path, s3_endpoint):
             run_shard(one)
     finally:
         s3_one.meta.events.unregister("before-send.s3.PutObject", flaky)
+
+
+def test_loader_streams_from_s3_like_from_disk(tmp_path, s3_endpoint):
+    from itertools import islice
+
+    import torch
+
+    from flava.data.loader import build_stream
+    from flava.data.tokenizer import fit_wordpiece
+
+    endpoint, _ = s3_endpoint
+    make_validated(tmp_path, n_pairs=12)
+    remote_cfg = s3_config(tmp_path, endpoint, corpora=["pairs"])
+    local_cfg = config(tmp_path)
+    run_shard(remote_cfg)
+    run_shard(local_cfg)
+    tok = fit_wordpiece([f"caption number {i}" for i in range(50)], 100, tmp_path / "tok")
+    remote = build_stream(remote_cfg, "pairs", batch_size=5, rank=0, world_size=1, seed=1, tokenizer=tok)
+    local = build_stream(local_cfg, "pairs", batch_size=5, rank=0, world_size=1, seed=1, tokenizer=tok)
+    for a, b in zip(islice(remote, 4), islice(local, 4)):  # 20 samples: crosses an epoch boundary
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "kind")
