@@ -1,0 +1,223 @@
+"""MLflow runs of the training stages: one run per stage, nested under the pipeline run when there is one.
+
+A ``StageRun`` logs the flattened effective config as params, lineage tags (git commit, data version, stage,
+world size, host), per-step metrics, the effective config and checkpoint URIs as artifacts, and the final model as
+an MLflow pyfunc (``FlavaEmbedder``: texts and/or images in, L2-normalised embeddings out) with a signature, so
+``mlflow.pyfunc.load_model(uri).predict(df)`` works on any machine that has this package.
+
+Only the main rank talks to MLflow; on other ranks every method is a no-op. The tracking URI is
+``$MLFLOW_TRACKING_URI`` when set, else ``cfg.tracking.tracking_uri``. Importing this module sets nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from flava.config import PipelineConfig
+from flava.distributed import ProcessInfo
+from flava.tracking import lineage
+
+log = logging.getLogger(__name__)
+
+STAGE_TAG = "flava.stage"  # the key the evaluation runs and the pipeline's parent run use too
+MLFLOW_PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+
+
+def stage_tags(cfg: PipelineConfig, stage: str, info: ProcessInfo, root: str | Path = ".") -> dict[str, str]:
+    tags = {
+        STAGE_TAG: stage,
+        "git_commit": lineage.git_commit(root),
+        "data_version": lineage.data_version(root),
+        "host": lineage.host(),
+        "world_size": str(info.world_size),
+        "params_hash": cfg.digest(),
+    }
+    parent = os.environ.get(lineage.PARENT_RUN_ENV)
+    if parent:
+        tags["parent_run_id"] = parent
+    return tags
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:MLFLOW_PARAM_VALUE_LIMIT]
+
+
+class StageRun:
+    """Context manager around one stage's MLflow run. ``run_id`` is None on non-main ranks."""
+
+    def __init__(self, cfg: PipelineConfig, stage: str, info: ProcessInfo = ProcessInfo(), root: str | Path = "."):
+        self.cfg, self.stage, self.info, self.root = cfg, stage, info, Path(root)
+        self.active = info.is_main
+        self.run_id: str | None = None
+        self.checkpoints: list[dict[str, Any]] = []
+        self._run = None
+
+    def __enter__(self) -> "StageRun":
+        if not self.active:
+            return self
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri(self.cfg))
+        experiment = mlflow.get_experiment_by_name(self.cfg.tracking.experiment)
+        experiment_id = (
+            experiment.experiment_id if experiment is not None
+            else mlflow.create_experiment(self.cfg.tracking.experiment,
+                                          artifact_location=self.cfg.tracking.artifact_location)
+        )
+        parent = os.environ.get(lineage.PARENT_RUN_ENV) or None
+        self._run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"pretrain_{self.stage}",
+            tags=stage_tags(self.cfg, self.stage, self.info, self.root), parent_run_id=parent,
+            nested=parent is not None, log_system_metrics=self.cfg.tracking.log_system_metrics,
+        )
+        self.run_id = self._run.info.run_id
+        mlflow.log_params({k: _param_value(v) for k, v in self.cfg.flat().items()})
+        mlflow.log_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False), "config/effective.yaml")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.active or self._run is None:
+            return
+        import mlflow
+
+        if self.checkpoints:
+            mlflow.log_dict({"checkpoints": self.checkpoints}, "checkpoints.json")
+        if exc is not None:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run(status="FAILED" if exc_type is not None else "FINISHED")
+        self._run = None
+
+    # -------------------------------------------------------------------------------------------- logging
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.active or self._run is None:
+            return
+        import mlflow
+
+        mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.active and self._run is not None:
+            import mlflow
+
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_checkpoint(self, step: int, uri: str, **info: Any) -> None:
+        """Record a checkpoint's URI (logged as ``checkpoints.json`` at the end, and as the latest tag now)."""
+        if not self.active or self._run is None:
+            return
+        self.checkpoints.append({"step": step, "uri": uri, **info})
+        self.set_tags({"checkpoint.latest": uri})
+
+    def log_dict(self, payload: Mapping[str, Any], artifact_file: str) -> None:
+        if self.active and self._run is not None:
+            import mlflow
+
+            mlflow.log_dict(dict(payload), artifact_file)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        if self.active and self._run is not None:
+            import mlflow
+
+            mlflow.log_artifacts(str(directory), artifact_path)
+
+    def log_model(
+        self, model_dir: str | Path, *, tokenizer_dir: str | Path | None, preprocess: Mapping[str, Any],
+        embedding_dim: int, name: str = "model",
+    ) -> str | None:
+        """Log ``model_dir`` (a ``flava.model.io`` directory) as a pyfunc embedding model; returns its model URI."""
+        if not self.active or self._run is None:
+            return None
+        import mlflow
+        import torch
+
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+        import numpy as np
+
+        staging = Path(model_dir).parent / f".{Path(model_dir).name}-preprocess.json"
+        staging.write_text(json.dumps(dict(preprocess), indent=2))
+        artifacts = {"model": str(model_dir), "preprocess": str(staging)}
+        if tokenizer_dir is not None:
+            artifacts["tokenizer"] = str(tokenizer_dir)
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False)]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(embedding_dim)), "embedding")]),
+        )
+        try:
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=FlavaEmbedder(), artifacts=artifacts, signature=signature,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "transformers", "safetensors",
+                                  "pillow", "flava"],
+            )
+        finally:
+            staging.unlink(missing_ok=True)
+        self.set_tags({"model_uri": info.model_uri})
+        return info.model_uri
+
+
+# ---------------------------------------------------------------------------------------------------- pyfunc
+try:
+    from mlflow.pyfunc import PythonModel as _PythonModel
+except ImportError:  # mlflow is a pipeline extra: the class is only needed when logging or loading a model
+    _PythonModel = object
+
+
+class FlavaEmbedder(_PythonModel):
+    """pyfunc: a DataFrame with a ``text`` (str) and/or ``image`` (encoded PNG/JPEG bytes) column per row ->
+    (N, projection_dim) float32 L2-normalised embeddings; each row uses its text if given, else its image."""
+
+    def load_context(self, context) -> None:
+        from flava.data.transforms import image_transform
+        from flava.model.io import load_model
+
+        self.model = load_model(context.artifacts["model"]).eval()
+        self.pre = json.loads(Path(context.artifacts["preprocess"]).read_text())
+        self.tokenizer = None
+        if "tokenizer" in context.artifacts:
+            from flava.data.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
+        self.transform = image_transform(
+            self.pre["image_size"], train=False, mean=self.pre["mean"], std=self.pre["std"],
+            resample=self.pre["resample"],
+        )
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import pandas as pd
+        import torch
+
+        from flava.data.transforms import decode_image
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        texts = frame["text"] if "text" in frame else pd.Series([None] * len(frame))
+        images = frame["image"] if "image" in frame else pd.Series([None] * len(frame))
+        out = np.zeros((len(frame), self.model.config.projection_dim), dtype=np.float32)
+        text_rows = [i for i, t in enumerate(texts) if isinstance(t, str)]
+        image_rows = [i for i, (t, im) in enumerate(zip(texts, images)) if i not in text_rows and im is not None]
+        missing = sorted(set(range(len(frame))) - set(text_rows) - set(image_rows))
+        if missing:
+            raise ValueError(f"rows {missing} have neither a 'text' nor an 'image' value")
+        with torch.no_grad():
+            if text_rows:
+                if self.tokenizer is None:
+                    raise ValueError("this model was logged without a tokenizer: it embeds images only")
+                enc = self.tokenizer([texts[i] for i in text_rows], padding=True, truncation=True,
+                                     max_length=self.pre["max_length"], return_tensors="pt")
+                emb = self.model.encode_text(enc["input_ids"], enc["attention_mask"])
+                out[text_rows] = emb.float().numpy()
+            if image_rows:
+                pixels = torch.stack([self.transform(decode_image(bytes(images[i]))) for i in image_rows])
+                out[image_rows] = self.model.encode_image(pixels).float().numpy()
+        return out
