@@ -1,0 +1,118 @@
+"""``flava data fit``: the text tokenizer and the image codebook that the pretraining stages need.
+
+- Tokenizer: a WordPiece vocabulary fit on the validated text of the configured corpora (``data.tokenizer``), or a
+  pretrained tokenizer copied from a local directory (``data.tokenizer.pretrained_dir``, e.g. BERT's).
+- Codebook (MIM targets): ``KMeansCodebook`` fit on a seeded sample of validated images, transformed exactly as
+  the loader transforms them (the model preset's image size, ``data.loader`` normalisation, no augmentation) with
+  the preset's patch size; or a DALL-E dVAE copied from ``data.codebook.dalle_dir``.
+
+Writes ``paths.artifacts/tokenizer/``, ``paths.artifacts/codebook/`` and ``paths.artifacts/fit.json``.
+Deterministic for ``cfg.seed``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from flava.data import storage
+from flava.data.shards import read_manifest, resolve_image
+from flava.data.tokenizer import fit_wordpiece, load_tokenizer
+from flava.data.transforms import decode_image, model_image_geometry, transform_from_config
+
+if TYPE_CHECKING:
+    from flava.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def fit_tokenizer(cfg: "PipelineConfig", out_dir: Path) -> dict[str, Any]:
+    tc = cfg.data.tokenizer
+    _fresh_dir(out_dir)
+    if tc.pretrained_dir:
+        source = Path(tc.pretrained_dir)
+        load_tokenizer(source)  # fails readably if it is not a tokenizer directory
+        shutil.copytree(source, out_dir, dirs_exist_ok=True)
+        tok = load_tokenizer(out_dir)
+        return {"tokenizer_source": f"pretrained:{source}", "vocab_size": len(tok), "fit_texts": 0}
+    texts: list[str] = []
+    for corpus in tc.fit_corpora:
+        for row in read_manifest(Path(cfg.paths.validated) / f"{corpus}.jsonl"):
+            text = row.get("text", row.get("caption"))
+            if isinstance(text, str) and text.strip():
+                texts.append(text)
+    if tc.max_fit_texts is not None:
+        texts = texts[: tc.max_fit_texts]
+    if not texts:
+        raise ValueError(f"no texts to fit the tokenizer on in {tc.fit_corpora} under {cfg.paths.validated}")
+    tok = fit_wordpiece(texts, tc.vocab_size, out_dir, min_frequency=tc.min_frequency, lowercase=tc.lowercase,
+                        model_max_length=tc.max_length)
+    return {"tokenizer_source": "wordpiece", "vocab_size": len(tok), "fit_texts": len(texts)}
+
+
+def sample_pixels(cfg: "PipelineConfig") -> torch.Tensor:
+    """A seeded sample of validated images as the loader would see them: (N, 3, H, W) normalised."""
+    cc = cfg.data.codebook
+    refs: list[tuple[str, Path]] = []
+    for corpus in cc.corpora:
+        manifest = Path(cfg.paths.validated) / f"{corpus}.jsonl"
+        refs += [(str(r["image"]), manifest.parent) for r in read_manifest(manifest) if r.get("image")]
+    if not refs:
+        raise ValueError(f"no images to fit the codebook on in {cc.corpora} under {cfg.paths.validated}")
+    chosen = random.Random(f"{cfg.seed}:codebook").sample(refs, min(cc.sample_images, len(refs)))
+    transform = transform_from_config(cfg, train=False)
+    pixels = [transform(decode_image(storage.read_bytes(resolve_image(image, base), s3=cfg.data.shards.s3)))
+              for image, base in chosen]
+    return torch.stack(pixels)
+
+
+def fit_codebook(cfg: "PipelineConfig", out_dir: Path) -> dict[str, Any]:
+    from flava.model.codebook import DalleCodebook, KMeansCodebook, load_codebook
+
+    cc = cfg.data.codebook
+    image_size, patch_size = model_image_geometry(cfg)
+    _fresh_dir(out_dir)
+    if cc.kind == "dalle":
+        codebook = DalleCodebook.load(cc.dalle_dir)
+        codebook.save(out_dir)
+        return {"codebook_kind": "dalle", "codebook_size": codebook.num_codes, "codebook_images": 0,
+                "codebook_source": str(cc.dalle_dir)}
+    pixels = sample_pixels(cfg)
+    codebook = KMeansCodebook.fit(pixels, num_codes=cc.num_codes, patch_size=patch_size, iters=cc.iters,
+                                  seed=cfg.seed)
+    codebook.save(out_dir)
+    loaded = load_codebook(out_dir)
+    usage = torch.bincount(loaded(pixels).flatten(), minlength=loaded.num_codes)
+    return {
+        "codebook_kind": "kmeans", "codebook_size": codebook.num_codes, "codebook_images": int(pixels.shape[0]),
+        "codebook_inertia": codebook.inertia, "codebook_codes_used": int((usage > 0).sum()),
+        "image_size": image_size, "patch_size": patch_size,
+    }
+
+
+def run_fit(cfg: "PipelineConfig") -> dict[str, Any]:
+    """Stage function: fit (or copy) the tokenizer and the codebook; write and return ``fit.json``."""
+    artifacts = Path(cfg.paths.artifacts)
+    start = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    metrics.update(fit_tokenizer(cfg, artifacts / "tokenizer"))
+    metrics["tokenizer_seconds"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    metrics.update(fit_codebook(cfg, artifacts / "codebook"))
+    metrics["codebook_seconds"] = round(time.perf_counter() - start, 3)
+    (artifacts / "fit.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("fit: vocab %d, codebook %d codes", metrics["vocab_size"], metrics["codebook_size"])
+    return metrics
