@@ -1,0 +1,99 @@
+"""`s3://` images end to end against a moto S3 server on loopback: a manifest naming one existing and one missing
+object is prepared and validated; the existing one is fetched and normalised, the missing one quarantined with
+its reason. An endpoint nobody listens on is quarantined too, quickly and without crashing."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+
+import boto3
+import pandas as pd
+import pytest
+from PIL import Image
+
+from flava.config import PipelineConfig
+from flava.data.ingest import run_prepare
+from flava.data.validate import run_validate
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+
+@pytest.fixture
+def s3_endpoint(aws_env):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def _raw(tmp_path, uris: list[str]):
+    raw = tmp_path / "raw"
+    (raw / "images" / "cls").mkdir(parents=True)
+    (raw / "text").mkdir()
+    (raw / "text" / "a.txt").write_text("Some text that is long enough to pass.\n")
+    pd.DataFrame({"key": [f"k{i}" for i in range(len(uris))], "image": uris,
+                  "caption": ["a caption of this image"] * len(uris)}).to_csv(raw / "pairs.csv", index=False)
+    return raw
+
+
+def _cfg(tmp_path, endpoint: str, **s3) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "paths": {k: str(tmp_path / k) for k in ("raw", "prepared", "validated")},
+        "data": {"ingest": {"pairs": [{"path": "pairs.csv"}], "eval_dir": None,
+                            "s3": {"endpoint_url": endpoint, **s3}},
+                 "validation": {"min_accept_fraction": 0.0}},
+    })
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_existing_object_is_fetched_and_missing_one_quarantined(tmp_path, s3_endpoint):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="corpus")
+    buf = io.BytesIO()
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(buf, format="JPEG")
+    s3.put_object(Bucket="corpus", Key="img/present.jpg", Body=buf.getvalue())
+    _raw(tmp_path, ["s3://corpus/img/present.jpg", "s3://corpus/img/absent.jpg"])
+    cfg = _cfg(tmp_path, s3_endpoint)
+
+    prepared = run_prepare(cfg)
+    assert prepared["pairs"] == {"in": 2, "accepted": 2, "rejected": 0}  # URIs are fetched lazily by validation
+    result = run_validate(cfg)
+    assert result["pairs"]["in"] == 2 and result["pairs"]["accepted"] == 1 and result["pairs"]["rejected"] == 1
+
+    [accepted] = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
+    assert accepted["key"] == "k0"
+    img = Image.open(accepted["image"])  # a local, normalised copy
+    assert img.mode == "RGB" and img.size == (40, 30)
+    [rejected] = read_jsonl(tmp_path / "validated" / "pairs.rejects.jsonl")
+    assert rejected["key"] == "k1" and rejected["image"] == "s3://corpus/img/absent.jpg"
+    assert rejected["reason"].startswith("s3 object not found:") and "absent.jpg" in rejected["reason"]
+    metrics = json.loads((tmp_path / "validated" / "metrics.json").read_text())
+    assert metrics["pairs"]["reasons"] == {"s3 object not found": 1}
+
+
+def test_unreachable_endpoint_is_a_reject_not_a_crash(tmp_path, aws_env):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _raw(tmp_path, ["s3://gone/a.png", "s3://gone/b.png"])
+    cfg = _cfg(tmp_path, f"http://127.0.0.1:{port}", max_attempts=1)
+    run_prepare(cfg)
+    result = run_validate(cfg)
+    assert result["pairs"]["accepted"] == 0 and result["pairs"]["rejected"] == 2
+    reasons = [r["reason"] for r in read_jsonl(tmp_path / "validated" / "pairs.rejects.jsonl")]
+    assert all(r.startswith("s3 object unreachable:") for r in reasons)
