@@ -89,6 +89,12 @@ class FlavaForPretraining(nn.Module):
         ``state_dict()`` (``flava.model.io`` saves it beside the weights) and never reaches the optimizer."""
         return self.__dict__.get("_codebook")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "codebook":  # route through the property: a DalleCodebook must not become a submodule
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @codebook.setter
     def codebook(self, codebook: Any) -> None:
         if codebook is not None and int(codebook.num_codes) != self.config.codebook_size:
