@@ -128,3 +128,5 @@ class EvalConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     # Report plots.
     plot_dpi: int = Field(default=100, ge=20)
+    # Log the evaluated model directory as artifacts of the evaluate run (the registry version points at them).
+    log_model: bool = True

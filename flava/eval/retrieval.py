@@ -172,3 +172,35 @@ def flatten_captions(rows: Sequence[dict[str, Any]]) -> tuple[list[str], torch.T
         texts.extend(captions)
         owners.extend([i] * len(captions))
     return texts, torch.tensor(owners, dtype=torch.long)
+
+
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    tokenizer,
+    eval_root,
+    rcfg,
+    *,
+    transform,
+    batch_size: int,
+    device: torch.device | str,
+    max_length: int,
+    split: str = "test",
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, float]]:
+    """Encode ``retrieval/{split}.jsonl`` with the model -> (recall metrics, recall curves, chance metrics).
+
+    ``rcfg`` is :class:`flava.eval.config.RetrievalConfig` (ks, chunk sizes, curve length).
+    """
+    from flava.eval.datasets import load_retrieval
+    from flava.eval.features import encode_images, encode_texts
+
+    data = load_retrieval(eval_root, split)
+    texts, owners = flatten_captions([{"image": i, "captions": c} for i, c in zip(data.images, data.captions)])
+    image_emb = encode_images(model, data.images, transform, batch_size=batch_size, device=device)
+    text_emb = encode_texts(model, tokenizer, texts, batch_size=batch_size, device=device, max_length=max_length)
+    max_k = max(rcfg.curve_max_k, max(rcfg.ks))
+    device = torch.device(device)
+    curves = recall_curves(
+        image_emb.to(device), text_emb.to(device), owners, max_k, query_chunk=rcfg.query_chunk, key_chunk=rcfg.key_chunk
+    )
+    chance = chance_recall(len(data.images), [len(c) for c in data.captions], rcfg.ks)
+    return recall_from_curves(curves, rcfg.ks), curves, chance

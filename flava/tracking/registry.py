@@ -279,7 +279,11 @@ def run_promote(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     eval_run = client.get_run(eval_run_id)
-    source = f"{eval_run.info.artifact_uri.rstrip('/')}/{run_info.get('model_artifact', 'model')}"
+    artifact = run_info.get("model_artifact")
+    if not artifact:
+        raise ValueError(f"{run_file}: the evaluation logged no model artifacts (eval.log_model is false), "
+                         "so there is nothing to register")
+    source = f"{eval_run.info.artifact_uri.rstrip('/')}/{artifact}"
     tags = lineage_tags(cfg, "promote", root)
     tags.pop("flava.stage", None)
     tags["eval_params_hash"] = eval_run.data.tags.get("params_hash", "")

@@ -1,0 +1,217 @@
+"""The ``flava evaluate`` stage: every evaluation task on the joint model, one metrics JSON, plots and a report.
+
+:func:`evaluate_model` runs the enabled tasks on a model already in memory and returns the metrics (plus what the
+plots need); :func:`run_evaluate` loads ``paths.models/joint/best`` (tokenizer beside it), evaluates on
+``paths.prepared/eval``, writes ``paths.reports/eval/`` and logs it all to an MLflow run (stage ``evaluate``).
+
+``metrics.json`` layout (nested dicts of numbers, so ``dvc metrics diff`` compares it):
+``{zeroshot: {top1, top5}, retrieval: {i2t_r1, ..., mean_recall}, linear_probe: {accuracy, best_c, ...},
+text_cls: {accuracy | pearson, ...}, vqa: {accuracy, ...}, tasks: {task: score}, chance: {task: baseline},
+macro: {vision, language, multimodal, overall}}``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from flava.config import PipelineConfig, flatten
+from flava.eval import plots
+from flava.eval.aggregate import macro_averages, majority_rate
+from flava.eval.config import EvalConfig
+from flava.eval.datasets import load_closed_set, load_text_cls, load_vqa, load_zeroshot
+from flava.eval.features import pick_device
+from flava.eval.finetune import finetune_multimodal, finetune_text
+from flava.eval.probe import evaluate_linear_probe
+from flava.eval.report import write_reports
+from flava.eval.retrieval import chance_recall, evaluate_retrieval
+from flava.eval.zeroshot import confusion_matrix, topk_accuracy, zeroshot_logits
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer,
+    eval_root: str | Path,
+    ecfg: EvalConfig,
+    *,
+    transform: Callable[[Image.Image], torch.Tensor],
+    device: torch.device | str,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the enabled tasks -> (metrics, extras for plots: confusion matrix, classnames, recall curves)."""
+    device = torch.device(device)
+    common = {"batch_size": ecfg.batch_size, "device": device}
+    metrics: dict[str, Any] = {}
+    tasks: dict[str, float] = {}
+    chance: dict[str, float] = {}
+    extras: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+
+    if ecfg.zeroshot.enabled:
+        start = time.perf_counter()
+        logits, labels, classnames = zeroshot_logits(
+            model, tokenizer, eval_root, ecfg.zeroshot.split, transform=transform,
+            max_length=ecfg.max_text_length, **common,
+        )
+        metrics["zeroshot"] = topk_accuracy(logits, labels, ecfg.zeroshot.top_k)
+        tasks["zeroshot"] = metrics["zeroshot"]["top1"]
+        chance["zeroshot"] = majority_rate(labels.tolist())
+        extras["confusion"] = confusion_matrix(logits, labels, len(classnames)).tolist()
+        extras["classnames"] = classnames
+        timings["zeroshot"] = time.perf_counter() - start
+
+    if ecfg.retrieval.enabled:
+        start = time.perf_counter()
+        recall, curves, base = evaluate_retrieval(
+            model, tokenizer, eval_root, ecfg.retrieval, transform=transform, max_length=ecfg.max_text_length,
+            **common,
+        )
+        metrics["retrieval"] = recall
+        ks = ecfg.retrieval.ks
+        tasks["retrieval_i2t"] = sum(recall[f"i2t_r{k}"] for k in ks) / len(ks)
+        tasks["retrieval_t2i"] = sum(recall[f"t2i_r{k}"] for k in ks) / len(ks)
+        chance["retrieval_i2t"] = sum(base[f"i2t_r{k}"] for k in ks) / len(ks)
+        chance["retrieval_t2i"] = sum(base[f"t2i_r{k}"] for k in ks) / len(ks)
+        extras["recall_curves"] = curves
+        from flava.eval.datasets import load_retrieval
+
+        data = load_retrieval(eval_root)
+        n_caps = [len(c) for c in data.captions]
+        curve_ks = list(range(1, len(curves["i2t"]) + 1))
+        full = chance_recall(len(data.images), n_caps, curve_ks)
+        extras["chance_curves"] = {
+            "i2t": [full[f"i2t_r{k}"] for k in curve_ks],
+            "t2i": [full[f"t2i_r{k}"] for k in range(1, len(curves["t2i"]) + 1)],
+        }
+        timings["retrieval"] = time.perf_counter() - start
+
+    if ecfg.probe.enabled:
+        start = time.perf_counter()
+        metrics["linear_probe"] = evaluate_linear_probe(
+            model, eval_root, ecfg.probe, transform=transform, seed=seed, **common
+        )
+        tasks["linear_probe"] = metrics["linear_probe"]["accuracy"]
+        chance["linear_probe"] = majority_rate(load_zeroshot(eval_root, "test").labels)
+        timings["linear_probe"] = time.perf_counter() - start
+
+    if ecfg.text_finetune.enabled:
+        start = time.perf_counter()
+        data = {split: load_text_cls(eval_root, split) for split in SPLITS}
+        out = finetune_text(
+            model, tokenizer, data, ecfg.text_finetune, device=device, max_length=ecfg.max_text_length,
+            classes=load_closed_set(eval_root, "text_cls"), seed=seed,
+        )
+        metrics["text_cls"] = out
+        if "pearson" in out:
+            tasks["text_cls"], chance["text_cls"] = out["pearson"], 0.0
+        else:
+            tasks["text_cls"], chance["text_cls"] = out["accuracy"], majority_rate(data["test"].labels)
+        timings["text_cls"] = time.perf_counter() - start
+
+    if ecfg.multimodal_finetune.enabled:
+        start = time.perf_counter()
+        data = {split: load_vqa(eval_root, split) for split in SPLITS}
+        metrics["vqa"] = finetune_multimodal(
+            model, tokenizer, data, ecfg.multimodal_finetune, transform=transform, device=device,
+            max_length=ecfg.max_text_length, answers=load_closed_set(eval_root, "vqa"), seed=seed,
+        )
+        tasks["vqa"] = metrics["vqa"]["accuracy"]
+        chance["vqa"] = majority_rate(data["test"].answers)
+        timings["vqa"] = time.perf_counter() - start
+
+    if not tasks:
+        raise ValueError("every evaluation task is disabled (eval.*.enabled); nothing to evaluate")
+    metrics["tasks"] = tasks
+    metrics["chance"] = chance
+    metrics["macro"] = macro_averages(tasks)
+    extras["timings_s"] = timings
+    return metrics, extras
+
+
+def _transform_for(model: torch.nn.Module, cfg: PipelineConfig):
+    """Eval transform at the loaded model's image size with the pipeline's normalisation (``data.loader``)."""
+    from flava.data.transforms import image_transform
+
+    loader = cfg.data.loader
+    return image_transform(
+        model.config.image.image_size, train=False, mean=loader.mean, std=loader.std, resample=loader.resample
+    )
+
+
+def write_plots(out_dir: Path, metrics: dict[str, Any], extras: dict[str, Any], dpi: int) -> dict[str, str]:
+    """PNG figures under ``out_dir/plots``; returns {title: path relative to out_dir}."""
+    plot_dir = out_dir / "plots"
+    made = {"Tasks vs chance": plots.task_bars(metrics["tasks"], metrics["chance"], plot_dir / "tasks.png", dpi)}
+    if "recall_curves" in extras:
+        made["Retrieval recall curves"] = plots.recall_curves(
+            extras["recall_curves"], extras.get("chance_curves"), plot_dir / "retrieval_recall.png", dpi
+        )
+    if "confusion" in extras:
+        made["Zero-shot confusion matrix"] = plots.confusion(
+            extras["confusion"], extras["classnames"], plot_dir / "zeroshot_confusion.png", dpi
+        )
+    return {title: str(path.relative_to(out_dir)) for title, path in made.items()}
+
+
+def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
+    """``flava evaluate``: writes ``paths.reports/eval/{metrics.json, run.json, plots/, report.md, report.html}``."""
+    from flava.data.tokenizer import load_tokenizer
+    from flava.eval.tracking import stage_run
+    from flava.model.io import load_model
+
+    root = Path(root)
+    model_dir = root / cfg.paths.models / "joint" / "best"
+    eval_root = root / cfg.paths.prepared / "eval"
+    out_dir = root / cfg.paths.reports / "eval"
+    if not model_dir.exists():
+        raise FileNotFoundError(f"model directory {model_dir} not found: run `flava pretrain joint` first")
+    if not eval_root.exists():
+        raise FileNotFoundError(f"evaluation sets {eval_root} not found: run `flava data prepare` first")
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.eval.device)
+    model = load_model(model_dir).to(device)
+    tokenizer = load_tokenizer(model_dir / "tokenizer")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with stage_run(cfg, "evaluate", root) as run:
+        import mlflow
+
+        mlflow.log_params({f"eval.{k}": str(v)[:500] for k, v in flatten(cfg.eval.model_dump(mode="json")).items()})
+        mlflow.log_params({"seed": cfg.seed, "model_dir": str(model_dir), "device": str(device)})
+        metrics, extras = evaluate_model(
+            model, tokenizer, eval_root, cfg.eval, transform=_transform_for(model, cfg), device=device, seed=cfg.seed
+        )
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        made = write_plots(out_dir, metrics, extras, cfg.eval.plot_dpi)
+        info = {"model": str(model_dir), "eval sets": str(eval_root), "mlflow run": run.info.run_id,
+                "params hash": cfg.digest(), "device": str(device)}
+        write_reports(out_dir, metrics, info, made)
+        numeric = {
+            k: float(v) for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        mlflow.log_metrics(numeric)
+        mlflow.log_metrics({f"time_s.{k}": v for k, v in extras["timings_s"].items()})
+        mlflow.log_dict(extras.get("confusion", []), "confusion.json")
+        mlflow.log_artifacts(str(out_dir), "report")
+        if cfg.eval.log_model:
+            mlflow.log_artifacts(str(model_dir), "model")
+        run_info = {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "model_dir": str(model_dir),
+            "model_artifact": "model" if cfg.eval.log_model else None,
+            "params_hash": cfg.digest(),
+        }
+        (out_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+        mlflow.log_artifact(str(out_dir / "run.json"), "report")
+    log.info("evaluation: macro %s", metrics["macro"])
+    return {"macro": metrics["macro"], "tasks": metrics["tasks"], "run_id": run_info["run_id"]}
