@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flava.data.config import DataConfig
 from flava.eval.config import EvalConfig
+from flava.launch.config import LaunchConfig
 from flava.model.config import ModelSection
 from flava.train.config import TrainConfig
 
@@ -55,6 +56,7 @@ class PipelineConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     def flat(self) -> dict[str, Any]:
         """Flattened ``{"a.b.c": value}`` view, as logged to MLflow params."""
