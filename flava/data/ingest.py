@@ -85,7 +85,7 @@ def _prepare_images(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
         for item in sources.read_class_folders(src, raw):
             sink.add(item, name)
     result = sink.close()
-    result["labels"] = sorted({json.loads(line)["label"] for line in (out / "images.jsonl").open()})
+    result["num_labels"] = len({json.loads(line)["label"] for line in (out / "images.jsonl").open()})
     return result
 
 

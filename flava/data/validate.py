@@ -214,7 +214,7 @@ def _row_reasons(result, checks, frame: pd.DataFrame) -> tuple[dict[int, str], d
 
 
 def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, fetch: Fetcher,
-                    runner: SuiteRunner) -> dict[str, Any]:
+                    runner: SuiteRunner) -> tuple[dict[str, Any], dict[str, Any]]:
     rows = _read_manifest(prepared / f"{corpus}.jsonl")
     image_dir = out / "images" / corpus
     if image_dir.exists():
@@ -248,10 +248,10 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
         raise RuntimeError(f"{corpus}: accepted rows fail the suite; the reject mapping is broken")
     (out / "ge").mkdir(exist_ok=True)
     (out / "ge" / f"{corpus}.json").write_text(
-        json.dumps(result.to_json_dict(), sort_keys=True, indent=1, default=str) + "\n", encoding="utf-8")
+        json.dumps(_stable_result(result), sort_keys=True, indent=1, default=str) + "\n", encoding="utf-8")
 
     total = len(rows)
-    return {
+    return {  # metrics (numbers, for `dvc metrics`), details (for the report)
         "in": total, "accepted": len(accepted_idx), "rejected": len(reasons),
         "reject_rate": len(reasons) / total if total else 0.0,
         "accept_fraction": len(accepted_idx) / total if total else 1.0,
@@ -259,9 +259,23 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
         "converted": dict(sorted(checker.conversions.items())),
         "exif_rotated": checker.exif_rotated,
         "truncated": checker.truncated,
-        "expectations": summary,
-        "examples": _examples(rows, reasons),
-    }
+    }, {"expectations": summary, "examples": _examples(rows, reasons)}
+
+
+_VOLATILE_RESULT_KEYS = ("unexpected_list", "unexpected_index_list", "unexpected_index_query")
+
+
+def _stable_result(result) -> dict[str, Any]:
+    """GE's validation result without run-specific ids and timestamps (byte-identical across re-runs) and without
+    the full per-row lists (rows and reasons are in the rejects file; the partial lists stay)."""
+    doc = result.to_json_dict()
+    doc.pop("id", None)
+    doc.get("meta", {}).get("batch_markers", {}).pop("ge_load_time", None)
+    for res in doc.get("results", []):
+        res.get("expectation_config", {}).pop("id", None)
+        for key in _VOLATILE_RESULT_KEYS:
+            res.get("result", {}).pop(key, None)
+    return doc
 
 
 def _examples(rows: list[dict[str, Any]], reasons: dict[int, str], per_reason: int = 3) -> dict[str, list[str]]:
@@ -273,7 +287,7 @@ def _examples(rows: list[dict[str, Any]], reasons: dict[int, str], per_reason: i
     return out
 
 
-def render_report(metrics: dict[str, Any], v: ValidateConfig) -> str:
+def render_report(metrics: dict[str, Any], details: dict[str, Any], v: ValidateConfig) -> str:
     lines = ["# Data validation report", "",
              f"Great Expectations suites per corpus; threshold: accepted fraction >= {v.min_accept_fraction}.", "",
              "| corpus | in | accepted | rejected | reject rate | status |", "|---|---:|---:|---:|---:|---|"]
@@ -283,10 +297,10 @@ def render_report(metrics: dict[str, Any], v: ValidateConfig) -> str:
     for corpus, m in metrics.items():
         lines += ["", f"## {corpus}", "", "| expectation | column | unexpected | result |", "|---|---|---:|---|"]
         lines += [f"| {e['expectation']} | {e['column']} | {e['unexpected']} | {'pass' if e['success'] else 'FAIL'} |"
-                  for e in m["expectations"]]
+                  for e in details[corpus]["expectations"]]
         if m["reasons"]:
             lines += ["", "Reject reasons:", ""] + [f"- {r}: {n}" for r, n in m["reasons"].items()]
-            lines += ["", "Examples:", ""] + [f"- {e}" for ex in m["examples"].values() for e in ex]
+            lines += ["", "Examples:", ""] + [f"- {e}" for ex in details[corpus]["examples"].values() for e in ex]
         if m["converted"] or m["exif_rotated"] or m["truncated"]:
             lines += ["", f"Normalised: conversions {m['converted'] or '{}'}, EXIF-rotated {m['exif_rotated']}, "
                           f"captions truncated {m['truncated']}."]
@@ -298,9 +312,11 @@ def validate(v: ValidateConfig, s3: S3Config, prepared: str | Path, validated: s
     out.mkdir(parents=True, exist_ok=True)
     fetch = Fetcher(s3, v.max_image_bytes)
     runner = SuiteRunner()
-    metrics = {corpus: validate_corpus(corpus, v, prepared, out, fetch, runner) for corpus in CORPORA}
+    metrics, details = {}, {}
+    for corpus in CORPORA:
+        metrics[corpus], details[corpus] = validate_corpus(corpus, v, prepared, out, fetch, runner)
     (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(render_report(metrics, v), encoding="utf-8")
+    (out / "report.md").write_text(render_report(metrics, details, v), encoding="utf-8")
     for corpus, m in metrics.items():
         log.info("validate %s: in=%d accepted=%d rejected=%d %s", corpus, m["in"], m["accepted"], m["rejected"],
                  m["reasons"])

@@ -203,6 +203,10 @@ def test_synthetic_world_passes_end_to_end(tmp_path):
     assert all(result[c]["rejected"] == 0 and result[c]["accepted"] > 0 for c in ("pairs", "images", "text"))
     rows = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
     assert all(Image.open(r["image"]).size == (32, 32) for r in rows)
+    # a re-run writes byte-identical outputs (no GE run ids or timestamps)
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "validated").rglob("*")) if p.is_file()}
+    run_validate(cfg)
+    assert before == {p: p.read_bytes() for p in sorted((tmp_path / "validated").rglob("*")) if p.is_file()}
 
 
 def test_inspect_image_limits_and_to_rgb_modes():
