@@ -125,7 +125,14 @@ def _feature_dim(model: torch.nn.Module, fn: Callable[[], torch.Tensor]) -> int:
 
 
 def _class_targets(labels: Sequence[str], classes: list[str], where: str) -> torch.Tensor:
+    """Label strings -> class indices. Labels may be the class names or (GLUE style) integer indices into the
+    declared closed set, e.g. TSV labels ``0..3`` with ``labels.json`` naming the four classes."""
     index = {c: i for i, c in enumerate(classes)}
+    if not set(labels) & set(index) and all(v.isdigit() for v in labels):
+        out_of_range = sorted({int(v) for v in labels if int(v) >= len(classes)})
+        if out_of_range:
+            raise ValueError(f"{where}: label indices {out_of_range[:5]} outside the closed set of {len(classes)}")
+        return torch.tensor([int(v) for v in labels], dtype=torch.long)
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise ValueError(f"{where}: labels {unknown[:5]} are not in the closed set {classes[:10]}")
