@@ -220,3 +220,22 @@ def test_inspect_image_limits_and_to_rgb_modes():
     for mode in ("1", "L", "LA", "P", "RGBA", "CMYK", "YCbCr", "I", "F"):
         converted, turned = imaging.to_rgb(rgb().convert(mode), (255, 255, 255))
         assert converted.mode == "RGB" and converted.size == (32, 24) and not turned
+
+
+def test_cli_runs_the_three_stages_and_reports_threshold_failures(tmp_path, capsys):
+    from flava.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1\n")
+    paths = [f"--set=paths.{k}={tmp_path / k}" for k in ("raw", "prepared", "validated")]
+    sizes = [f"--set=data.generate.{k}={json.dumps(v)}" for k, v in SMALL.items()]
+    for stage in ("generate", "prepare", "validate"):
+        assert main(["data", stage, "--params", str(params), *paths, *sizes]) == 0
+    assert '"accepted": 24' in capsys.readouterr().out  # each stage prints its metrics dict as JSON
+    assert json.loads((tmp_path / "validated" / "metrics.json").read_text())["pairs"]["accepted"] == 24
+    # one bad row in three -> below a 0.9 threshold: exit status 2 and a message naming the corpus
+    rows = read_jsonl(tmp_path / "prepared" / "pairs.jsonl")[:3]
+    rows[0]["text"] = ""
+    (tmp_path / "prepared" / "pairs.jsonl").write_text("".join(dump_row(r) + "\n" for r in rows))
+    assert main(["data", "validate", "--params", str(params), *paths]) == 2
+    assert "pairs: 2/3 accepted" in capsys.readouterr().err
