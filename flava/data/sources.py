@@ -31,6 +31,7 @@ _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _WORD = re.compile(r"[A-Za-z]+")
+_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 # Common English function words for the PMD/YFCC "is it English" heuristic.
 ENGLISH_STOPWORDS = frozenset(
     "a an the and or but of in on at to for with from by is are was were be been this that these those it its "
@@ -125,8 +126,16 @@ def _manifest_rows(path: Path, fmt: str) -> Iterator[tuple[dict[str, Any] | None
 
     if fmt == "csv":
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        bad: list[list[str]] = []
+
+        def on_bad_line(fields: list[str]) -> None:  # a row with too many fields: a reject, not a crash
+            bad.append(fields)
+            return None
+
         frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8",
-                            encoding_errors="surrogateescape")
+                            encoding_errors="surrogateescape", engine="python", on_bad_lines=on_bad_line)
+        for fields in bad:
+            yield {"fields": fields}, f"malformed CSV row: {len(fields)} fields, expected {len(frame.columns)}"
     else:
         frame = pd.read_parquet(path)
     for row in frame.to_dict(orient="records"):
@@ -151,6 +160,11 @@ def read_manifest(src: ManifestPairs, root: Path, flt: CaptionFilterConfig) -> I
         image = row[src.image_column]
         if _is_missing(image) or not str(image).strip():
             yield Item(None, row, "no image reference")
+            continue
+        scheme = _URI_SCHEME.match(str(image).strip())
+        if scheme and scheme.group(1).lower() != "s3":
+            yield Item(None, row, f"unsupported image URI scheme: {scheme.group(1)}:// (download the images first, "
+                                  "e.g. with img2dataset, or use local paths or s3:// URIs)")
             continue
         if src.caption_filter:
             description = row.get(src.description_column) if src.description_column else None

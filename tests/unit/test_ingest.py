@@ -122,6 +122,26 @@ def test_csv_and_parquet_manifests_with_local_and_s3_images(tmp_path):
     assert_counts_add_up(json.loads((prepared / "metrics.json").read_text()))
 
 
+def test_malformed_csv_rows_and_http_urls_are_rejects(tmp_path):
+    raw = _minimal_raw(tmp_path)
+    (raw / "x.png").write_bytes(png_bytes())
+    (raw / "pairs.csv").write_text(
+        "key,image,caption\n"
+        "ok,x.png,a fine row\n"
+        "extra,x.png,a caption,with a stray field\n"
+        "web,https://example.com/cat.jpg,a cat from the web\n"
+        '"quoted","x.png","a caption, with a comma"\n')
+    cfg = cfg_for(tmp_path, {"pairs": [{"path": "pairs.csv"}], "images": [{"path": "cls"}],
+                             "text": [{"path": "txt"}], "eval_dir": None})
+    result = run_prepare(cfg)
+    assert result["pairs"] == {"in": 4, "accepted": 2, "rejected": 2}
+    rows = read_jsonl(tmp_path / "prepared" / "pairs.jsonl")
+    assert [r["text"] for r in rows] == ["a fine row", "a caption, with a comma"]
+    reasons = sorted(r["reason"] for r in read_jsonl(tmp_path / "prepared" / "pairs.rejects.jsonl"))
+    assert reasons[0] == "malformed CSV row: 4 fields, expected 3"
+    assert reasons[1].startswith("unsupported image URI scheme: https://")
+
+
 def test_non_utf8_bytes_survive_ingestion_as_escapes(tmp_path):
     raw = _minimal_raw(tmp_path)
     (raw / "p").mkdir()
