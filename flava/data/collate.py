@@ -60,20 +60,20 @@ class Collator:
                     raise ValueError(f"sample {s.key!r} has no image ({'/'.join(IMAGE_EXTS)})")
                 img = decode_image(s.files[ext])
                 box, flip = self.transform.draw(img.size, generator)
-                pixels.append(self.transform.render(img, box, flip))
+                pixels.append(self.transform.render_uint8(img, box, flip))
                 if self.codebook_transform is not None:
-                    view = self.codebook_transform.render(img, box, flip)  # [0, 1] (mean 0, std 1)
-                    codebook_pixels.append(view * (1 - 2 * self.codebook_eps) + self.codebook_eps)
+                    codebook_pixels.append(self.codebook_transform.render_uint8(img, box, flip))
                 masks.append(block_mask(
                     self.grid, mask_ratio=self.masking.image_mask_ratio,
                     min_block_patches=self.masking.min_block_patches,
                     max_block_patches=self.masking.max_block_patches, min_aspect=self.masking.min_aspect,
                     generator=generator,
                 ))
-            batch["pixel_values"] = torch.stack(pixels)  # (B, 3, H, W)
+            batch["pixel_values"] = self.transform.normalise(torch.stack(pixels))  # (B, 3, H, W) float
             batch["image_mask"] = torch.stack(masks)  # (B, num_patches) bool
             if codebook_pixels:
-                batch["codebook_pixel_values"] = torch.stack(codebook_pixels)  # (B, 3, H', W')
+                view = torch.stack(codebook_pixels).float().div_(255.0)  # (B, 3, H', W') in [0, 1]
+                batch["codebook_pixel_values"] = view * (1 - 2 * self.codebook_eps) + self.codebook_eps
         if self.kind in ("pair", "text"):
             texts = []
             for s in samples:

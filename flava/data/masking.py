@@ -16,6 +16,7 @@ import math
 import random
 from typing import Iterable
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -59,7 +60,7 @@ def block_mask(
     rng = _python_rng(generator)
     log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
 
-    mask = [[False] * w for _ in range(h)]
+    mask = np.zeros((h, w), dtype=bool)
     count = 0
     while count < target:
         remaining = target - count
@@ -75,18 +76,17 @@ def block_mask(
                 continue
             top = rng.randint(0, h - bh)
             left = rng.randint(0, w - bw)
-            new = sum(not mask[i][j] for i in range(top, top + bh) for j in range(left, left + bw))
+            block = mask[top:top + bh, left:left + bw]
+            new = bh * bw - int(np.count_nonzero(block))
             # Accept a block only if it adds something and does not overshoot the target.
             if 0 < new <= remaining:
-                for i in range(top, top + bh):
-                    for j in range(left, left + bw):
-                        mask[i][j] = True
+                block[...] = True
                 added = new
                 break
         if added == 0:
             break
         count += added
-    flat = torch.tensor([v for row in mask for v in row], dtype=torch.bool)
+    flat = torch.from_numpy(mask.reshape(-1))
     if count < target:  # no block fits the few patches left: finish with single patches
         free = torch.nonzero(~flat).squeeze(1)
         pick = torch.tensor(rng.sample(free.tolist(), target - count), dtype=torch.long)

@@ -89,6 +89,10 @@ class ImageTransform:
         return box, flip
 
     def render(self, img: Image.Image, box=None, flip: bool = False) -> torch.Tensor:
+        return self.normalise(self.render_uint8(img, box, flip))
+
+    def render_uint8(self, img: Image.Image, box=None, flip: bool = False) -> torch.Tensor:
+        """Geometry only: (3, size, size) uint8. Loaders stack these and ``normalise`` the batch in one op."""
         method = _RESAMPLE[self.resample]
         if box is not None:
             img = img.resize((self.size, self.size), method, box=box)
@@ -96,11 +100,11 @@ class ImageTransform:
             img = self._resize_center_crop(img, method)
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return self.normalise(img)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
 
-    def normalise(self, img: Image.Image) -> torch.Tensor:
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3) uint8
-        x = arr.permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> float32 normalised with ``mean``/``std``."""
+        x = pixels.float().div_(255.0)  # [0, 1]
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return x.sub_(mean).div_(std)

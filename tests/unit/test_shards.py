@@ -97,3 +97,28 @@ def test_bad_inputs(tmp_path):
                                            "img-0000.png"), "text": "t"}) + "\n" for k in ("a.b", "a/b")))
     with pytest.raises(ValueError, match="collide"):
         run_shard(config(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_read_tar_matches_tarfile(tmp_path, fmt):
+    import tarfile
+
+    long_dir = "d" * 120  # forces a prefix (ustar), a GNU long-name record or a pax path record
+    members = [(f"{long_dir}/k1.txt", b"hello"), (f"{long_dir}/k1.json", b"{}"), ("k2.png", bytes(range(256)) * 5),
+               ("k2.txt", b"")]
+    fmt_id = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}[fmt]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt_id) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = read_tar(path.read_bytes())
+    assert [(s.key, sorted(s.files)) for s in samples] == [("k1", ["json", "txt"]), ("k2", ["png", "txt"])]
+    assert samples[0].files["txt"] == b"hello" and samples[1].files["png"] == bytes(range(256)) * 5
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01  # inside the first header
+    with pytest.raises(ValueError, match="checksum"):
+        read_tar(bytes(data))
+    with pytest.raises(ValueError, match="truncated"):
+        read_tar(path.read_bytes()[:1100])
