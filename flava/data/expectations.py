@@ -92,6 +92,12 @@ def corpus_checks(corpus: str, v: ValidateConfig) -> list[Check]:
     return checks
 
 
+def accepted_checks(corpus: str, v: ValidateConfig) -> list[Check]:
+    """The suite the accepted rows must pass as a whole: every row check, and keys unique across the set."""
+    return corpus_checks(corpus, v) + [
+        Check("expect_column_values_to_be_unique", "key", {}, lambda r: f"duplicate key: {r['key']!r}")]
+
+
 def ephemeral_context():
     """An in-memory GE context: no project directory, no analytics, no progress bars."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

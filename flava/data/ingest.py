@@ -207,6 +207,9 @@ def prepare_eval(src: Path, dst: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- stage
 def prepare(ing: IngestConfig, raw: str | Path, prepared: str | Path) -> dict[str, Any]:
     raw, out = Path(raw), Path(prepared)
+    if not raw.is_dir():
+        raise ValueError(f"raw data directory {raw} (paths.raw) does not exist: run `flava data generate` for the "
+                         "synthetic world, or put real data there and point data.ingest at it")
     out.mkdir(parents=True, exist_ok=True)
     if (out / EXTRACTED).exists():  # stale extractions from an earlier run
         shutil.rmtree(out / EXTRACTED)

@@ -195,6 +195,7 @@ class ValidateConfig(_Section):
     alpha_background: list[int] = Field(default_factory=lambda: [255, 255, 255])  # RGBA composited onto this
     image_format: Literal["png", "jpg"] = "png"  # format of the normalised images
     jpeg_quality: int = Field(95, ge=1, le=100)
+    report_examples: int = Field(3, ge=0)  # example rejects per reason in report.md
 
     @model_validator(mode="after")
     def _bounds(self) -> "ValidateConfig":

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from flava.data import images as imaging
-from flava.data.expectations import SuiteRunner, corpus_checks
+from flava.data.expectations import SuiteRunner, accepted_checks, corpus_checks
 from flava.data.ingest import CORPORA, dump_row
 from flava.data.prep_config import ValidateConfig
 from flava.data.sources import safe_key
@@ -35,6 +35,7 @@ from flava.data.stream_config import S3Config
 log = logging.getLogger(__name__)
 
 TEXT_FIELD = "text"
+IMAGE_CORPORA = ("pairs", "images")
 
 
 # ---------------------------------------------------------------------------------------------- fetching
@@ -113,8 +114,7 @@ class _CorpusChecker:
                 self.truncated += 1
                 row[TEXT_FIELD] = text = cut
         return {"text_valid_utf8": _valid_utf8(text), "text_stripped": _printable(text.strip()),
-                "text_chars": len(text),
-                "text_words": len(text.split())}
+                "text_chars": len(text), "text_words": len(text.split())}
 
     def image_columns(self, row: dict[str, Any], decode: bool) -> tuple[dict[str, Any], Path | None]:
         """Check columns of the row's image; when it decodes, the normalised image is written (path returned)."""
@@ -158,11 +158,14 @@ class _CorpusChecker:
             duplicate_of = seen.get(key) if key is not None else None
             if key is not None and duplicate_of is None:
                 seen[key] = i
-            record: dict[str, Any] = {"key": None if key is None else _printable(key), "duplicate_of": np.nan if duplicate_of is None else float(duplicate_of)}
+            record: dict[str, Any] = {
+                "key": None if key is None else _printable(key),
+                "duplicate_of": np.nan if duplicate_of is None else float(duplicate_of),
+            }
             if self.corpus in ("pairs", "text"):
                 record.update(self.text_columns(row))
             path = None
-            if self.corpus in ("pairs", "images"):
+            if self.corpus in IMAGE_CORPORA:
                 cols, path = self.image_columns(row, decode=key is not None and duplicate_of is None)
                 record.update(cols)
             if self.corpus == "images":
@@ -186,9 +189,12 @@ def _read_manifest(path: Path) -> list[dict[str, Any]]:
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg}); the manifest is corrupt") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: a manifest row must be a JSON object")
+            rows.append(row)
     return rows
 
 
@@ -219,7 +225,8 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
     image_dir = out / "images" / corpus
     if image_dir.exists():
         shutil.rmtree(image_dir)
-    image_dir.mkdir(parents=True)
+    if corpus in IMAGE_CORPORA:
+        image_dir.mkdir(parents=True)
     checker = _CorpusChecker(corpus, v, fetch, image_dir)
     frame, written = checker.frame(rows)
     checks = corpus_checks(corpus, v)
@@ -242,10 +249,12 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
                 row = {**row, "image": str(written[i])}
             acc.write(dump_row(row) + "\n")
 
-    # Post-condition: every accepted row meets every expectation (guards the reason mapping above).
+    # Post-condition: the accepted set passes every expectation, keys unique (guards the reason mapping above).
     accepted_frame = frame.iloc[accepted_idx].reset_index(drop=True)
-    if len(accepted_frame) and not runner.run(corpus, checks, accepted_frame).success:
-        raise RuntimeError(f"{corpus}: accepted rows fail the suite; the reject mapping is broken")
+    final = runner.run(f"{corpus}_accepted", accepted_checks(corpus, v), accepted_frame)
+    if len(accepted_frame) and not final.success:
+        failing = [r.expectation_config.type for r in final.results if not r.success]
+        raise RuntimeError(f"{corpus}: accepted rows fail {failing}; the reject mapping is broken")
     (out / "ge").mkdir(exist_ok=True)
     (out / "ge" / f"{corpus}.json").write_text(
         json.dumps(_stable_result(result), sort_keys=True, indent=1, default=str) + "\n", encoding="utf-8")
@@ -259,7 +268,7 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
         "converted": dict(sorted(checker.conversions.items())),
         "exif_rotated": checker.exif_rotated,
         "truncated": checker.truncated,
-    }, {"expectations": summary, "examples": _examples(rows, reasons)}
+    }, {"expectations": summary, "examples": _examples(rows, reasons, v.report_examples)}
 
 
 _VOLATILE_RESULT_KEYS = ("unexpected_list", "unexpected_index_list", "unexpected_index_query")
@@ -278,7 +287,7 @@ def _stable_result(result) -> dict[str, Any]:
     return doc
 
 
-def _examples(rows: list[dict[str, Any]], reasons: dict[int, str], per_reason: int = 3) -> dict[str, list[str]]:
+def _examples(rows: list[dict[str, Any]], reasons: dict[int, str], per_reason: int) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for i in sorted(reasons):
         bucket = out.setdefault(reasons[i].split(":")[0], [])
