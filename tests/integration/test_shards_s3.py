@@ -137,3 +137,32 @@ def test_loader_streams_from_s3_like_from_disk(tmp_path, s3_endpoint):
     local = build_stream(local_cfg, "pairs", batch_size=5, rank=0, world_size=1, seed=1, tokenizer=tok)
     for a, b in zip(islice(remote, 4), islice(local, 4)):  # 20 samples: crosses an epoch boundary
         assert all(torch.equal(a[k], b[k]) for k in a if k != "kind")
+
+
+def test_read_retries_a_broken_response_stream(monkeypatch):
+    from botocore.exceptions import ResponseStreamingError
+
+    from flava.data.stream_config import S3Config
+
+    class Body:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def read(self):
+            if self.fail:
+                raise ResponseStreamingError(error="connection reset mid-body")
+            return b"payload"
+
+    class Client:
+        calls = 0
+
+        def get_object(self, Bucket, Key):
+            Client.calls += 1
+            return {"Body": Body(fail=Client.calls <= 2)}
+
+    monkeypatch.setattr(storage, "s3_client", lambda s3=None: Client())
+    assert storage.read_bytes("s3://b/k", s3=S3Config(retry_backoff_s=0)) == b"payload"
+    assert Client.calls == 3
+    Client.calls = 0
+    with pytest.raises(ResponseStreamingError):
+        storage.read_bytes("s3://b/k", s3=S3Config(retry_backoff_s=0, max_attempts=2))
