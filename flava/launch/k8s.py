@@ -237,12 +237,21 @@ def render_yaml(manifests: list[dict[str, Any]]) -> str:
 def api_client(k8s: K8sConfig):
     """An ApiClient from the in-cluster service account, else from the kubeconfig (``launch.k8s.kube_context``)."""
     from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
 
     configuration = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(context=k8s.kube_context, client_configuration=configuration)
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=configuration)
+        else:
+            # The client reads $KUBECONFIG once at import; read it now so a later setting counts.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), context=k8s.kube_context,
+                                    client_configuration=configuration)
+    except ConfigException as err:
+        raise ValueError(
+            f"no usable Kubernetes configuration (in-cluster, $KUBECONFIG or ~/.kube/config, context "
+            f"launch.k8s.kube_context={k8s.kube_context!r}): {err}"
+        ) from err
     return client.ApiClient(configuration)
 
 

@@ -106,7 +106,9 @@ class _Tracker:
     def __init__(self, cfg):
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI", cfg.tracking.tracking_uri)
+        from flava.tracking.runs import tracking_uri
+
+        uri = tracking_uri(cfg)
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = (
@@ -222,6 +224,11 @@ def run_sweep(cfg, *, sweep: SweepConfig | None = None) -> dict[str, Any]:
         return dict(summary, mlflow_run_id=sweep_run)
     finally:
         tracker.finish(sweep_run, ok)
+
+
+def apply_best(cfg, result: dict[str, Any]):
+    """``cfg`` with a sweep's best params applied (what the joint stage trains with after a sweep)."""
+    return type(cfg).model_validate(apply_overrides(cfg.model_dump(mode="json"), result["best_overrides"]))
 
 
 def report(cfg, sweep: SweepConfig, study, stale: int = 0) -> dict[str, Any]:

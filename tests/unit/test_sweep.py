@@ -12,7 +12,7 @@ import mlflow
 import optuna
 import pytest
 
-from flava.config import PipelineConfig, apply_overrides
+from flava.config import PipelineConfig
 from flava.launch import sweep as sweeplib
 from flava.launch.config import SearchParam, SweepConfig
 from flava.tracking.lineage import PARENT_RUN_ENV
@@ -88,7 +88,7 @@ def test_sweep_finds_the_optimum_region_and_reports_best(workspace, monkeypatch)
     # TPE after 3 random trials beats the random start-up trials.
     assert max(values[3:]) >= max(values[:3])
     # The best overrides, applied like --set, reproduce the best trial's score.
-    best_cfg = PipelineConfig.model_validate(apply_overrides(cfg.model_dump(mode="json"), out["best_overrides"]))
+    best_cfg = sweeplib.apply_best(cfg, out)
     assert score(best_cfg) == pytest.approx(out["best_value"])
     assert set(out["best_params"]) == {p.key for p in sweep.space}
 
