@@ -137,6 +137,15 @@ def test_loader_streams_from_s3_like_from_disk(tmp_path, s3_endpoint):
     local = build_stream(local_cfg, "pairs", batch_size=5, rank=0, world_size=1, seed=1, tokenizer=tok)
     for a, b in zip(islice(remote, 4), islice(local, 4)):  # 20 samples: crosses an epoch boundary
         assert all(torch.equal(a[k], b[k]) for k in a if k != "kind")
+    # DataLoader worker processes read from S3 too (each opens its own boto3 client after the fork).
+    with_workers = s3_config(tmp_path, endpoint, corpora=["pairs"]).model_copy(deep=True)
+    with_workers.data.loader.num_workers = 2
+    stream = build_stream(with_workers, "pairs", batch_size=3, rank=0, world_size=1, seed=1, tokenizer=tok,
+                          include_keys=True)
+    got = [b["keys"] for b in islice(stream, 4)]
+    stream.close()
+    w0, w1 = stream.dataset.batches(0), stream.dataset.batches(1)  # the plan, read in this process
+    assert got == [next(w0 if i % 2 == 0 else w1)["keys"] for i in range(4)]
 
 
 def test_read_retries_a_broken_response_stream(monkeypatch):
