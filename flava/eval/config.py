@@ -119,7 +119,6 @@ class EvalConfig(_Section):
 
     device: str = "auto"  # "auto" = cuda when available, else cpu
     batch_size: int = Field(default=64, ge=1)  # feature extraction batch size
-    max_text_length: int = Field(default=32, ge=2)  # tokens per prompt/caption/sentence/question
     zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
@@ -128,5 +127,5 @@ class EvalConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     # Report plots.
     plot_dpi: int = Field(default=100, ge=20)
-    # Log the evaluated model directory as artifacts of the evaluate run (the registry version points at them).
+    # Log the evaluated model as an MLflow pyfunc of the evaluate run; the registry version points at it.
     log_model: bool = True

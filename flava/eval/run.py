@@ -44,6 +44,7 @@ def evaluate_model(
     *,
     transform: Callable[[Image.Image], torch.Tensor],
     device: torch.device | str,
+    max_length: int,
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the enabled tasks -> (metrics, extras for plots: confusion matrix, classnames, recall curves)."""
@@ -59,7 +60,7 @@ def evaluate_model(
         start = time.perf_counter()
         logits, labels, classnames = zeroshot_logits(
             model, tokenizer, eval_root, ecfg.zeroshot.split, transform=transform,
-            max_length=ecfg.max_text_length, **common,
+            max_length=max_length, **common,
         )
         metrics["zeroshot"] = topk_accuracy(logits, labels, ecfg.zeroshot.top_k)
         tasks["zeroshot"] = metrics["zeroshot"]["top1"]
@@ -71,7 +72,7 @@ def evaluate_model(
     if ecfg.retrieval.enabled:
         start = time.perf_counter()
         recall, curves, base = evaluate_retrieval(
-            model, tokenizer, eval_root, ecfg.retrieval, transform=transform, max_length=ecfg.max_text_length,
+            model, tokenizer, eval_root, ecfg.retrieval, transform=transform, max_length=max_length,
             **common,
         )
         metrics["retrieval"] = recall
@@ -106,7 +107,7 @@ def evaluate_model(
         start = time.perf_counter()
         data = {split: load_text_cls(eval_root, split) for split in SPLITS}
         out = finetune_text(
-            model, tokenizer, data, ecfg.text_finetune, device=device, max_length=ecfg.max_text_length,
+            model, tokenizer, data, ecfg.text_finetune, device=device, max_length=max_length,
             classes=load_closed_set(eval_root, "text_cls"), seed=seed,
         )
         metrics["text_cls"] = out
@@ -121,7 +122,7 @@ def evaluate_model(
         data = {split: load_vqa(eval_root, split) for split in SPLITS}
         metrics["vqa"] = finetune_multimodal(
             model, tokenizer, data, ecfg.multimodal_finetune, transform=transform, device=device,
-            max_length=ecfg.max_text_length, answers=load_closed_set(eval_root, "vqa"), seed=seed,
+            max_length=max_length, answers=load_closed_set(eval_root, "vqa"), seed=seed,
         )
         tasks["vqa"] = metrics["vqa"]["accuracy"]
         chance["vqa"] = majority_rate(data["test"].answers)
@@ -164,8 +165,8 @@ def write_plots(out_dir: Path, metrics: dict[str, Any], extras: dict[str, Any], 
 def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     """``flava evaluate``: writes ``paths.reports/eval/{metrics.json, run.json, plots/, report.md, report.html}``."""
     from flava.data.tokenizer import load_tokenizer
-    from flava.eval.tracking import stage_run
     from flava.model.io import load_model
+    from flava.tracking.runs import StageRun
 
     root = Path(root)
     model_dir = root / cfg.paths.models / "joint" / "best"
@@ -181,17 +182,18 @@ def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     tokenizer = load_tokenizer(model_dir / "tokenizer")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    with stage_run(cfg, "evaluate", root) as run:
+    with StageRun(cfg, "evaluate", root=root) as run:
         import mlflow
 
-        mlflow.log_params({f"eval.{k}": str(v)[:500] for k, v in flatten(cfg.eval.model_dump(mode="json")).items()})
-        mlflow.log_params({"seed": cfg.seed, "model_dir": str(model_dir), "device": str(device)})
+        mlflow.set_tags({"mlflow.runName": "evaluate", "model_dir": str(model_dir)})
+        mlflow.log_params({"eval_device": str(device)})
         metrics, extras = evaluate_model(
-            model, tokenizer, eval_root, cfg.eval, transform=_transform_for(model, cfg), device=device, seed=cfg.seed
+            model, tokenizer, eval_root, cfg.eval, transform=_transform_for(model, cfg), device=device,
+            max_length=cfg.data.tokenizer.max_length, seed=cfg.seed,
         )
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         made = write_plots(out_dir, metrics, extras, cfg.eval.plot_dpi)
-        info = {"model": str(model_dir), "eval sets": str(eval_root), "mlflow run": run.info.run_id,
+        info = {"model": str(model_dir), "eval sets": str(eval_root), "mlflow run": run.run_id,
                 "params hash": cfg.digest(), "device": str(device)}
         write_reports(out_dir, metrics, info, made)
         numeric = {
@@ -200,18 +202,25 @@ def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         }
         mlflow.log_metrics(numeric)
         mlflow.log_metrics({f"time_s.{k}": v for k, v in extras["timings_s"].items()})
-        mlflow.log_dict(extras.get("confusion", []), "confusion.json")
+        mlflow.log_dict({"classnames": extras.get("classnames", []), "matrix": extras.get("confusion", [])},
+                        "confusion.json")
         mlflow.log_artifacts(str(out_dir), "report")
+        model_uri = None
         if cfg.eval.log_model:
-            mlflow.log_artifacts(str(model_dir), "model")
+            loader = cfg.data.loader
+            model_uri = run.log_model(
+                model_dir, tokenizer_dir=model_dir / "tokenizer", embedding_dim=model.config.projection_dim,
+                preprocess={"image_size": model.config.image.image_size, "mean": list(loader.mean),
+                            "std": list(loader.std), "resample": loader.resample,
+                            "max_length": cfg.data.tokenizer.max_length},
+            )
         run_info = {
-            "run_id": run.info.run_id,
-            "experiment_id": run.info.experiment_id,
+            "run_id": run.run_id,
             "model_dir": str(model_dir),
-            "model_artifact": "model" if cfg.eval.log_model else None,
+            "model_uri": model_uri,
             "params_hash": cfg.digest(),
         }
         (out_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
-        mlflow.log_artifact(str(out_dir / "run.json"), "report")
+        run.log_dict(run_info, "report/run.json")
     log.info("evaluation: macro %s", metrics["macro"])
     return {"macro": metrics["macro"], "tasks": metrics["tasks"], "run_id": run_info["run_id"]}

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from flava.data.stream_config import TokenizerConfig
 from flava.eval.config import EvalConfig, ZeroShotConfig
 from flava.eval.datasets import load_zeroshot
 from flava.eval.features import default_transform, encode_images, encode_texts, model_device, pick_device
 
 _DEFAULTS = EvalConfig()
+_TEXT_DEFAULTS = TokenizerConfig()  # the pipeline passes cfg.data.tokenizer.max_length
 
 
 def class_embeddings(
@@ -58,7 +60,7 @@ def zeroshot_logits(
     batch_size: int,
     device: torch.device | str,
     transform: Callable[[Image.Image], torch.Tensor] | None = None,
-    max_length: int = _DEFAULTS.max_text_length,
+    max_length: int = _TEXT_DEFAULTS.max_length,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(cosine logits (N, C), labels (N,), classnames) for one split."""
     data = load_zeroshot(eval_root, split)
@@ -81,7 +83,7 @@ def evaluate_zeroshot(
     batch_size: int = _DEFAULTS.batch_size,
     device: torch.device | str | None = None,
     transform: Callable[[Image.Image], torch.Tensor] | None = None,
-    max_length: int = _DEFAULTS.max_text_length,
+    max_length: int = _TEXT_DEFAULTS.max_length,
     top_k: Sequence[int] = tuple(ZeroShotConfig().top_k),
 ) -> dict[str, float]:
     """Zero-shot top-K accuracy on ``eval_root/zeroshot/{split}.jsonl`` -> ``{"top1": ..., "top5": ...}``.

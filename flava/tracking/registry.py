@@ -261,7 +261,8 @@ def run_promote(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
-    from flava.eval.tracking import lineage_tags, tracking_uri
+    from flava.distributed import ProcessInfo
+    from flava.tracking.runs import stage_tags, tracking_uri
 
     root = Path(root)
     reports = root / cfg.paths.reports
@@ -279,13 +280,13 @@ def run_promote(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     eval_run = client.get_run(eval_run_id)
-    artifact = run_info.get("model_artifact")
-    if not artifact:
-        raise ValueError(f"{run_file}: the evaluation logged no model artifacts (eval.log_model is false), "
+    source = run_info.get("model_uri")
+    if not source:
+        raise ValueError(f"{run_file}: the evaluation logged no model (eval.log_model is false), "
                          "so there is nothing to register")
-    source = f"{eval_run.info.artifact_uri.rstrip('/')}/{artifact}"
-    tags = lineage_tags(cfg, "promote", root)
-    tags.pop("flava.stage", None)
+    tags = stage_tags(cfg, "promote", ProcessInfo(), root)
+    for key in ("flava.stage", "world_size"):
+        tags.pop(key, None)
     tags["eval_params_hash"] = eval_run.data.tags.get("params_hash", "")
     parents = [p for p in (eval_run.data.tags.get("mlflow.parentRunId"), tags.pop("parent_run_id", None)) if p]
     tags["parent_run_ids"] = ",".join(dict.fromkeys(parents))

@@ -186,7 +186,7 @@ def test_run_promote_writes_promotion_json(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("FLAVA_PARENT_RUN_ID", raising=False)
     uri = _store(tmp_path)
-    run_id, _ = _eval_run(uri, tmp_path)
+    run_id, source = _eval_run(uri, tmp_path)
     cfg = PipelineConfig.model_validate({
         "tracking": {"tracking_uri": uri},
         "eval": {"registry": {"model_name": "flava-stage"}},
@@ -196,7 +196,7 @@ def test_run_promote_writes_promotion_json(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         run_promote(cfg)
     (tmp_path / "reports" / "eval" / "metrics.json").write_text(json.dumps(_metrics(0.4)))
-    (tmp_path / "reports" / "eval" / "run.json").write_text(json.dumps({"run_id": run_id, "model_artifact": "model"}))
+    (tmp_path / "reports" / "eval" / "run.json").write_text(json.dumps({"run_id": run_id, "model_uri": source}))
     result = run_promote(cfg)
     written = json.loads((tmp_path / "reports" / "promotion.json").read_text())
     assert written == result and result["decision"] == "champion" and result["eval_run_id"] == run_id

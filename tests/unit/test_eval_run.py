@@ -39,7 +39,7 @@ def test_evaluate_model_all_tasks_then_report(tmp_path):
     root = write_eval_root(tmp_path / "eval", per_class=4)
     tok = make_tokenizer(tmp_path / "tok")
     ecfg = EvalConfig.model_validate(FAST)
-    metrics, extras = evaluate_model(OracleModel(tok), tok, root, ecfg, transform=to_tensor, device="cpu")
+    metrics, extras = evaluate_model(OracleModel(tok), tok, root, ecfg, transform=to_tensor, device="cpu", max_length=16)
     assert set(metrics["tasks"]) == {"zeroshot", "retrieval_i2t", "retrieval_t2i", "linear_probe", "text_cls", "vqa"}
     assert metrics["zeroshot"]["top1"] == 1.0
     assert metrics["chance"]["zeroshot"] == pytest.approx(1 / len(COLOURS))
@@ -70,8 +70,8 @@ def test_disabled_tasks_are_left_out_and_all_disabled_is_an_error(tmp_path):
         "retrieval": {"enabled": False}, "probe": {"enabled": False},
         "text_finetune": {"enabled": False}, "multimodal_finetune": {"enabled": False},
     })
-    metrics, _ = evaluate_model(OracleModel(tok), tok, root, only_zs, transform=to_tensor, device="cpu")
+    metrics, _ = evaluate_model(OracleModel(tok), tok, root, only_zs, transform=to_tensor, device="cpu", max_length=16)
     assert set(metrics["tasks"]) == {"zeroshot"} and set(metrics["macro"]) == {"vision", "overall"}
     none = only_zs.model_copy(update={"zeroshot": only_zs.zeroshot.model_copy(update={"enabled": False})})
     with pytest.raises(ValueError, match="disabled"):
-        evaluate_model(OracleModel(tok), tok, root, none, transform=to_tensor, device="cpu")
+        evaluate_model(OracleModel(tok), tok, root, none, transform=to_tensor, device="cpu", max_length=16)
