@@ -111,6 +111,7 @@ class ShardDataset(IterableDataset):
         self.workers = max(1, num_workers)
         self.seed, self.s3, self.verify = seed, s3, verify
         self.start_batches = 0  # global batches of this rank already consumed (set before iterating)
+        self._verified: set[str] = set()  # shards whose sha256 this process has checked (once, not every epoch)
         # Fail now, in the caller, rather than inside a worker (the same check on every rank).
         SlotPlan(index["shards"], corpus=corpus, seed=seed, slot=0, slots=world_size * self.workers)
 
@@ -118,8 +119,11 @@ class ShardDataset(IterableDataset):
         entry = self.index["shards"][i]
         uri = storage.join(self.root, self.corpus, entry["name"])
         data = storage.read_bytes(uri, s3=self.s3)
-        if self.verify:
+        if self.verify and entry["sha256"] not in self._verified:
             verify_shard(data, entry, uri)
+            self._verified.add(entry["sha256"])
+        elif len(data) != entry["bytes"]:
+            raise ValueError(f"shard {uri} has {len(data)} bytes, its index says {entry['bytes']}: stale or corrupt")
         samples = read_tar(data)
         if len(samples) != entry["samples"]:
             raise ValueError(f"shard {uri} holds {len(samples)} samples, its index says {entry['samples']}")

@@ -106,7 +106,7 @@ class LoaderConfig(_Section):
 
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes per rank; 0 = decode in the training process
     prefetch_factor: int = Field(2, ge=1)
-    verify_checksums: bool = True  # check each shard's sha256 against the index when it is read
+    verify_checksums: bool = True  # check each shard's sha256 against the index on its first read per process
     # Image normalisation (CLIP/FLAVA statistics).
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
