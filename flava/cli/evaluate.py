@@ -30,8 +30,8 @@ def _export_hf(args: argparse.Namespace):
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else model_dir / "tokenizer"
     out_dir = Path(args.out or Path(cfg.paths.models) / "hf")
     card = build_model_card(cfg, model_dir)
-    result = export_hf(model_dir, out_dir, tokenizer_dir=tokenizer_dir, model_card=card)
-    return {"out_dir": str(out_dir), "model_dir": str(model_dir), "result": result}
+    written = export_hf(model_dir, out_dir, tokenizer_dir=tokenizer_dir, model_card=card, data=cfg.data)
+    return {"out_dir": str(written), "model_dir": str(model_dir), "tokenizer_dir": str(tokenizer_dir)}
 
 
 def register(groups: argparse._SubParsersAction) -> None:

@@ -5,8 +5,8 @@ a newer model replaced). The gate (``eval.registry`` in params.yaml):
 
 - no champion yet: the candidate becomes champion iff every task beats its chance-level baseline (by
   ``chance_margin``);
-- otherwise: overall macro average >= champion's + ``margin`` AND no domain macro below the champion's by more
-  than ``domain_tolerance``. Pass -> new ``@champion``, the old one gets ``@previous``. Fail -> ``@challenger``
+- otherwise: overall macro average strictly above the champion's and by at least ``margin`` AND no domain macro
+  below the champion's by more than ``domain_tolerance`` (a tie never replaces the champion). Pass -> new ``@champion``, the old one gets ``@previous``. Fail -> ``@challenger``
   and a ``promotion.reasons`` tag.
 
 Idempotent: a version is keyed by the evaluation run it came from (tag ``eval_run_id``); promoting the same run
@@ -80,7 +80,7 @@ def gate(candidate: dict[str, Any], champion: dict[str, Any] | None, rcfg: Regis
     champ = _macro(champion)
     reasons = []
     deltas = {"overall": cand["overall"] - champ["overall"]}
-    if deltas["overall"] < rcfg.margin:
+    if deltas["overall"] < rcfg.margin or deltas["overall"] <= 0:
         reasons.append(
             f"overall macro {cand['overall']:.4f} is not better than champion {champ['overall']:.4f} "
             f"by margin {rcfg.margin}"

@@ -40,6 +40,10 @@ def test_margin_on_overall_macro():
     decision = gate(_metrics(0.505, 0.51, 0.5, 0.505), champ, RCFG)
     assert not decision.promote and "overall" in decision.reasons[0]
     assert decision.deltas["overall"] == pytest.approx(0.005)
+    # With no margin a strictly better model passes, an equal one does not (no churn on identical re-runs).
+    no_margin = RegistryConfig(margin=0.0)
+    assert gate(_metrics(0.501, 0.5, 0.5, 0.5), champ, no_margin).promote
+    assert not gate(_metrics(0.50, 0.5, 0.5, 0.5), champ, no_margin).promote
 
 
 def test_no_domain_may_regress_beyond_tolerance():
