@@ -128,8 +128,16 @@ async def _server_view(flow_run_id):
     return run, tasks
 
 
-def server_view(state):
-    return asyncio.run(_server_view(state.state_details.flow_run_id))
+def server_view(state, expect=(), timeout_s=30.0):
+    """The flow run and its task runs as the server records them. Task-run states reach the server as events,
+    processed asynchronously: poll until every name in ``expect`` is there in a final state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run, tasks = asyncio.run(_server_view(state.state_details.flow_run_id))
+        final = {t.name for t in tasks if t.state is not None and t.state.is_final()}
+        if set(expect) <= final or time.monotonic() > deadline:
+            return run, tasks
+        time.sleep(0.5)
 
 
 def test_flow_runs_stages_in_order_with_parallel_encoders(workspace, monkeypatch):
@@ -154,13 +162,14 @@ def test_flow_runs_stages_in_order_with_parallel_encoders(workspace, monkeypatch
     assert (workspace / "reports" / "promotion.json").exists()
     assert results["data"]["raw_data"] == "generated"
 
-    run, tasks = server_view(state)
+    expected = ("data-version", "prepare", "validate", "shard", "fit", "pretrain-text", "pretrain-image",
+                "pretrain-joint", "evaluate", "promote")
+    run, tasks = server_view(state, expected)
     assert run.state.type.value == "COMPLETED" and run.name
     assert run.parameters["overrides"] == ["train.joint.steps=7"]
     names = [t.name for t in tasks]
-    for expected in ("data-version", "prepare", "validate", "shard", "fit", "pretrain-text", "pretrain-image",
-                     "pretrain-joint", "evaluate", "promote"):
-        assert names.count(expected) == 1, (expected, names)
+    for name in expected:
+        assert names.count(name) == 1, (name, names)
     assert all(t.state.type.value == "COMPLETED" for t in tasks)
     by_name = {t.name: t for t in tasks}
     assert by_name["pretrain-text"].id != by_name["pretrain-image"].id
@@ -181,7 +190,7 @@ def test_failed_stage_fails_the_flow_run_and_the_parent_run(workspace, monkeypat
     state = pipe.flava_pipeline(params_path="params.yaml", return_state=True)
     assert state.is_failed()
     assert "promote" not in rec.order()
-    run, tasks = server_view(state)
+    run, tasks = server_view(state, ("evaluate", "pretrain-joint"))
     assert run.state.type.value == "FAILED"
     states = {t.name: t.state.type.value for t in tasks}
     assert states["evaluate"] == "FAILED" and states["pretrain-joint"] == "COMPLETED"
@@ -229,7 +238,7 @@ def test_sweep_feeds_best_params_to_joint_on_kubernetes(workspace, monkeypatch):
     assert results["joint"]["state"] == "Succeeded" and results["joint"]["job"] == job_name
     assert rec.order()[-2:] == ["evaluate", "promote"]
 
-    run, tasks = server_view(state)
+    run, tasks = server_view(state, ("sweep", "joint-k8s", "promote"))
     names = [t.name for t in tasks]
     assert "sweep" in names and "joint-k8s" in names and "pretrain-joint" not in names
 
@@ -261,3 +270,30 @@ def test_scheduled_deployment_registers_on_the_server(workspace, project_root):
         for schedule in item["schedules"]:
             CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))  # raises if invalid
         assert set(item.get("parameters", {})) <= {"params_path", "overrides", "sweep", "joint_on_k8s"}
+
+
+def test_transient_errors_retry_and_config_errors_do_not(workspace, monkeypatch):
+    rec = Recorder()
+    install_fakes(monkeypatch, rec)
+    shard_module = importlib.import_module(pipe.STAGES["shard"][0])
+    real_shard, attempts = getattr(shard_module, "run_shard"), []
+
+    def flaky_shard(cfg):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("S3 connection reset")
+        return real_shard(cfg)
+
+    monkeypatch.setattr(shard_module, "run_shard", flaky_shard)
+    monkeypatch.setattr(pipe, "shard", pipe.shard.with_options(retry_delay_seconds=0))
+    rec.barriers["shard"] = rec.barriers["fit"] = threading.Barrier(1)  # shard and fit no longer meet
+    # No Kubernetes configuration: a ValueError, which must not be retried (its retry delay is 60 s).
+    monkeypatch.setenv("KUBECONFIG", str(workspace / "missing-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    state = pipe.flava_pipeline(params_path="params.yaml", joint_on_k8s=True, return_state=True)
+    assert state.is_failed()
+    assert len(attempts) == 2
+    runs = {t.name: t for t in server_view(state, ("shard", "joint-k8s"))[1]}
+    assert runs["shard"].state.type.value == "COMPLETED" and runs["shard"].run_count == 2
+    assert runs["joint-k8s"].state.type.value == "FAILED" and runs["joint-k8s"].run_count == 1
+    assert "no usable Kubernetes configuration" in runs["joint-k8s"].state.message

@@ -168,3 +168,30 @@ def test_cli_render_writes_the_manifests(tmp_path, project_root, monkeypatch):
     assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Job"]
     assert docs[2]["metadata"]["name"] == "flava-joint-cli1"
     assert yaml.safe_load(docs[0]["data"]["params.yaml"])["seed"] == 3
+
+
+def test_cluster_prerequisites_in_infra_k8s_are_valid_and_sufficient(project_root):
+    """The kustomize base round-trips through the client models, provides the PVC the Job mounts, and its Role
+    grants every API call flava.launch.k8s makes."""
+    base = project_root / "infra" / "k8s"
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    models = {"Namespace": client.V1Namespace, "PersistentVolumeClaim": client.V1PersistentVolumeClaim,
+              "ServiceAccount": client.V1ServiceAccount, "Role": client.V1Role, "RoleBinding": client.V1RoleBinding}
+    docs = [d for name in kustomization["resources"] for d in yaml.safe_load_all((base / name).read_text())]
+    for doc in docs:
+        obj = models[doc["kind"]].from_dict(doc)
+        assert client.ApiClient().sanitize_for_serialization(obj) == doc, doc["kind"]
+    kinds = {d["kind"]: d for d in docs}
+    default = K8sConfig()
+    assert kinds["PersistentVolumeClaim"]["metadata"]["name"] == default.workspace_pvc
+    assert "ReadWriteMany" in kinds["PersistentVolumeClaim"]["spec"]["accessModes"]
+    assert kustomization["namespace"] == default.namespace == kinds["Namespace"]["metadata"]["name"]
+    granted = {(group, resource, verb) for rule in kinds["Role"]["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    needed = {("batch", "jobs", "create"), ("batch", "jobs", "delete"), ("batch", "jobs/status", "get"),
+              ("", "configmaps", "create"), ("", "services", "create"), ("", "pods", "list"),
+              ("", "pods/log", "get")}
+    assert needed <= granted, needed - granted
+    binding = kinds["RoleBinding"]
+    assert binding["roleRef"]["name"] == kinds["Role"]["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == kinds["ServiceAccount"]["metadata"]["name"]
