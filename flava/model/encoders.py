@@ -49,8 +49,11 @@ class ImageEncoder(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + P, H)
         return self.dropout(x + self.position_embeddings.to(x.dtype))
 
-    def forward(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None) -> EncoderOutput:
-        pre, post = self.encoder(self.embed(pixel_values, image_mask))
+    def forward(
+        self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None, cls_only: bool = False
+    ) -> EncoderOutput:
+        """-> states (B, 1 + P, H), or (B, 1, H) with ``cls_only`` (see ``TransformerStack``)."""
+        pre, post = self.encoder(self.embed(pixel_values, image_mask), cls_only=cls_only)
         return EncoderOutput(hidden=post, pre_norm=pre)
 
 
@@ -74,8 +77,11 @@ class TextEncoder(nn.Module):
         x = x + self.position_embeddings.weight[:length] + self.token_type_embeddings.weight[0]
         return self.dropout(self.embed_norm(x))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:
-        pre, post = self.encoder(self.embed(input_ids), attention_bias(attention_mask))
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cls_only: bool = False
+    ) -> EncoderOutput:
+        """-> states (B, T, H), or (B, 1, H) with ``cls_only``."""
+        pre, post = self.encoder(self.embed(input_ids), attention_bias(attention_mask), cls_only=cls_only)
         return EncoderOutput(hidden=post, pre_norm=pre, mask=attention_mask)
 
 

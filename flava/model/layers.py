@@ -55,10 +55,22 @@ class Attention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.implementation = implementation
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); with ``num_queries`` only the first that many positions attend (keys and
+        values still come from all T), giving (B, num_queries, H)."""
         batch, length, width = x.shape
-        # (B, T, 3, heads, head_dim) -> 3 x (B, heads, T, head_dim)
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if num_queries is None:
+            # (B, T, 3, heads, head_dim) -> 3 x (B, heads, T, head_dim)
+            q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q_bias, kv_bias = (None, None) if bias is None else (bias[:width], bias[width:])
+            q = F.linear(x[:, :num_queries], weight[:width], q_bias)
+            q = q.view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+            k, v = F.linear(x, weight[width:], kv_bias).view(batch, length, 2, self.num_heads, self.head_dim).permute(
+                2, 0, 3, 1, 4
+            )
+            length = num_queries
         dropout = self.attention_dropout if self.training else 0.0
         if self.implementation == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -93,14 +105,19 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H), or (B, num_queries, H): the block's output at the first positions only."""
+        attended = self.attn(self.norm1(x), mask, num_queries)
+        x = x if num_queries is None else x[:, :num_queries]
+        x = x + self.dropout(attended)
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
 class TransformerStack(nn.Module):
     """``num_layers`` blocks and a final LayerNorm. ``forward`` returns ``(pre_norm, post_norm)`` hidden states,
-    both (B, T, H)."""
+    both (B, T, H) -- or (B, 1, H) with ``cls_only``: then the last block computes the first (CLS) position only,
+    which is all the contrastive loss and the feature API need (the other positions of the last block would be
+    discarded; skipping them saves most of that block)."""
 
     def __init__(self, cfg: TransformerConfig, implementation: str = "sdpa") -> None:
         super().__init__()
@@ -108,9 +125,18 @@ class TransformerStack(nn.Module):
         self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cls_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            num_queries = 1 if cls_only and i == last else None
             # Recompute each block's activations in backward instead of storing them (saves memory, ~1/3 compute).
-            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
+            if recompute:
+                x = checkpoint(block, x, mask, num_queries, use_reentrant=False)
+            else:
+                x = block(x, mask, num_queries)
+        if cls_only and not len(self.blocks):
+            x = x[:, :1]
         return x, self.norm(x)

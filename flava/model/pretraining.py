@@ -149,12 +149,12 @@ class FlavaForPretraining(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, H_img) image CLS hidden state (after the final LayerNorm)."""
         self._check_images(pixel_values, "pixel_values")
-        return self.image_encoder(pixel_values).cls
+        return self.image_encoder(pixel_values, cls_only=True).cls
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, H_txt) text CLS hidden state."""
         self._check_text(input_ids, attention_mask)
-        return self.text_encoder(input_ids, attention_mask).cls
+        return self.text_encoder(input_ids, attention_mask, cls_only=True).cls
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, projection_dim), L2-normalised (zero-shot classification, retrieval)."""
@@ -244,8 +244,9 @@ class FlavaForPretraining(nn.Module):
             matched = positives | ~positives.any()
 
         if self._weight("contrastive"):
-            image = self.image_encoder(pixel_values)
-            text = self.text_encoder(batch["input_ids"], attention_mask)
+            # Only the CLS states are needed: the last block of each tower runs for that one position.
+            image = self.image_encoder(pixel_values, cls_only=True)
+            text = self.text_encoder(batch["input_ids"], attention_mask, cls_only=True)
             image_emb = F.normalize(self.image_projection(image.cls), dim=-1)
             text_emb = F.normalize(self.text_projection(text.cls), dim=-1)
             rank, world_size = self.process_group_info or _process_group()

@@ -306,3 +306,24 @@ def test_contrastive_loss_world_size_one_needs_no_process_group():
     image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     loss, accuracy = contrastive_loss(image, image.clone(), torch.tensor(math.log(100.0)))
     assert loss.item() < 0.1 and accuracy.item() == 1.0  # identical embeddings: the diagonal wins
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_cls_only_last_block_equals_the_full_pass(attention):
+    torch.manual_seed(0)
+    model = FlavaForPretraining(preset("tiny", {"attention": attention})).eval()
+    batch = make_batch(model.config, "pair")
+    with torch.no_grad():
+        for full, short in (
+            (model.image_encoder(batch["pixel_values"]), model.image_encoder(batch["pixel_values"], cls_only=True)),
+            (model.text_encoder(batch["input_ids"], batch["attention_mask"]),
+             model.text_encoder(batch["input_ids"], batch["attention_mask"], cls_only=True)),
+        ):
+            assert short.hidden.shape[1] == 1
+            assert torch.allclose(full.cls, short.cls, atol=1e-5)
+            assert torch.allclose(full.pre_norm[:, 0], short.pre_norm[:, 0], atol=1e-5)
+    # and under activation checkpointing in training, gradients flow through the shortened block
+    model.train()
+    model.set_activation_checkpointing(True)
+    model.image_encoder(batch["pixel_values"], cls_only=True).cls.sum().backward()
+    assert model.image_encoder.encoder.blocks[-1].mlp.fc1.weight.grad is not None
