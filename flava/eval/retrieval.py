@@ -88,11 +88,11 @@ def recall_curves(
         raise ValueError("every image needs at least one caption")
     chunks = {"query_chunk": query_chunk, "key_chunk": key_chunk}
 
-    k_i2t = min(max_k, num_texts)
-    top_texts = chunked_topk(image_emb, text_emb, k_i2t, **chunks)  # (N, k)
+    # Two passes, each direction as rows: on CPU a row-wise topk is several times faster than a column-wise one
+    # over the same block, which outweighs computing each similarity block twice.
+    top_texts = chunked_topk(image_emb, text_emb, min(max_k, num_texts), **chunks)  # (N, k)
+    top_images = chunked_topk(text_emb, image_emb, min(max_k, num_images), **chunks)  # (M, k)
     i2t_match = text_to_image[top_texts] == torch.arange(num_images)[:, None]
-    k_t2i = min(max_k, num_images)
-    top_images = chunked_topk(text_emb, image_emb, k_t2i, **chunks)  # (M, k)
     t2i_match = top_images == text_to_image[:, None]
 
     def curve(match: torch.Tensor) -> list[float]:
