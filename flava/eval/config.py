@@ -96,7 +96,9 @@ class RegistryConfig(_Section):
     # Pass iff overall macro >= champion overall + margin AND no domain macro < champion's - tolerance.
     margin: float = Field(default=0.0, ge=0)
     domain_tolerance: float = Field(default=0.02, ge=0)
-    # First model: champion iff its score beats the chance baseline by at least this much on every task.
+    # First model: champion iff it beats the chance baselines by more than chance_margin -- on every task
+    # ("every_task") or on the overall macro average of tasks vs baselines ("macro").
+    chance_rule: Literal["every_task", "macro"] = "every_task"
     chance_margin: float = Field(default=0.0, ge=0)
     lock_timeout_s: float = Field(default=120.0, gt=0)
     # Where the promotion lock file lives when the tracking store is not a local sqlite file (relative to the

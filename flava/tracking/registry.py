@@ -3,8 +3,9 @@
 Aliases: ``@champion`` (serving choice), ``@challenger`` (evaluated, did not pass), ``@previous`` (the champion
 a newer model replaced). The gate (``eval.registry`` in params.yaml):
 
-- no champion yet: the candidate becomes champion iff every task beats its chance-level baseline (by
-  ``chance_margin``);
+- no champion yet: the candidate becomes champion iff it beats the chance-level baselines by more than
+  ``chance_margin``: every task its own (``chance_rule: every_task``) or the macro average of the baselines
+  (``chance_rule: macro``);
 - otherwise: overall macro average strictly above the champion's and by at least ``margin`` AND no domain macro
   below the champion's by more than ``domain_tolerance`` (a tie never replaces the champion). Pass -> new ``@champion``, the old one gets ``@previous``. Fail -> ``@challenger``
   and a ``promotion.reasons`` tag.
@@ -65,16 +66,25 @@ def gate(candidate: dict[str, Any], champion: dict[str, Any] | None, rcfg: Regis
         tasks, chance = candidate.get("tasks") or {}, candidate.get("chance") or {}
         if not tasks:
             raise ValueError("evaluation metrics lack per-task scores 'tasks'")
-        reasons = []
-        for task, score in sorted(tasks.items()):
-            if task not in chance:
-                raise ValueError(f"evaluation metrics lack the chance baseline of task {task!r}")
-            if not float(score) > float(chance[task]) + rcfg.chance_margin:
-                reasons.append(
-                    f"{task}: {float(score):.4f} does not beat chance {float(chance[task]):.4f}"
-                    + (f" + {rcfg.chance_margin}" if rcfg.chance_margin else "")
-                )
+        missing = sorted(set(tasks) - set(chance))
+        if missing:
+            raise ValueError(f"evaluation metrics lack the chance baseline of tasks {missing}")
         deltas = {task: float(tasks[task]) - float(chance[task]) for task in tasks}
+        suffix = f" + {rcfg.chance_margin}" if rcfg.chance_margin else ""
+        if rcfg.chance_rule == "macro":
+            from flava.eval.aggregate import macro_averages
+
+            cand_macro = macro_averages({t: float(v) for t, v in tasks.items()})["overall"]
+            chance_macro = macro_averages({t: float(chance[t]) for t in tasks})["overall"]
+            deltas["overall"] = cand_macro - chance_macro
+            ok = cand_macro > chance_macro + rcfg.chance_margin
+            reasons = [] if ok else [
+                f"overall macro {cand_macro:.4f} does not beat the chance macro {chance_macro:.4f}{suffix}"]
+            return Decision(ok, reasons, deltas)
+        reasons = [
+            f"{task}: {float(tasks[task]):.4f} does not beat chance {float(chance[task]):.4f}{suffix}"
+            for task in sorted(tasks) if not float(tasks[task]) > float(chance[task]) + rcfg.chance_margin
+        ]
         return Decision(not reasons, reasons, deltas)
 
     champ = _macro(champion)

@@ -30,6 +30,11 @@ def test_first_model_needs_to_beat_chance_on_every_task():
     assert len(decision.reasons) == 1 and "vqa" in decision.reasons[0]
     strict = RegistryConfig(chance_margin=0.5)
     assert not gate(good, None, strict).promote
+    # The macro rule: one task at chance is fine when the tasks' macro beats the baselines' macro.
+    assert gate(bad, None, RegistryConfig(chance_rule="macro")).promote
+    at_chance = _metrics(0.2, tasks={"zeroshot": 0.1, "vqa": 0.25}, chance={"zeroshot": 0.1, "vqa": 0.25})
+    decision = gate(at_chance, None, RegistryConfig(chance_rule="macro"))
+    assert not decision.promote and "chance macro" in decision.reasons[0]
     with pytest.raises(ValueError, match="chance baseline"):
         gate(_metrics(0.6, tasks={"zeroshot": 0.5}), None, RCFG)
 
