@@ -60,6 +60,12 @@ def test_evaluate_then_promote_through_the_cli(tmp_path, monkeypatch):
     model = FlavaForPretraining(cfg.model.build(vocab_size=len(tok)))
     save_model(model, best)
 
+    # Stage runs nest under the pipeline's parent run.
+    client = MlflowClient("sqlite:///mlflow.db")
+    experiment = client.create_experiment("flava-test")
+    parent = client.create_run(experiment, tags={"flava.stage": "pipeline"}).info.run_id
+    monkeypatch.setenv("FLAVA_PARENT_RUN_ID", parent)
+
     assert main(["evaluate"]) == 0
     out = tmp_path / cfg.paths.reports / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -72,8 +78,8 @@ def test_evaluate_then_promote_through_the_cli(tmp_path, monkeypatch):
     assert (out / "report.html").read_text().startswith("<!doctype html>")
 
     run_id = json.loads((out / "run.json").read_text())["run_id"]
-    client = MlflowClient("sqlite:///mlflow.db")
     run = client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags["flava.stage"] == "evaluate"
     assert run.data.tags["params_hash"] == cfg.digest()
     assert run.data.metrics["macro.overall"] == pytest.approx(metrics["macro"]["overall"])
@@ -86,6 +92,7 @@ def test_evaluate_then_promote_through_the_cli(tmp_path, monkeypatch):
     version = client.get_model_version("flava-e2e", "1")
     assert version.tags["promotion.decision"] == promotion["decision"]
     assert version.tags["params_hash"] == cfg.digest()
+    assert version.tags["parent_run_ids"] == parent and version.tags["eval_run_id"] == run_id
     # The registered version is the evaluate run's pyfunc embedding model, loadable from the registry.
     import mlflow
 
