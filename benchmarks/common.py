@@ -37,34 +37,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Seconds taken by ``repeats`` calls of ``fn``, device work included."""
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) taken by ``repeats`` calls of ``fn``, device work included.
+
+    On a shared CPU the wall time absorbs other processes' load; the CPU time of this process does not (it sums
+    over its threads, so divide by the thread count for a per-thread figure)."""
     sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def interleaved(
     fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int, rounds: int, steps: int
-) -> dict[str, list[float]]:
+) -> dict[str, dict[str, list[float]]]:
     """Warm every function up, then time ``steps`` calls of each per round, alternating which goes first.
 
     Alternation spreads slow drifts of a shared machine (thermal, other processes) evenly over the contenders.
-    Returns per-name lists of seconds per call, one entry per round.
+    Returns ``{name: {"wall": [...], "cpu": [...]}}``: seconds per call, one entry per round.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
     names = list(fns)
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            times[name].append(timed(fns[name], device, steps) / steps)
+            wall, cpu = timed(fns[name], device, steps)
+            times[name]["wall"].append(wall / steps)
+            times[name]["cpu"].append(cpu / steps)
     return times
 
 
