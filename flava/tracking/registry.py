@@ -186,10 +186,11 @@ def _ensure_registered_model(client, name: str) -> None:
 
 
 def _version_for_run(client, name: str, eval_run_id: str):
-    matches = [
-        v for v in client.search_model_versions(f"name='{name}'")
-        if (v.tags or {}).get(EVAL_RUN_TAG) == eval_run_id
-    ]
+    """The version registered from ``eval_run_id`` (the idempotency key), if any."""
+    for value in (name, eval_run_id):
+        if "'" in value:
+            raise ValueError(f"registry names and run ids may not contain quotes: {value!r}")
+    matches = client.search_model_versions(f"name='{name}' and tags.{EVAL_RUN_TAG} = '{eval_run_id}'")
     return min(matches, key=lambda v: int(v.version)) if matches else None
 
 
