@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -150,6 +151,7 @@ def _transform_for(model: torch.nn.Module, cfg: PipelineConfig):
 def write_plots(out_dir: Path, metrics: dict[str, Any], extras: dict[str, Any], dpi: int) -> dict[str, str]:
     """PNG figures under ``out_dir/plots``; returns {title: path relative to out_dir}."""
     plot_dir = out_dir / "plots"
+    shutil.rmtree(plot_dir, ignore_errors=True)  # no stale figure of a task that is now disabled
     made = {"Tasks vs chance": plots.task_bars(metrics["tasks"], metrics["chance"], plot_dir / "tasks.png", dpi)}
     if "recall_curves" in extras:
         made["Retrieval recall curves"] = plots.recall_curves(
