@@ -196,6 +196,11 @@ def run_sweep(cfg, *, sweep: SweepConfig | None = None) -> dict[str, Any]:
                 raise ValueError(
                     f"launch.sweep.metric {sweep.metric!r} is not in the joint stage's result {sorted(result)}"
                 )
+            if result[sweep.metric] is None:
+                raise ValueError(
+                    f"the joint stage evaluated nothing ({sweep.metric} is None): keep train.eval_every at most "
+                    f"train.joint.steps in launch.sweep.trial_overrides"
+                )
             value = float(result[sweep.metric])
             if not math.isfinite(value):
                 raise RuntimeError(f"trial {trial.number}: {sweep.metric} is {value}")

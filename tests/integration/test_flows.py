@@ -128,6 +128,18 @@ async def _server_view(flow_run_id):
     return run, tasks
 
 
+def artifacts(key):
+    """Artifacts with ``key`` over the server's REST API (this client/server pair rejects the client's
+    ``read_artifacts`` bodies, whose unset filters go out as null)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    body = {"artifacts": {"key": {"any_": [key]}}, "offset": 0, "limit": 50, "sort": "CREATED_DESC"}
+    response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
 def server_view(state, expect=(), timeout_s=30.0):
     """The flow run and its task runs as the server records them. Task-run states reach the server as events,
     processed asynchronously: poll until every name in ``expect`` is there in a final state."""
@@ -174,6 +186,9 @@ def test_flow_runs_stages_in_order_with_parallel_encoders(workspace, monkeypatch
     by_name = {t.name: t for t in tasks}
     assert by_name["pretrain-text"].id != by_name["pretrain-image"].id
     assert by_name["validate"].start_time <= by_name["shard"].start_time
+
+    (summary,) = [a for a in artifacts("flava-pipeline-summary") if a["flow_run_id"] == str(run.id)]
+    assert "| promote |" in summary["data"] and "| pretrain_text |" in summary["data"]
 
     # One MLflow parent run; every stage saw its id.
     parent = results["mlflow_parent_run_id"]

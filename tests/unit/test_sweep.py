@@ -177,6 +177,12 @@ def test_configuration_errors_name_the_problem(workspace, monkeypatch):
     with pytest.raises(ValueError, match="'best_zeroshot_top1' is not in the joint stage's result"):
         sweeplib.run_sweep(PipelineConfig(), sweep=make(FakeJoint(metric="top1"), monkeypatch, n_trials=1,
                                                          study_name="m"))
+    class NoEval(FakeJoint):
+        def __call__(self, cfg):
+            return dict(super().__call__(cfg), best_zeroshot_top1=None)
+
+    with pytest.raises(ValueError, match="evaluated nothing.*train.eval_every"):
+        sweeplib.run_sweep(PipelineConfig(), sweep=make(NoEval(), monkeypatch, n_trials=1, study_name="none"))
     with pytest.raises(ValueError, match="low"):
         SearchParam(key="a", low=1.0, high=0.5)
     with pytest.raises(ValueError, match="whole bounds"):
