@@ -7,8 +7,13 @@ with masks and labels), backward, and an AdamW step. Both models get the same co
 implementations alternating (warm-up, then interleaved rounds); peak memory is measured in one fresh child
 process per implementation with identical imports: max RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 
-    python benchmarks/train_step.py                                   # small preset, CPU, fp32
+    python benchmarks/train_step.py --threads 1                       # small preset, CPU, fp32
     python benchmarks/train_step.py --preset base --device cuda --dtype bf16 --batch-size 64
+
+On a CPU shared with other jobs, wall times absorb their load, and with more torch threads than idle cores the
+OpenMP threads spin at barriers (CPU time per step grew ~5x at 2 threads under a load of 10 on 2 cores). The
+table therefore also gives this process's CPU seconds per step and their ratio, which other processes barely
+affect; prefer ``--threads 1`` there.
 
 FLOP count (for MFU and GFLOP/s): matmul FLOPs only, 2 per multiply-accumulate, counted analytically per layer,
 training = 3 x forward (backward = 2 x forward; no recomputation counted). Per pair sample, the paper's algorithm
@@ -51,9 +56,15 @@ from benchmarks.common import (
     table,
 )
 
-# Per-preset benchmark defaults: (batch size, text length). ``small`` uses the embedded pipeline's joint batch (32)
-# and tokenizer length (data.tokenizer.max_length = 32); ``base`` uses a GPU-sized batch and CLIP's 77 tokens.
-PRESET_DEFAULTS: dict[str, tuple[int, int]] = {"tiny": (8, 16), "small": (32, 32), "base": (64, 77)}
+# Per-preset benchmark defaults: (batch size, padded text length, (min, max) real caption tokens incl. [CLS]/[SEP]).
+# ``small`` is the embedded pipeline: joint batch 32, captions padded to data.tokenizer.max_length = 32
+# (data.loader.pad_to_max_length), and the synthetic world's captions are 5-13 tokens long (mean 9).
+# ``base`` uses a GPU-sized batch, CLIP's 77 tokens and captions filling half to all of them.
+PRESET_DEFAULTS: dict[str, tuple[int, int, tuple[int, int]]] = {
+    "tiny": (8, 16, (5, 16)),
+    "small": (32, 32, (5, 13)),
+    "base": (64, 77, (38, 77)),
+}
 IMAGE_MASK_RATIO = 0.4  # FLAVA / BEiT: 40 % of patches masked (data.masking.image_mask_ratio)
 TEXT_MASK_PROB = 0.15  # BERT (data.masking.text_mask_prob)
 ITM_NEGATIVE_FRACTION = 0.1  # share of pairs given itm_labels = 0 (reference implementation: about 10 %)
@@ -62,10 +73,10 @@ IMPLS = ("ours", "transformers")
 
 
 # ------------------------------------------------------------------------------------------- models & batch
-def build_config(preset: str, text_length: int):
+def build_config(preset: str, text_length: int, attention: str | None = None):
     from flava.model.config import preset as model_preset
 
-    cfg = model_preset(preset)
+    cfg = model_preset(preset, {"attention": attention} if attention else None)
     if text_length > cfg.text.max_position_embeddings:
         raise ValueError(
             f"--text-length {text_length} exceeds the {preset} preset's max_position_embeddings "
@@ -102,9 +113,12 @@ def build_transformers(hf_config, hf_state: dict[str, torch.Tensor]) -> torch.nn
     return model
 
 
-def make_batch(cfg, batch_size: int, text_length: int, seed: int) -> dict[str, torch.Tensor]:
-    """A paired batch as ``flava.data`` produces it (+ ``mim_labels``): padded captions, 40 % of patches masked
-    per image, 15 % BERT masking of real non-special tokens (at least one), ~10 % ITM negatives."""
+def make_batch(
+    cfg, batch_size: int, text_length: int, seed: int, caption_tokens: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """A paired batch as ``flava.data`` produces it (+ ``mim_labels``): captions of ``caption_tokens`` (min, max)
+    real tokens padded to ``text_length``, 40 % of patches masked per image, 15 % BERT masking of real
+    non-special tokens (at least one), ~10 % ITM negatives."""
     g = torch.Generator().manual_seed(seed)
     img, txt = cfg.image, cfg.text
     b, p, t = batch_size, img.num_patches, text_length
@@ -112,7 +126,10 @@ def make_batch(cfg, batch_size: int, text_length: int, seed: int) -> dict[str, t
     k = max(1, round(IMAGE_MASK_RATIO * p))
     order = torch.rand(b, p, generator=g).argsort(dim=1)
     image_mask = torch.zeros(b, p, dtype=torch.bool).scatter_(1, order[:, :k], True)
-    lengths = torch.randint(max(3, t // 2), t + 1, (b,), generator=g)
+    lo, hi = caption_tokens or (max(3, t // 2), t)
+    if not 3 <= lo <= hi <= t:
+        raise ValueError(f"caption tokens {lo}..{hi} must satisfy 3 <= min <= max <= text length {t}")
+    lengths = torch.randint(lo, hi + 1, (b,), generator=g)
     positions = torch.arange(t)[None, :]
     attention_mask = (positions < lengths[:, None]).long()
     input_ids = torch.randint(NUM_SPECIAL, txt.vocab_size, (b, t), generator=g)
@@ -287,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--batch-size", type=int, default=None, help="default: per preset (small 32, base 64)")
     parser.add_argument("--text-length", type=int, default=None, help="padded caption length (small 32, base 77)")
+    parser.add_argument("--caption-tokens", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                        help="real tokens per caption incl. [CLS]/[SEP] (small: 5 13, the synthetic captions)")
+    parser.add_argument("--attention", choices=["sdpa", "eager"], default=None,
+                        help="our attention kernel (default: the preset's); transformers' FLAVA is always eager")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per implementation per round")
@@ -306,17 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = torch.device(args.device)
-    batch_size, text_length = PRESET_DEFAULTS[args.preset]
+    batch_size, text_length, caption_tokens = PRESET_DEFAULTS[args.preset]
     batch_size = args.batch_size or batch_size
+    if args.text_length and not args.caption_tokens:
+        caption_tokens = (max(3, args.text_length // 2), args.text_length)
     text_length = args.text_length or text_length
+    caption_tokens = tuple(args.caption_tokens) if args.caption_tokens else caption_tokens
     if batch_size < 2:
         raise ValueError("--batch-size must be >= 2 (the contrastive loss needs in-batch negatives)")
 
-    cfg = build_config(args.preset, text_length)
+    cfg = build_config(args.preset, text_length, args.attention)
     ours = build_ours(cfg, args.seed)
     hf_config, hf_state = hf_config_and_weights(ours)
     theirs = build_transformers(hf_config, hf_state)
-    batch = make_batch(cfg, batch_size, text_length, args.seed)
+    batch = make_batch(cfg, batch_size, text_length, args.seed, caption_tokens)
     loss_ours, loss_theirs = parity(ours, theirs, batch)
     flops = pair_step_flops(cfg, batch)
 
@@ -347,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_bf16_flops(device, args.peak_tflops) if args.dtype == "bf16" else None
     print(
         f"train step, pair batch: preset={args.preset} device={device} dtype={args.dtype} batch={batch_size} "
-        f"text_length={text_length} threads={torch.get_num_threads()} rounds={args.rounds}x{args.steps} steps "
+        f"text_length={text_length} (captions {caption_tokens[0]}-{caption_tokens[1]} tokens) "
+        f"attention={cfg.attention} threads={torch.get_num_threads()} rounds={args.rounds}x{args.steps} steps "
         f"(warm-up {args.warmup}) torch={torch.__version__}"
     )
     print(f"loss on the batch (eval, fp32): ours {loss_ours:.6f} | transformers {loss_theirs:.6f}")
@@ -383,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "preset": args.preset, "device": str(device), "dtype": args.dtype, "batch_size": batch_size,
-            "text_length": text_length, "flops_per_step": flops, "peak_flops": peak,
+            "text_length": text_length, "caption_tokens": caption_tokens, "attention": cfg.attention,
+            "threads": torch.get_num_threads(), "flops_per_step": flops, "peak_flops": peak,
             "results": [r.__dict__ for r in results], "times": times,
             "loss": {"ours": loss_ours, "transformers": loss_theirs},
         }, indent=2))
