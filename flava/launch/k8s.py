@@ -17,6 +17,7 @@ to the API server through ``kubernetes.client`` (``BatchV1Api``/``CoreV1Api``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -214,11 +215,15 @@ def build_manifests(
     if k8s.active_deadline_s is not None:
         job_spec["activeDeadlineSeconds"] = k8s.active_deadline_s
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
-    return [config_map, service, job]
+    return [copy.deepcopy(m) for m in (config_map, service, job)]  # callers may edit one without the others
 
 
 class _BlockDumper(yaml.SafeDumper):
-    """Multi-line strings (the embedded params.yaml) as readable ``|`` blocks."""
+    """Multi-line strings (the embedded params.yaml) as readable ``|`` blocks; repeated objects (labels) written
+    out again rather than as YAML anchors and aliases."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str):
