@@ -189,3 +189,34 @@ def test_reexport_replaces_previous_export_and_writes_default_card(exported):
     assert out == first and not (out / "stale.txt").exists()
     card = (out / "README.md").read_text()
     assert "FLAVA" in card and "codebook/" in card and "old card" not in card
+
+
+def test_dalle_codebook_travels_inside_transformers_model(exported, tmp_path):
+    """A DALL-E codebook becomes transformers' ``image_codebook`` (same codes), and the processor gives it its
+    own view: 8x the patch grid, unnormalised, mapped into [eps, 1 - eps]."""
+    from flava.model.codebook import DalleCodebook
+
+    root, cfg = exported["root"], exported["cfg"]
+    torch.manual_seed(3)
+    codebook = DalleCodebook(hidden_size=8, num_blocks_per_group=1, vocab_size=cfg.codebook_size)
+    perturb(codebook, 4)
+    model = FlavaForPretraining(cfg, codebook=codebook)
+    save_model(model, tmp_path / "model")
+    out = export_hf(tmp_path / "model", tmp_path / "hf", tokenizer_dir=root / "tokenizer")
+    assert not (out / "codebook").exists()
+    hf_model, info = transformers.FlavaForPreTraining.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert hf_model.config.init_codebook and hf_model.image_codebook is not None
+
+    side = cfg.image.grid_size * codebook.downsample
+    processor = transformers.FlavaProcessor.from_pretrained(str(out))
+    pixels = np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    feats = processor(images=[Image.fromarray(pixels)], return_codebook_pixels=True, return_tensors="pt")
+    view = feats["codebook_pixel_values"]
+    assert tuple(view.shape) == (1, 3, side, side)
+    expected = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255 * 0.8 + 0.1
+    torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        theirs = hf_model.image_codebook.get_codebook_indices(view)
+    assert torch.equal(theirs.flatten(1), codebook(view))
+    assert theirs.flatten(1).unique().numel() > 1  # a non-degenerate codebook, so the comparison means something
