@@ -337,41 +337,44 @@ class FlavaForPretraining(nn.Module):
 
     # -------------------------------------------------------------------------------------- validation
     def validate_batch(self, batch: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` naming the tensor and the expected shape before any compute."""
+        """Raise ``ValueError`` naming the tensor and the expected shape before any compute.
+
+        Shapes, dtypes and presence are checked on the host; all value ranges (token ids, labels) are reduced
+        on the tensors' device and read back with a single sync."""
         kind = batch.get("kind")
         needs_images = kind in ("image", "pair")
         needs_text = kind in ("text", "pair")
-        img = self.config.image
+        img, vocab, codes = self.config.image, self.config.text.vocab_size, self.config.codebook_size
         tensors: dict[str, torch.Tensor] = {}
         for name, value in batch.items():
             if name != "kind" and value is not None and not isinstance(value, torch.Tensor):
                 raise ValueError(f"batch[{name!r}] must be a torch.Tensor, got {type(value).__name__}")
             if isinstance(value, torch.Tensor):
                 tensors[name] = value
+        ranges = _RangeChecks()
         if needs_images:
             self._check_images(_require(batch, "pixel_values", kind), "pixel_values")
             if batch.get("image_mask") is not None:
                 _check_shape(batch["image_mask"], "image_mask", ("B", img.num_patches))
         if needs_text:
-            self._check_text(_require(batch, "input_ids", kind), batch.get("attention_mask"))
+            self._check_text(_require(batch, "input_ids", kind), batch.get("attention_mask"), ranges)
             for name in ("input_ids_masked", "mlm_labels"):
                 if batch.get(name) is not None:
                     _check_shape(batch[name], name, ("B", tuple(batch["input_ids"].shape)[1]))
+                    _check_integer(batch[name], name)
             if batch.get("input_ids_masked") is not None:
-                self._check_ids(batch["input_ids_masked"], "input_ids_masked")
+                ranges.add("input_ids_masked", batch["input_ids_masked"], vocab, "vocab_size")
             if batch.get("mlm_labels") is not None:
-                labels = batch["mlm_labels"]
-                self._check_ids(labels[labels != IGNORE_INDEX], "mlm_labels (where != -100)")
+                ranges.add("mlm_labels", batch["mlm_labels"], vocab, "vocab_size", ignore=IGNORE_INDEX)
         if batch.get("itm_labels") is not None:
-            labels = batch["itm_labels"]
-            _check_shape(labels, "itm_labels", ("B",))
-            if labels.numel() and (labels.min() < 0 or labels.max() > 1):
-                raise ValueError("itm_labels must hold 0 (not matched) or 1 (matched)")
+            _check_shape(batch["itm_labels"], "itm_labels", ("B",))
+            _check_integer(batch["itm_labels"], "itm_labels")
+            ranges.add("itm_labels", batch["itm_labels"], 2, "2 (0 = not matched, 1 = matched)")
         if batch.get("mim_labels") is not None:
             labels = batch["mim_labels"].reshape(batch["mim_labels"].shape[0], -1)
             _check_shape(labels, "mim_labels", ("B", img.num_patches))
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.codebook_size):
-                raise ValueError(f"mim_labels must lie in [0, codebook_size={self.config.codebook_size})")
+            _check_integer(labels, "mim_labels")
+            ranges.add("mim_labels", labels, codes, "codebook_size")
         if batch.get("codebook_pixel_values") is not None:
             _check_shape(batch["codebook_pixel_values"], "codebook_pixel_values", ("B", img.num_channels, "H", "W"))
 
@@ -396,6 +399,7 @@ class FlavaForPretraining(nn.Module):
                 "pass a codebook to FlavaForPretraining or batch['mim_labels'] (B, num_patches)"
             )
         self._check_batch_sizes(tensors)
+        ranges.raise_if_violated()
 
     def _check_images(self, pixel_values: torch.Tensor, name: str) -> None:
         img = self.config.image
@@ -404,33 +408,68 @@ class FlavaForPretraining(nn.Module):
         if not pixel_values.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor of shape {_fmt(expected)}, got {pixel_values.dtype}")
 
-    def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def _check_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, ranges: "_RangeChecks | None" = None
+    ) -> None:
         txt = self.config.text
         _check_shape(input_ids, "input_ids", ("B", "T"))
+        _check_integer(input_ids, "input_ids")
         if input_ids.shape[1] > txt.max_position_embeddings:
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} tokens per row; expected at most max_position_embeddings="
                 f"{txt.max_position_embeddings}"
             )
-        self._check_ids(input_ids, "input_ids")
         if attention_mask is not None:
             _check_shape(attention_mask, "attention_mask", (input_ids.shape[0], input_ids.shape[1]))
-
-    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
-        vocab = self.config.text.vocab_size
-        if ids.is_floating_point():
-            raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
-            raise ValueError(
-                f"{name} holds token ids in [{int(ids.min())}, {int(ids.max())}]; expected ids in [0, vocab_size="
-                f"{vocab}) (does the tokenizer match the model?)"
-            )
+        own = ranges is None
+        ranges = _RangeChecks() if own else ranges
+        ranges.add("input_ids", input_ids, txt.vocab_size, "vocab_size")
+        if own:
+            ranges.raise_if_violated()
 
     @staticmethod
     def _check_batch_sizes(tensors: Mapping[str, torch.Tensor]) -> None:
         sizes = {name: int(t.shape[0]) for name, t in tensors.items() if t.ndim > 0}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sizes}")
+
+
+class _RangeChecks:
+    """Integer tensors that must lie in [0, high) (ignoring one sentinel value), verified with one device sync."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, torch.Tensor, int, str, int | None]] = []
+
+    def add(self, name: str, values: torch.Tensor, high: int, high_name: str, ignore: int | None = None) -> None:
+        if values.numel():
+            self.items.append((name, values, high, high_name, ignore))
+
+    @staticmethod
+    def _bad(values: torch.Tensor, high: int, ignore: int | None) -> torch.Tensor:
+        bad = (values < 0) | (values >= high)
+        if ignore is not None:
+            bad &= values != ignore
+        return bad.any()
+
+    def raise_if_violated(self) -> None:
+        if not self.items:
+            return
+        flags = torch.stack([self._bad(v, h, i).to(self.items[0][1].device) for _, v, h, _, i in self.items])
+        if not bool(flags.any()):  # the one host sync
+            return
+        for (name, values, high, high_name, ignore), bad in zip(self.items, flags.tolist()):
+            if bad:
+                kept = values[values != ignore] if ignore is not None else values
+                what = f"{name} (where != {ignore})" if ignore is not None else name
+                raise ValueError(
+                    f"{what} holds values in [{int(kept.min())}, {int(kept.max())}]; expected [0, {high_name}="
+                    f"{high})" + (" (does the tokenizer match the model?)" if high_name == "vocab_size" else "")
+                )
+
+
+def _check_integer(tensor: torch.Tensor, name: str) -> None:
+    if tensor.is_floating_point() or tensor.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
 
 
 def _process_group() -> tuple[int, int]:

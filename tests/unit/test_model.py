@@ -71,12 +71,15 @@ def test_a_tiny_training_step_is_fast(model, cfg):
     optimizer = torch.optim.AdamW(model.param_groups_for_weight_decay(0.01), lr=1e-3)
     batch = make_batch(cfg, "pair", batch_size=8)
     model(batch).loss.backward()  # warm-up
-    start = time.perf_counter()
-    out = model(batch)
-    out.loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    assert time.perf_counter() - start < 1.0
+    timings = []
+    for _ in range(3):
+        # CPU time of this process (all its threads), not wall time: the test machine is shared with other jobs
+        start = time.process_time()
+        model(batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        timings.append(time.process_time() - start)
+    assert min(timings) < 1.0
 
 
 def test_first_losses_sit_near_log_vocabulary():
