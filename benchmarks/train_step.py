@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -109,7 +108,9 @@ def build_transformers(hf_config, hf_state: dict[str, torch.Tensor]) -> torch.nn
     # Only transformers' tower poolers (unused by the losses; ours has none) keep their initialisation.
     missing = [k for k in missing if not k.startswith(HF_ONLY_PREFIXES)]
     if missing or unexpected:
-        raise RuntimeError(f"converted weights do not fit transformers' model: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(
+            f"converted weights do not fit transformers' model: missing={missing} unexpected={unexpected}"
+        )
     return model
 
 
@@ -360,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ours.to(device)
     theirs.to(device)
     batch = {k: v.to(device) for k, v in batch.items()}
-    steps = {impl: make_step(m, impl, batch, device, args.dtype) for impl, m in (("ours", ours), ("transformers", theirs))}
+    models = {"ours": ours, "transformers": theirs}
+    steps = {impl: make_step(models[impl], impl, batch, device, args.dtype) for impl in IMPLS}
     times = interleaved(steps, device, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
     results = [
         Result(impl, median(times[impl]["wall"]), median(times[impl]["cpu"]), batch_size / median(times[impl]["wall"]),
