@@ -8,8 +8,8 @@ The batch kind decides what runs (FLAVA Sec. 3.4):
   multimodal encoder -> ITM on the multimodal CLS, MMM-image and MMM-text on matched pairs only.
 
 Unlike transformers' FLAVA, image-only and text-only batches run one (masked) encoder pass, not two; a pair
-batch runs the unmasked pass only when the contrastive loss is on and the masked/fused pass only when ITM or MMM
-is on. ITM negatives (when the batch carries no ``itm_labels``) re-pair the already computed text states with
+batch runs the unmasked pass only when the contrastive loss is on (and the last block of that pass only for the
+CLS position, the one the loss reads) and the masked/fused pass only when ITM or MMM is on. ITM negatives (when the batch carries no ``itm_labels``) re-pair the already computed text states with
 other images of the batch, so they cost no extra text-encoder pass.
 
 DDP and per-kind heads: each batch kind leaves some parameters without a gradient (the text tower on an image
@@ -306,13 +306,17 @@ class FlavaForPretraining(nn.Module):
         text_index = torch.where(negative, (rows + shift) % batch_size, rows)
         return (~negative).long().to(device), text_index.to(device)
 
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the logit-scale parameter into [logit_scale_min, logit_scale_max] in place (CLIP/FLAVA), so its
+        gradient never dies outside the clamp. Done in every training forward; a trainer whose parameters are
+        sharded (FSDP) should also call it after each optimizer step."""
+        self.logit_scale.clamp_(self.config.logit_scale_min, self.config.logit_scale_max)
+
     def _clamped_logit_scale(self) -> torch.Tensor:
-        lo, hi = self.config.logit_scale_min, self.config.logit_scale_max
         if self.training:
-            # Keep the parameter itself in range (CLIP/FLAVA), so its gradient never dies outside the clamp.
-            with torch.no_grad():
-                self.logit_scale.clamp_(lo, hi)
-        return self.logit_scale.clamp(lo, hi)
+            self.clamp_logit_scale_()
+        return self.logit_scale.clamp(self.config.logit_scale_min, self.config.logit_scale_max)
 
     @torch.no_grad()
     def mim_targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
