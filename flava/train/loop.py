@@ -21,7 +21,7 @@ from torch import nn
 from flava.distributed import ProcessInfo, broadcast_object
 from flava.train.checkpoint import Checkpointer, capture_rng, restore_rng
 from flava.train.config import TrainConfig
-from flava.train.parallel import UnusedGrads, autocast, move_batch, no_sync
+from flava.train.parallel import UnusedGrads, as_output, autocast, move_batch, no_sync
 from flava.train.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class Trainer:
             batch = move_batch(batch, self.device)
             with no_sync(self.model, micro < s.accumulation - 1):
                 with autocast(self.device, s.precision):
-                    out = self.model(batch)
+                    out = as_output(self.model(batch))
                 loss = out.loss.float()
                 bad += (~torch.isfinite(loss)).float()
                 scaled = loss / s.accumulation

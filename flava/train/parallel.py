@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from types import SimpleNamespace
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -155,6 +156,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: ProcessInfo, device: t
             if cfg.compile:
                 block.compile()
             fully_shard(block, mp_policy=mp)
+        _pytree_outputs(model)
         fully_shard(model, mp_policy=mp)
         return model
     if cfg.compile:
@@ -165,6 +167,28 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: ProcessInfo, device: t
         ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=ids, find_unused_parameters=False)
     return model
+
+
+def _pytree_outputs(module: nn.Module) -> None:
+    """FSDP2 finds the forward output's tensors with pytree to hook its reduce-scatter into backward; an output
+    object pytree does not know (a dataclass, a namespace) would leave the gradients unreduced. The instance's
+    forward is made to return a plain dict; ``as_output`` turns it back into attribute access."""
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        if isinstance(out, (dict, tuple, list, torch.Tensor)):
+            return out
+        return {"loss": out.loss, "losses": dict(out.losses), "metrics": dict(getattr(out, "metrics", None) or {})}
+
+    module.forward = forward
+
+
+def as_output(out: Any) -> Any:
+    """The model's output with ``.loss``/``.losses``/``.metrics`` (undoes ``_pytree_outputs``)."""
+    if isinstance(out, dict) and "loss" in out:
+        return SimpleNamespace(loss=out["loss"], losses=out.get("losses", {}), metrics=out.get("metrics", {}))
+    return out
 
 
 def no_sync(model: nn.Module, active: bool) -> contextlib.AbstractContextManager:

@@ -1,11 +1,16 @@
-"""torchrun with 2 gloo ranks vs 1 process with the same global batch: the loss trajectory matches."""
+"""torchrun with 2 gloo ranks (DDP or FSDP) vs 1 process with the same global batch: the loss trajectory matches;
+an FSDP run resumed from a checkpoint ends with the same weights."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from flava.train.checkpoint import Checkpointer, load_weights, step_name
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = {"joint": {"steps": 30, "batch_size": 16}, "optimizer": {"lr": 1e-2}, "schedule": {"warmup_steps": 3},
@@ -14,29 +19,40 @@ TRAIN = {"joint": {"steps": 30, "batch_size": 16}, "optimizer": {"lr": 1e-2}, "s
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path: Path, ranks: int, name: str) -> dict:
+def _run(tmp_path: Path, ranks: int, name: str, **train) -> dict:
     out = tmp_path / f"{name}.safetensors"
     args = ["-m", "tests.integration.test_train_toy", "--ckpt", str(tmp_path / f"ckpt-{name}"), "--out", str(out),
-            "--train", json.dumps(TRAIN)]
+            "--train", json.dumps({**TRAIN, **train})]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *args]
     else:
         cmd = [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300, capture_output=True)
     return json.loads(out.with_suffix(".json").read_text())
 
 
-def test_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(tmp_path, strategy):
     one = _run(tmp_path, 1, "one")
-    two = _run(tmp_path, 2, "two")
-    loss1 = [h["loss"] for h in one["history"]]
-    loss2 = [h["loss"] for h in two["history"]]
-    assert len(loss1) == len(loss2) == 30
-    assert loss1[-1] < 0.7 * loss1[0]
-    for a, b in zip(loss1, loss2):
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (a, b)
-    gn1 = [h["grad_norm"] for h in one["history"]]
-    gn2 = [h["grad_norm"] for h in two["history"]]
-    for a, b in zip(gn1, gn2):
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
+    two = _run(tmp_path, 2, "two", strategy=strategy)
+    for key in ("loss", "grad_norm"):
+        a = [h[key] for h in one["history"]]
+        b = [h[key] for h in two["history"]]
+        assert len(a) == len(b) == 30
+        for x, y in zip(a, b):
+            assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (key, x, y)
+    losses = [h["loss"] for h in one["history"]]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_fsdp_resume_ends_with_the_same_weights(tmp_path):
+    _run(tmp_path, 2, "full", strategy="fsdp")
+    ckpt = tmp_path / "ckpt-full"
+    assert Checkpointer(ckpt).steps() == [20, 30]
+    shutil.copytree(ckpt, tmp_path / "ckpt-resumed")
+    shutil.rmtree(tmp_path / "ckpt-resumed" / step_name(30))
+    resumed = _run(tmp_path, 2, "resumed", strategy="fsdp")
+    assert resumed["summary"]["resumed_from"] == 20
+    a, b = load_weights(tmp_path / "full.safetensors"), load_weights(tmp_path / "resumed.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -111,7 +111,7 @@ def build(args, info: ProcessInfo = ProcessInfo()):
 
 def main(argv=None) -> int:
     from flava.distributed import init_process, shutdown
-    from flava.train.checkpoint import save_weights
+    from flava.train.checkpoint import model_state, save_weights
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt", default="")
@@ -136,9 +136,10 @@ def main(argv=None) -> int:
 
         trainer._train_step = slow_step
     summary = trainer.fit()
+    state = model_state(model)  # full weights (a collective under FSDP)
     if info.is_main:
         out = Path(args.out)
-        save_weights(model.state_dict(), out)
+        save_weights(state, out)
         out.with_suffix(".json").write_text(json.dumps({"summary": summary, "history": trainer.history}))
     shutdown()
     return 0
