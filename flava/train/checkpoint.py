@@ -261,9 +261,9 @@ class S3Store:
         self._delete_objects(step)
 
 
-def open_store(uri: str | Path):
+def open_store(uri: str | Path, s3_client=None):
     text = str(uri)
-    return S3Store(text) if text.startswith("s3://") else LocalStore(text)
+    return S3Store(text, client=s3_client) if text.startswith("s3://") else LocalStore(text)
 
 
 # ------------------------------------------------------------------------------------------------ checkpointer
@@ -280,8 +280,8 @@ class Restored:
 class Checkpointer:
     """Save, find, load and prune the checkpoints of one stage (``{paths.checkpoints}/{stage}``)."""
 
-    def __init__(self, uri: str | Path, info: ProcessInfo = ProcessInfo(), keep_last: int = 2):
-        self.store = open_store(uri)
+    def __init__(self, uri: str | Path, info: ProcessInfo = ProcessInfo(), keep_last: int = 2, s3_client=None):
+        self.store = open_store(uri, s3_client)
         self.info = info
         self.keep_last = keep_last
 

@@ -118,6 +118,9 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.resumed_from: int | None = None
         self._params = [p for p in model.parameters() if p.requires_grad]
+        # Parameter constraints the model keeps itself (FLAVA's logit-scale clamp), re-applied after each update
+        # because under FSDP the in-forward clamp only touches the unsharded copy.
+        self._after_update = getattr(getattr(model, "module", model), "clamp_logit_scale_", None)
         settings.micro_batch(info.world_size)  # validate the split early
         self._reset_window()
 
@@ -219,6 +222,9 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
+            if self._after_update is not None:
+                with torch.no_grad():
+                    self._after_update()
             self.state.consecutive_skips = 0
             self._window["grad_norm"] += float(grad_norm)
             self._window["lr"] = lr

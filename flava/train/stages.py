@@ -50,10 +50,6 @@ UNIMODAL_PARTS = {"text": ("text_encoder", "mlm_head"), "image": ("image_encoder
 SELECT_METRIC = "top1"  # the paper selects checkpoints by zero-shot accuracy
 
 
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if root.startswith("s3://") else str(Path(root, *parts))
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -143,6 +139,7 @@ def run_pretrain(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
 def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> dict[str, Any]:
     from flava.data.loader import build_stream
     from flava.data.mixing import CorpusMixer
+    from flava.data.storage import join
     from flava.data.tokenizer import load_tokenizer
     from flava.data.transforms import transform_from_config
     from flava.model import FlavaForPretraining
@@ -193,7 +190,12 @@ def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> dict[str, Any]:
     optimizer = build_optimizer(model, tc.optimizer, tc.stage_lr(stage), device)
     scheduler = build_scheduler(optimizer, tc.schedule, total_steps=settings.steps,
                                 warmup_steps=tc.stage_warmup(stage))
-    checkpointer = Checkpointer(_join(paths.checkpoints, stage), info=info, keep_last=tc.keep_last)
+    client = None
+    if paths.checkpoints.startswith("s3://"):
+        from flava.data.storage import s3_client
+
+        client = s3_client(cfg.data.shards.s3)  # the same endpoint/region/retries as the shards
+    checkpointer = Checkpointer(join(paths.checkpoints, stage), info=info, keep_last=tc.keep_last, s3_client=client)
     peak = peak_flops(device, tc.peak_tflops)
 
     models_root = Path(paths.models)
