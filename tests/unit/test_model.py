@@ -334,3 +334,25 @@ def test_cls_only_last_block_equals_the_full_pass(attention):
     model.set_activation_checkpointing(True)
     model.image_encoder(batch["pixel_values"], cls_only=True).cls.sum().backward()
     assert model.image_encoder.encoder.blocks[-1].mlp.fc1.weight.grad is not None
+
+
+def test_every_objective_learns_on_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = FlavaForPretraining(cfg)
+    optimizer = torch.optim.AdamW(model.param_groups_for_weight_decay(0.0), lr=5e-3)
+    batches = [make_batch(cfg, kind, batch_size=8, seed=3) for kind in ("pair", "image", "text")]
+    batches[0]["itm_labels"] = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1])
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for step in range(30):
+        for batch in batches:
+            out = model(batch)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            for name, value in out.losses.items():
+                (first if step == 0 else last)[name] = value.item()
+    assert set(first) == {"contrastive", "itm", "mmm_image", "mmm_text", "mim", "mlm"}
+    for name in first:
+        assert last[name] < 0.75 * first[name], (name, first[name], last[name])
