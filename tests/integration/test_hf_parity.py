@@ -259,3 +259,14 @@ def test_gradients_match(hf, inputs):
         checked += 1
     hf.zero_grad()
     assert checked > 100
+
+
+def test_load_a_bare_flava_model_checkpoint_keeps_fresh_heads(hf, inputs, tmp_path):
+    """A ``FlavaModel`` checkpoint (encoders only, no pretraining heads) loads; embeddings still match."""
+    hf.flava.save_pretrained(tmp_path / "flava_model")
+    model = load_transformers_checkpoint(tmp_path / "flava_model", attention="eager").eval()
+    pix, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        out = hf.flava(input_ids=ids, pixel_values=pix, attention_mask=mask)
+        assert torch.allclose(model.fuse(pix, ids, mask).hidden, out.multimodal_embeddings, atol=ATOL)
+    assert model.codebook is None
