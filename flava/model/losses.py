@@ -27,7 +27,7 @@ def masked_prediction_loss(
     selected = labels != IGNORE_INDEX  # (B, T)
     targets = labels[selected]  # (N,)
     logits = head(hidden[selected])  # (N, V)
-    count = selected.sum().clamp(min=1).to(logits.dtype)
+    count = selected.sum().clamp(min=1).to(torch.float32)  # not the logits dtype: bf16 rounds counts > 256
     loss = F.cross_entropy(logits.float(), targets, reduction="sum") / count
     with torch.no_grad():
         accuracy = (logits.argmax(dim=-1) == targets).sum().to(torch.float32) / count

@@ -356,3 +356,22 @@ def test_every_objective_learns_on_a_fixed_batch():
     assert set(first) == {"contrastive", "itm", "mmm_image", "mmm_text", "mim", "mlm"}
     for name in first:
         assert last[name] < 0.75 * first[name], (name, first[name], last[name])
+
+
+def test_bf16_weights_give_fp32_losses_close_to_fp32(model, cfg):
+    batch = make_batch(cfg, "pair")
+    batch["itm_labels"] = torch.tensor([1, 0, 1, 1])
+    model.eval()
+    with torch.no_grad():
+        reference = model(batch).losses
+        half = model.to(torch.bfloat16)
+        losses = half(dict(batch, pixel_values=batch["pixel_values"].bfloat16())).losses
+    for name, value in losses.items():
+        assert value.dtype == torch.float32  # losses are reduced in fp32
+        assert abs(value.item() - reference[name].item()) < 0.05, name
+    # LayerNorm statistics are taken in fp32 under bf16 weights
+    x = torch.randn(2, 5, cfg.image.hidden_size).bfloat16() * 100 + 1000
+    norm = half.image_encoder.encoder.norm
+    expected = torch.nn.functional.layer_norm(x.float(), (cfg.image.hidden_size,), norm.weight.float(),
+                                              norm.bias.float(), norm.eps)
+    assert torch.allclose(norm(x).float(), expected, atol=0.05)
