@@ -19,11 +19,16 @@ FLOP count (for MFU and GFLOP/s): matmul FLOPs only, 2 per multiply-accumulate, 
 training = 3 x forward (backward = 2 x forward; no recomputation counted). Per pair sample, the paper's algorithm
 runs the image and text encoders twice (unmasked for the contrastive loss, masked for the fusion) and the
 multimodal encoder once (transformers also skips the unmasked fusion pass). One pre-norm block over ``n`` tokens
-of width ``d`` and MLP width ``f`` costs ``2 n (4 d^2 + 2 d f) + 4 n^2 d`` (q/k/v/out projections, MLP, and the
-two attention matmuls QK^T and AV over padded lengths). Added: the patch-embedding conv, the projections into the
-fusion width, the contrastive projections and logits, the ITM head, and the MMM heads on the masked positions of
-matched pairs only. Embedding lookups, norms, softmax and activations are not counted. Both implementations are
-credited with the same FLOPs, so their MFU ratio equals their throughput ratio.
+of width ``d`` and MLP width ``f`` whose output is needed at ``r`` positions costs
+``4 n d^2 + 2 r (2 d^2 + 2 d f) + 4 r n d`` (k/v projections of all tokens; q/out projections and the MLP of
+the needed rows; the QK^T and AV matmuls, over padded lengths). ``r = n`` except in the last block of a stack,
+where only the positions a loss reads count: the CLS of the unmasked passes (contrastive only), and in the
+multimodal encoder its CLS (ITM) plus the masked patches and tokens of matched pairs (MMM). Added: the
+patch-embedding conv, the projections into the fusion width, the contrastive projections and logits, the ITM head,
+and the MMM heads on the masked positions of matched pairs. Embedding lookups, norms, softmax and activations are
+not counted. The count with every position of every block (what transformers executes, checked against
+``torch.utils.flop_counter`` to 0.1 %) is printed too. Both implementations are credited with the same (needed)
+FLOPs, so their MFU ratio equals their throughput ratio.
 """
 from __future__ import annotations
 
@@ -198,35 +203,47 @@ def make_step(model, impl: str, batch, device: torch.device, dtype: str) -> Call
 
 
 # -------------------------------------------------------------------------------------------------- FLOPs
-def _block_flops(d: int, f: int, n: int) -> int:
-    return 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
+def _block_flops(d: int, f: int, n: int, rows: int | None = None) -> int:
+    """One pre-norm block over ``n`` tokens whose output is needed at ``rows`` positions (default all): k/v
+    projections for every token; q, attention, output projection and MLP for the needed rows only."""
+    rows = n if rows is None else rows
+    return 2 * n * 2 * d * d + 2 * rows * (2 * d * d + 2 * d * f) + 4 * rows * n * d
 
 
-def _stack_flops(tower, n: int) -> int:
-    return tower.num_layers * _block_flops(tower.hidden_size, tower.intermediate_size, n)
+def _stack_flops(tower, n: int, last_rows: int | None = None) -> int:
+    d, f, layers = tower.hidden_size, tower.intermediate_size, tower.num_layers
+    if layers == 0:
+        return 0
+    return (layers - 1) * _block_flops(d, f, n) + _block_flops(d, f, n, last_rows)
 
 
-def pair_step_flops(cfg, batch: dict[str, torch.Tensor]) -> int:
-    """Model FLOPs of one training step on ``batch`` (see the module docstring for the convention)."""
+def pair_step_flops(cfg, batch: dict[str, torch.Tensor], *, needed_only: bool = True) -> int:
+    """Model FLOPs of one training step on ``batch`` (see the module docstring for the convention).
+
+    ``needed_only``: the last block of a stack is counted only for the positions a loss reads (the CLS of the
+    unmasked passes, which feed only the contrastive loss; the multimodal CLS, and the masked patches and tokens
+    of matched pairs); otherwise every position of every block is counted."""
     img, txt, mm = cfg.image, cfg.text, cfg.multimodal
     b, t = batch["input_ids"].shape
     p = img.num_patches
     n_img, n_mm = p + 1, 1 + (p + 1) + t
+    matched = batch["itm_labels"].bool()
+    masked_patches = (batch["image_mask"] & matched[:, None]).sum(dim=1)  # (B,)
+    masked_tokens = ((batch["mlm_labels"] != -100) & matched[:, None]).sum(dim=1)
+    cls_only = 1 if needed_only else None
+
     patch = 2 * p * (img.num_channels * img.patch_size**2) * img.hidden_size
-    image_pass = patch + _stack_flops(img, n_img)
-    text_pass = _stack_flops(txt, t)
-    per_sample = 2 * (image_pass + text_pass)  # unmasked + masked pass of each unimodal encoder
+    per_sample = 2 * patch + _stack_flops(img, n_img, cls_only) + _stack_flops(img, n_img)  # unmasked + masked
+    per_sample += _stack_flops(txt, t, cls_only) + _stack_flops(txt, t)
     per_sample += 2 * cfg.projection_dim * (img.hidden_size + txt.hidden_size)  # contrastive projections
     per_sample += 2 * 2 * b * cfg.projection_dim  # image->text and text->image logits against the batch
     per_sample += 2 * mm.hidden_size * (n_img * img.hidden_size + t * txt.hidden_size)  # into the fusion width
-    per_sample += _stack_flops(mm, n_mm)
     per_sample += 2 * (mm.hidden_size**2 + 2 * mm.hidden_size)  # ITM pooler + classifier
     forward = b * per_sample
-    matched = batch["itm_labels"].bool()
-    masked_patches = int((batch["image_mask"] & matched[:, None]).sum())
-    masked_tokens = int(((batch["mlm_labels"] != -100) & matched[:, None]).sum())
+    for k_img, k_txt in zip(masked_patches.tolist(), masked_tokens.tolist()):
+        forward += _stack_flops(mm, n_mm, 1 + k_img + k_txt if needed_only else None)
     head = lambda vocab: 2 * (mm.hidden_size**2 + mm.hidden_size * vocab)  # noqa: E731 - per position
-    forward += masked_patches * head(cfg.codebook_size) + masked_tokens * head(txt.vocab_size)
+    forward += int(masked_patches.sum()) * head(cfg.codebook_size) + int(masked_tokens.sum()) * head(txt.vocab_size)
     return 3 * forward
 
 
@@ -344,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = make_batch(cfg, batch_size, text_length, args.seed, caption_tokens)
     loss_ours, loss_theirs = parity(ours, theirs, batch)
     flops = pair_step_flops(cfg, batch)
+    flops_all_positions = pair_step_flops(cfg, batch, needed_only=False)
 
     with tempfile.TemporaryDirectory(prefix="flava-bench-") as tmp:
         workdir = Path(tmp)
@@ -378,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(warm-up {args.warmup}) torch={torch.__version__}"
     )
     print(f"loss on the batch (eval, fp32): ours {loss_ours:.6f} | transformers {loss_theirs:.6f}")
-    print(f"model FLOPs per step: {flops / 1e9:,.1f} GFLOP (matmul-only, 3 x forward)")
+    print(f"model FLOPs per step: {flops / 1e9:,.1f} GFLOP (matmul-only, 3 x forward, last blocks at the positions "
+          f"a loss reads; every position of every block: {flops_all_positions / 1e9:,.1f} GFLOP)")
     on_cpu = device.type == "cpu"
     header = ["impl", "s/step (median)", "samples/s", "GFLOP/s"] + (["CPU s/step"] if on_cpu else [])
     if peak:
@@ -411,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "preset": args.preset, "device": str(device), "dtype": args.dtype, "batch_size": batch_size,
             "text_length": text_length, "caption_tokens": caption_tokens, "attention": cfg.attention,
-            "threads": torch.get_num_threads(), "flops_per_step": flops, "peak_flops": peak,
+            "threads": torch.get_num_threads(), "flops_per_step": flops, "flops_all_positions": flops_all_positions, "peak_flops": peak,
             "results": [r.__dict__ for r in results], "times": times,
             "loss": {"ours": loss_ours, "transformers": loss_theirs},
         }, indent=2))
