@@ -52,9 +52,11 @@ def contrastive_loss(
     batch = image_embeddings.shape[0]
     all_images = gather_features(image_embeddings, rank, world_size)  # (W*B, P)
     all_texts = gather_features(text_embeddings, rank, world_size)
-    scale = logit_scale.exp()
-    logits_per_image = scale * image_embeddings @ all_texts.t()  # (B, W*B)
-    logits_per_text = scale * text_embeddings @ all_images.t()
+    # Logits reach ln(100) * 1 = 100 where bf16 keeps ~2 significant digits: compute this small (B, W*B) part in fp32.
+    with torch.autocast(device_type=image_embeddings.device.type, enabled=False):
+        scale = logit_scale.float().exp()
+        logits_per_image = scale * image_embeddings.float() @ all_texts.float().t()  # (B, W*B)
+        logits_per_text = scale * text_embeddings.float() @ all_images.float().t()
     labels = torch.arange(batch, device=image_embeddings.device) + rank * batch
     if rows is not None:
         logits_per_image, logits_per_text, labels = logits_per_image[rows], logits_per_text[rows], labels[rows]
