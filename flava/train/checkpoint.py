@@ -280,10 +280,26 @@ class Restored:
 class Checkpointer:
     """Save, find, load and prune the checkpoints of one stage (``{paths.checkpoints}/{stage}``)."""
 
-    def __init__(self, uri: str | Path, info: ProcessInfo = ProcessInfo(), keep_last: int = 2, s3_client=None):
+    def __init__(self, uri: str | Path, info: ProcessInfo = ProcessInfo(), keep_last: int = 2, s3_client=None,
+                 fingerprint: str | None = None):
         self.store = open_store(uri, s3_client)
         self.info = info
         self.keep_last = keep_last
+        self.fingerprint = fingerprint  # what the trajectory depends on (config, data version); stored in meta.json
+
+    def discard_mismatched(self) -> list[int]:
+        """Delete checkpoints written for another fingerprint (another config or data version): resuming them
+        would silently continue a different run. Every rank calls this; the main rank deletes."""
+        if self.fingerprint is None:
+            return []
+        stale = [s for s in self.steps() if self.store.read_meta(s).get("fingerprint") != self.fingerprint]
+        if stale and self.info.is_main:
+            log.warning("checkpoints %s of %s were written for another config or data version: discarded",
+                        stale, self.store.uri(stale[0]).rsplit("/", 1)[0])
+            for step in stale:
+                self.store.delete(step)
+        barrier()
+        return stale
 
     def steps(self) -> list[int]:
         return self.store.steps()
@@ -337,7 +353,8 @@ class Checkpointer:
             self.store.put(step, staging, [WEIGHTS, TRAINER])
         barrier()
         if self.info.is_main:
-            meta = {"step": step, "world_size": self.info.world_size, "extra": dict(extra or {}), "time": time.time()}
+            meta = {"step": step, "world_size": self.info.world_size, "extra": dict(extra or {}), "time": time.time(),
+                    "fingerprint": self.fingerprint}
             self.store.commit(step, staging, meta)
             self.prune(keep)
         elif hasattr(self.store, "cleanup"):

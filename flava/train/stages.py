@@ -14,6 +14,7 @@ and works the same in one process or under ``torchrun`` (DDP, or FSDP with ``tra
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -54,6 +55,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def fingerprint(cfg: PipelineConfig, stage: str) -> str:
+    """What a stage's trajectory depends on: seed, data/model/train sections and the data version. Checkpoints of
+    another fingerprint are not resumed (a changed lr must not continue the old run)."""
+    from flava.tracking.lineage import data_version
+
+    tree = cfg.model_dump(mode="json")
+    payload = {"stage": stage, "data_version": data_version(), **{k: tree[k] for k in ("seed", "data", "model", "train")}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stage_kinds(cfg: PipelineConfig, stage: str) -> list[str]:
@@ -195,7 +206,9 @@ def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> dict[str, Any]:
         from flava.data.storage import s3_client
 
         client = s3_client(cfg.data.shards.s3)  # the same endpoint/region/retries as the shards
-    checkpointer = Checkpointer(join(paths.checkpoints, stage), info=info, keep_last=tc.keep_last, s3_client=client)
+    checkpointer = Checkpointer(join(paths.checkpoints, stage), info=info, keep_last=tc.keep_last, s3_client=client,
+                                fingerprint=fingerprint(cfg, stage))
+    checkpointer.discard_mismatched()
     peak = peak_flops(device, tc.peak_tflops)
 
     models_root = Path(paths.models)

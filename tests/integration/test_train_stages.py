@@ -183,3 +183,17 @@ def test_cli_sigkill_and_resume_is_bitwise_equal(world, tmp_path):
     got = load_weights(out / "models" / "text" / "model.safetensors")
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_changed_config_does_not_resume_old_checkpoints(world, tmp_path, clean_env):
+    from flava.train.stages import fingerprint, run_pretrain
+
+    first = run_pretrain(_cfg(world, tmp_path, "train.text.steps=4", "train.checkpoint_every=2"), "text")
+    assert first["resumed_from"] is None
+    same = run_pretrain(_cfg(world, tmp_path, "train.text.steps=4", "train.checkpoint_every=2"), "text")
+    assert same["resumed_from"] == 4  # nothing left to do: the finished run is picked up
+    changed = _cfg(world, tmp_path, "train.text.steps=4", "train.checkpoint_every=2", "train.text.lr=5e-4")
+    again = run_pretrain(changed, "text")
+    assert again["resumed_from"] is None and again["steps"] == 4
+    meta = json.loads((tmp_path / "checkpoints" / "text" / "step-0000004" / "meta.json").read_text())
+    assert meta["fingerprint"] == fingerprint(changed, "text")

@@ -178,3 +178,15 @@ def test_s3_store_round_trip_and_prune():
 def test_local_store_lists_only_complete(tmp_path):
     store = LocalStore(tmp_path / "missing")
     assert store.steps() == []
+
+
+def test_checkpoints_of_another_fingerprint_are_discarded(tmp_path):
+    model, opt, sched = _train_objects()
+    old = Checkpointer(tmp_path, fingerprint="config-a")
+    old.save(3, model=model, optimizer=opt, scheduler=sched)
+    assert Checkpointer(tmp_path, fingerprint="config-a").discard_mismatched() == []
+    new = Checkpointer(tmp_path, fingerprint="config-b")
+    assert new.discard_mismatched() == [3]
+    assert new.latest() is None
+    new.save(3, model=model, optimizer=opt, scheduler=sched)  # the same step number can be written again
+    assert json.loads((tmp_path / step_name(3) / META).read_text())["fingerprint"] == "config-b"
