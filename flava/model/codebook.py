@@ -250,7 +250,9 @@ class DalleCodebook(nn.Module):
             out_size = width * 2**g
             layers[f"group_{g + 1}"] = _Group(per_group, num_layers, in_size, out_size, pool=g < groups - 1)
             in_size = out_size
-        layers["output"] = nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", nn.Conv2d(in_size, c["vocab_size"], 1))]))
+        layers["output"] = nn.Sequential(
+            OrderedDict([("relu", nn.ReLU()), ("conv", nn.Conv2d(in_size, c["vocab_size"], 1))])
+        )
         self.blocks = nn.Sequential(layers)
         self.requires_grad_(False)
         self.eval()

@@ -55,7 +55,9 @@ class Attention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.implementation = implementation
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, num_queries: int | None = None
+    ) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H); with ``num_queries`` only the first that many positions attend (keys and
         values still come from all T), giving (B, num_queries, H)."""
         batch, length, width = x.shape
@@ -105,7 +107,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, num_queries: int | None = None
+    ) -> torch.Tensor:
         """(B, T, H) -> (B, T, H), or (B, num_queries, H): the block's output at the first positions only."""
         attended = self.attn(self.norm1(x), mask, num_queries)
         x = x if num_queries is None else x[:, :num_queries]

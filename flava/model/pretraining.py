@@ -9,8 +9,12 @@ The batch kind decides what runs (FLAVA Sec. 3.4):
 
 Unlike transformers' FLAVA, image-only and text-only batches run one (masked) encoder pass, not two; a pair
 batch runs the unmasked pass only when the contrastive loss is on (and the last block of that pass only for the
-CLS position, the one the loss reads) and the masked/fused pass only when ITM or MMM is on. ITM negatives (when the batch carries no ``itm_labels``) re-pair the already computed text states with
-other images of the batch, so they cost no extra text-encoder pass.
+CLS position, the one the loss reads) and the masked/fused pass only when ITM or MMM is on. ITM negatives (when
+the batch carries no ``itm_labels``) re-pair the already computed text states with other images of the batch, so
+they cost no extra text-encoder pass.
+
+Weight decay: ``param_groups_for_weight_decay(wd)`` (or ``is_no_decay(name, param)``) exempts biases, norms,
+CLS/mask tokens, position embeddings and the logit scale.
 
 DDP and per-kind heads: each batch kind leaves some parameters without a gradient (the text tower on an image
 batch, the MIM head on a pair batch, ...). Either wrap the model with ``find_unused_parameters=True`` or set
@@ -31,7 +35,7 @@ from flava.distributed import process_info
 from flava.model.config import OBJECTIVES, FlavaConfig
 from flava.model.encoders import EncoderOutput, ImageEncoder, MultimodalEncoder, TextEncoder
 from flava.model.heads import ITMHead, MaskedPredictionHead
-from flava.model.layers import LayerNorm, TransformerStack
+from flava.model.layers import TransformerStack
 from flava.model.losses import (
     IGNORE_INDEX,
     WeightedObjective,
@@ -410,7 +414,9 @@ class FlavaForPretraining(nn.Module):
         expected = ("B", img.num_channels, img.image_size, img.image_size)
         _check_shape(pixel_values, name, expected)
         if not pixel_values.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor of shape {_fmt(expected)}, got {pixel_values.dtype}")
+            raise ValueError(
+                f"{name} must be a floating-point tensor of shape {_fmt(expected)}, got {pixel_values.dtype}"
+            )
 
     def _check_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, ranges: "_RangeChecks | None" = None
@@ -506,4 +512,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["FlavaForPretraining", "FlavaOutput", "BATCH_KINDS", "LayerNorm", "count_parameters"]
+__all__ = ["BATCH_KINDS", "FlavaForPretraining", "FlavaOutput", "count_parameters"]
