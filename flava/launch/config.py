@@ -177,10 +177,8 @@ class LaunchConfig(_Section):
 
 
 def launch_section(cfg) -> LaunchConfig:
-    """``cfg.launch`` of a PipelineConfig (the defaults where a config predates the ``launch:`` section)."""
+    """``cfg.launch`` of a PipelineConfig, checked (the launchers take the whole config, like every stage)."""
     section = getattr(cfg, "launch", None)
-    if section is None:
-        return LaunchConfig()
     if not isinstance(section, LaunchConfig):
-        raise ValueError(f"cfg.launch must be a LaunchConfig, got {type(section).__name__}")
+        raise ValueError(f"the config has no launch: section (got {type(section).__name__})")
     return section

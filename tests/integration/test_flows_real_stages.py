@@ -12,7 +12,6 @@ import mlflow
 import pytest
 import yaml
 
-from flava.config import PipelineConfig
 from flava.tracking.lineage import PARENT_RUN_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -32,10 +31,8 @@ def test_real_pipeline_flow_with_sweep(tmp_path, monkeypatch, project_root):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
     (tmp_path / "params.yaml").write_text((project_root / "params.yaml").read_text())
-    overrides = list(TINY)
-    if "launch" in PipelineConfig.model_fields:  # once the launch: section is composed, keep the sweep short
-        overrides += ["launch.sweep.n_trials=3", "launch.sweep.n_startup_trials=2",
-                      'launch.sweep.trial_overrides=["train.joint.steps=16", "train.eval_every=8"]']
+    overrides = TINY + ["launch.sweep.n_trials=3", "launch.sweep.n_startup_trials=2",
+                        'launch.sweep.trial_overrides=["train.joint.steps=16", "train.eval_every=8"]']
 
     with prefect_test_harness(server_startup_timeout=180):
         state = pipe.flava_pipeline(params_path="params.yaml", overrides=overrides, sweep=True, return_state=True)

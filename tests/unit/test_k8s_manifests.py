@@ -152,7 +152,9 @@ def test_new_run_ids_differ_and_default_section():
     cfg = PipelineConfig()
     assert k8slib.new_run_id(cfg) != k8slib.new_run_id(cfg)
     assert k8slib.new_run_id(cfg).startswith(cfg.digest()[:8])
-    assert launch_section(cfg) == LaunchConfig()
+    assert launch_section(cfg) is cfg.launch
+    with pytest.raises(ValueError, match="no launch: section"):
+        launch_section(object())
 
 
 def test_cli_render_writes_the_manifests(tmp_path, project_root, monkeypatch):
