@@ -111,8 +111,10 @@ class MultimodalEncoder(nn.Module):
         image_states: torch.Tensor,
         text_states: torch.Tensor,
         text_mask: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """``image_states`` (B, 1 + P, H_img), ``text_states`` (B, T, H_txt), ``text_mask`` (B, T) or None."""
+        """``image_states`` (B, 1 + P, H_img), ``text_states`` (B, T, H_txt), ``text_mask`` (B, T) or None ->
+        states (B, 1 + (1 + P) + T, H_mm), or (B, Q, H_mm) at the positions ``select`` (B, Q) only."""
         image = self.image_input(image_states)
         text = self.text_input(text_states)
         batch = image.shape[0]
@@ -122,5 +124,5 @@ class MultimodalEncoder(nn.Module):
             # Every image position (and the mm CLS) is real; text positions follow the padding mask.
             ones = torch.ones(batch, 1 + image.shape[1], dtype=text_mask.dtype, device=text_mask.device)
             mask = torch.cat([ones, text_mask], dim=1)
-        pre, post = self.encoder(x, attention_bias(mask))
+        pre, post = self.encoder(x, attention_bias(mask), last_select=select)
         return EncoderOutput(hidden=post, pre_norm=pre, mask=mask)

@@ -38,6 +38,18 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
+Select = "int | torch.Tensor | None"  # query positions: None = all, k = the first k, (B, Q) tensor = gathered
+
+
+def take(x: torch.Tensor, select: int | torch.Tensor | None) -> torch.Tensor:
+    """(B, T, H) -> the selected positions: all, the first ``select``, or ``select`` (B, Q) indices per row."""
+    if select is None:
+        return x
+    if isinstance(select, int):
+        return x[:, :select]
+    return torch.gather(x, 1, select[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def attention_bias(mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, T) key mask, 1/True = attend -> (B, 1, 1, T) boolean mask as SDPA takes it (None = attend to all)."""
     if mask is None:
@@ -55,24 +67,22 @@ class Attention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.implementation = implementation
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, num_queries: int | None = None
-    ) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H); with ``num_queries`` only the first that many positions attend (keys and
-        values still come from all T), giving (B, num_queries, H)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, select: Select = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); with ``select`` (see ``take``) only those Q positions attend (keys and
+        values still come from all T), giving (B, Q, H)."""
         batch, length, width = x.shape
-        if num_queries is None:
+        if select is None:
             # (B, T, 3, heads, head_dim) -> 3 x (B, heads, T, head_dim)
             q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         else:
             weight, bias = self.qkv.weight, self.qkv.bias
             q_bias, kv_bias = (None, None) if bias is None else (bias[:width], bias[width:])
-            q = F.linear(x[:, :num_queries], weight[:width], q_bias)
-            q = q.view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+            q = F.linear(take(x, select), weight[:width], q_bias)  # (B, Q, H)
             k, v = F.linear(x, weight[width:], kv_bias).view(batch, length, 2, self.num_heads, self.head_dim).permute(
                 2, 0, 3, 1, 4
             )
-            length = num_queries
+            length = q.shape[1]
+            q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         dropout = self.attention_dropout if self.training else 0.0
         if self.implementation == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -107,21 +117,20 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, num_queries: int | None = None
-    ) -> torch.Tensor:
-        """(B, T, H) -> (B, T, H), or (B, num_queries, H): the block's output at the first positions only."""
-        attended = self.attn(self.norm1(x), mask, num_queries)
-        x = x if num_queries is None else x[:, :num_queries]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, select: Select = None) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H), or (B, Q, H): the block's output at the ``select``-ed positions only."""
+        attended = self.attn(self.norm1(x), mask, select)
+        x = take(x, select)
         x = x + self.dropout(attended)
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
 class TransformerStack(nn.Module):
     """``num_layers`` blocks and a final LayerNorm. ``forward`` returns ``(pre_norm, post_norm)`` hidden states,
-    both (B, T, H) -- or (B, 1, H) with ``cls_only``: then the last block computes the first (CLS) position only,
-    which is all the contrastive loss and the feature API need (the other positions of the last block would be
-    discarded; skipping them saves most of that block)."""
+    both (B, T, H) -- or (B, Q, H) when the last block computes some positions only: the first (CLS) one with
+    ``cls_only`` (all the contrastive loss and the feature API read) or the (B, Q) indices ``last_select`` (the
+    positions the fusion heads read). The other positions of the last block would be discarded; skipping them
+    saves most of that block."""
 
     def __init__(self, cfg: TransformerConfig, implementation: str = "sdpa") -> None:
         super().__init__()
@@ -130,17 +139,21 @@ class TransformerStack(nn.Module):
         self.activation_checkpointing = False
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, cls_only: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cls_only: bool = False,
+        last_select: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            num_queries = 1 if cls_only and i == last else None
+            select = (1 if cls_only else last_select) if i == last else None
             # Recompute each block's activations in backward instead of storing them (saves memory, ~1/3 compute).
             if recompute:
-                x = checkpoint(block, x, mask, num_queries, use_reentrant=False)
+                x = checkpoint(block, x, mask, select, use_reentrant=False)
             else:
-                x = block(x, mask, num_queries)
-        if cls_only and not len(self.blocks):
-            x = x[:, :1]
+                x = block(x, mask, select)
+        if not len(self.blocks):
+            x = take(x, 1 if cls_only else last_select)
         return x, self.norm(x)

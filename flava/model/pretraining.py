@@ -9,7 +9,8 @@ The batch kind decides what runs (FLAVA Sec. 3.4):
 
 Unlike transformers' FLAVA, image-only and text-only batches run one (masked) encoder pass, not two; a pair
 batch runs the unmasked pass only when the contrastive loss is on (and the last block of that pass only for the
-CLS position, the one the loss reads) and the masked/fused pass only when ITM or MMM is on. ITM negatives (when
+CLS position, the one the loss reads) and the masked/fused pass only when ITM or MMM is on (its last block
+only at the positions the ITM/MMM heads read: the mm CLS and the masked patches/tokens of matched pairs). ITM negatives (when
 the batch carries no ``itm_labels``) re-pair the already computed text states with other images of the batch, so
 they cost no extra text-encoder pass.
 
@@ -274,27 +275,59 @@ class FlavaForPretraining(nn.Module):
             text_states = text_states[text_index]  # row i now holds caption text_index[i]
             text_mask = text_mask[text_index] if text_mask is not None else None
             matched = itm_labels.bool()
-        fused = mm(mm.fusion_states(image), text_states, text_mask)  # (B, 1 + (1 + P) + T, H_mm)
+        # Labels first: they decide which fused positions the heads read. Positions of the fused sequence:
+        # 0 = mm CLS (ITM), 1 = image CLS, 2 .. 1 + P = patches (MMM-image), then the T text tokens (MMM-text).
+        batch_size, num_patches, length = pixel_values.shape[0], self.config.image.num_patches, masked_ids.shape[1]
+        full = 2 + num_patches + length
+        image_labels = text_labels = None
+        if self._weight("mmm_image"):
+            image_labels = self.mim_targets(batch).masked_fill(~image_mask, IGNORE_INDEX)  # (B, P)
+            if matched is not None:
+                image_labels = image_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
+            image_labels = F.pad(image_labels, (2, length), value=IGNORE_INDEX)  # (B, S) over fused positions
+        if self._weight("mmm_text"):
+            text_labels = batch["mlm_labels"]  # matched rows keep their own caption: row i's labels still apply
+            if matched is not None:
+                text_labels = text_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
+            text_labels = F.pad(text_labels, (2 + num_patches, 0), value=IGNORE_INDEX)  # (B, S)
+        select = self._fused_positions(batch_size, full, image_labels, text_labels, pixel_values.device)
+        fused = mm(mm.fusion_states(image), text_states, text_mask, select=select)  # (B, S or Q, H_mm)
+        if select is not None:
+            image_labels = torch.gather(image_labels, 1, select) if image_labels is not None else None
+            text_labels = torch.gather(text_labels, 1, select) if text_labels is not None else None
 
         if self._weight("itm"):
             losses["itm"], metrics["itm_acc"] = itm_loss(self.itm_head(fused.cls), itm_labels)
-        num_patches = self.config.image.num_patches
-        if self._weight("mmm_image"):
-            labels = self.mim_targets(batch).masked_fill(~image_mask, IGNORE_INDEX)
-            if matched is not None:
-                labels = labels.masked_fill(~matched[:, None], IGNORE_INDEX)
-            # positions: 0 = mm CLS, 1 = image CLS, 2 .. 1 + P = patches
+        if image_labels is not None:
             losses["mmm_image"], metrics["mmm_image_acc"] = masked_prediction_loss(
-                self.mmm_image_head, fused.hidden[:, 2 : 2 + num_patches], labels
+                self.mmm_image_head, fused.hidden, image_labels
             )
-        if self._weight("mmm_text"):
-            labels = batch["mlm_labels"]  # matched rows keep their own caption, so row i's labels still apply
-            if matched is not None:
-                labels = labels.masked_fill(~matched[:, None], IGNORE_INDEX)
-            length = labels.shape[1]
+        if text_labels is not None:
             losses["mmm_text"], metrics["mmm_text_acc"] = masked_prediction_loss(
-                self.mmm_text_head, fused.hidden[:, -length:], labels
+                self.mmm_text_head, fused.hidden, text_labels
             )
+
+    @staticmethod
+    def _fused_positions(
+        batch_size: int,
+        full: int,
+        image_labels: torch.Tensor | None,
+        text_labels: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """(B, Q) ascending fused positions the heads read (the mm CLS + every position with a label), padded per
+        row with unread ones; None when that is (nearly) every position. The last multimodal block then runs for
+        these Q positions only, as its other outputs would be discarded."""
+        needed = torch.zeros(batch_size, full, dtype=torch.bool, device=device)
+        needed[:, 0] = True
+        for labels in (image_labels, text_labels):
+            if labels is not None:
+                needed |= labels != IGNORE_INDEX
+        count = int(needed.sum(dim=1).max())  # one host sync (the heads' boolean selection syncs anyway)
+        if count > 0.75 * full:
+            return None
+        # stable sort puts the needed positions first, each group in ascending order
+        return torch.argsort((~needed).to(torch.int8), dim=1, stable=True)[:, :count]
 
     def _itm_negatives(
         self, batch_size: int, generator: torch.Generator | None, device: torch.device

@@ -375,3 +375,42 @@ def test_bf16_weights_give_fp32_losses_close_to_fp32(model, cfg):
     expected = torch.nn.functional.layer_norm(x.float(), (cfg.image.hidden_size,), norm.weight.float(),
                                               norm.bias.float(), norm.eps)
     assert torch.allclose(norm(x).float(), expected, atol=0.05)
+
+
+def test_last_fusion_block_runs_only_where_heads_read(model, cfg, monkeypatch):
+    batch = make_batch(cfg, "pair")
+    batch["itm_labels"] = torch.tensor([1, 0, 1, 1])
+    seen = []
+    original = FlavaForPretraining._fused_positions
+
+    def spy(*args):
+        seen.append(original(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(FlavaForPretraining, "_fused_positions", staticmethod(spy))
+    out = model(batch)
+    out.loss.backward()
+    select = seen[0]
+    full = 2 + cfg.image.num_patches + batch["input_ids"].shape[1]
+    assert select is not None and select.shape[1] < full and bool((select[:, 0] == 0).all())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr(FlavaForPretraining, "_fused_positions", staticmethod(lambda *a: None))  # every position
+    again = model(batch)
+    again.loss.backward()
+    for name in out.losses:
+        assert torch.allclose(out.losses[name], again.losses[name], atol=1e-6), name
+    for name, grad in grads.items():
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("only", ["itm", "mmm_image", "mmm_text"])
+def test_single_fusion_objective_ablations(only):
+    weights = {name: 0.0 for name in ("mim", "mlm", "mmm_image", "mmm_text", "itm", "contrastive")}
+    weights[only] = 1.0
+    cfg = preset("tiny", {"loss": weights})
+    model = FlavaForPretraining(cfg)
+    out = model(make_batch(cfg, "pair"))
+    assert set(out.losses) == {only} and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.multimodal_encoder.encoder.blocks[-1].mlp.fc2.weight.grad is not None
