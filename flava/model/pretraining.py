@@ -58,6 +58,10 @@ class FlavaOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached accuracies, logit scale
 
 
+# Pytree-visible output: FSDP2 (and torch.export) find the output's tensors by flattening it with pytree.
+torch.utils._pytree.register_dataclass(FlavaOutput)
+
+
 class FlavaForPretraining(nn.Module):
     def __init__(self, config: FlavaConfig, codebook: Any = None) -> None:
         super().__init__()

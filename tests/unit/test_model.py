@@ -414,3 +414,12 @@ def test_single_fusion_objective_ablations(only):
     assert set(out.losses) == {only} and torch.isfinite(out.loss)
     out.loss.backward()
     assert model.multimodal_encoder.encoder.blocks[-1].mlp.fc2.weight.grad is not None
+
+
+def test_output_is_pytree_visible(model, cfg):
+    """FSDP2 hooks its gradient reduce-scatter on the output tensors it finds by pytree flattening."""
+    from torch.utils._pytree import tree_flatten
+
+    out = model(make_batch(cfg, "text"))
+    leaves, _ = tree_flatten(out)
+    assert any(leaf is out.loss for leaf in leaves) and any(leaf is out.losses["mlm"] for leaf in leaves)
