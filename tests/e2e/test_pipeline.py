@@ -79,7 +79,8 @@ def _run_pipeline(repo: Path) -> dict:
         [str(BIN / "flava"), "pipeline", "run"], cwd=repo, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(proc.stdout[proc.stdout.index("{"):])
+    # The stages print their own JSON results first (dvc passes their stdout through); ours is the last object.
+    return json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
 
 
 @pytest.mark.slow
