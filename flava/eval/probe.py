@@ -24,10 +24,11 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, pcfg: ProbeConfig, seed: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     steps = [StandardScaler()] if pcfg.standardize else []
     clf = make_pipeline(*steps, LogisticRegression(C=c, solver="lbfgs", max_iter=pcfg.max_iter, random_state=seed))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(limits=pcfg.blas_threads):
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported via n_iter instead
         clf.fit(x, y)
     return clf
@@ -62,7 +63,7 @@ def linear_probe(
     else:
         x, y = train
     final = _fit(x, y, best_c, pcfg, seed)
-    test_acc = float((final.predict(test[0]) == test[1]).mean())
+    test_acc = float((final.predict(test[0]) == test[1]).mean())  # predict is one small matmul
     n_iter = int(np.max(final[-1].n_iter_))
     return {
         "accuracy": test_acc,
