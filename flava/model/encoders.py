@@ -78,10 +78,23 @@ class TextEncoder(nn.Module):
         return self.dropout(self.embed_norm(x))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cls_only: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cls_only: bool = False,
+        skip_padding: bool = False,
+        needed: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """-> states (B, T, H), or (B, 1, H) with ``cls_only``."""
-        pre, post = self.encoder(self.embed(input_ids), attention_bias(attention_mask), cls_only=cls_only)
+        """-> states (B, T, H), or (B, 1, H) with ``cls_only``. ``skip_padding``: the blocks skip the padded
+        positions except the ``needed`` ones ((B, T) bool), whose states then pass the embeddings through
+        (see ``flava.model.layers``); the training forward uses it, the feature API does not."""
+        pre, post = self.encoder(
+            self.embed(input_ids),
+            attention_bias(attention_mask),
+            cls_only=cls_only,
+            skip_padding=skip_padding,
+            needed=needed,
+        )
         return EncoderOutput(hidden=post, pre_norm=pre, mask=attention_mask)
 
 
@@ -112,9 +125,11 @@ class MultimodalEncoder(nn.Module):
         text_states: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         select: torch.Tensor | None = None,
+        skip_padding: bool = False,
     ) -> EncoderOutput:
         """``image_states`` (B, 1 + P, H_img), ``text_states`` (B, T, H_txt), ``text_mask`` (B, T) or None ->
-        states (B, 1 + (1 + P) + T, H_mm), or (B, Q, H_mm) at the positions ``select`` (B, Q) only."""
+        states (B, 1 + (1 + P) + T, H_mm), or (B, Q, H_mm) at the positions ``select`` (B, Q) only.
+        ``skip_padding``: the blocks skip the padded text positions not in ``select`` (``flava.model.layers``)."""
         image = self.image_input(image_states)
         text = self.text_input(text_states)
         batch = image.shape[0]
@@ -124,5 +139,5 @@ class MultimodalEncoder(nn.Module):
             # Every image position (and the mm CLS) is real; text positions follow the padding mask.
             ones = torch.ones(batch, 1 + image.shape[1], dtype=text_mask.dtype, device=text_mask.device)
             mask = torch.cat([ones, text_mask], dim=1)
-        pre, post = self.encoder(x, attention_bias(mask), last_select=select)
+        pre, post = self.encoder(x, attention_bias(mask), last_select=select, skip_padding=skip_padding)
         return EncoderOutput(hidden=post, pre_norm=pre, mask=mask)

@@ -6,6 +6,16 @@ default: flash / memory-efficient kernels where the device has them) or the expl
 (``"eager"``, the reference path transformers' FLAVA uses). ``TransformerStack`` runs the blocks, optionally
 under activation checkpointing, and returns the last hidden state both before and after its final LayerNorm:
 FLAVA feeds the former to the multimodal encoder and the latter to the heads.
+
+Skipping padding (``skip_padding=True``, what the training forward uses): with a key-padding mask the stack runs
+the per-token work (LayerNorms, the qkv/output projections, the MLP) on the real tokens only, held packed as one
+(N, H) tensor between blocks; they are scattered back to (B, T, ...) only for the attention product itself,
+where the mask hides the padded keys. Padded positions cannot influence real ones (they are masked keys), so
+outputs at every computed position -- the unmasked ones, plus any the caller asks for (the CLS with
+``cls_only``, the ``last_select`` positions, ``needed``) -- equal those of the full computation. At every other
+position the blocks are skipped: the stack's ``pre_norm`` output there is its input, passed through unchanged
+(and ``post_norm`` its LayerNorm). Without ``skip_padding`` every position is computed (the feature API, so
+embeddings match transformers' FLAVA at padded positions too).
 """
 from __future__ import annotations
 
@@ -57,6 +67,50 @@ def attention_bias(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.to(torch.bool)[:, None, None, :]
 
 
+class Packing:
+    """The positions of a (B, T, ...) sequence batch that the blocks compute, and the moves between the padded
+    (B, T, ...) layout and the packed (N, ...) one that holds the N computed rows in row-major order."""
+
+    def __init__(self, compute: torch.Tensor) -> None:
+        """``compute`` (B, T) bool: True = computed. Costs one host sync (the number of computed rows)."""
+        self.batch, self.length = compute.shape
+        flat = compute.reshape(-1)
+        self.rows = flat.nonzero().squeeze(1)  # (N,) indices into the flattened B * T positions
+        # slot[b * T + t] = the packed row of position (b, t); -1 where it is not computed
+        self.slot = torch.full_like(flat, -1, dtype=torch.long).index_copy(
+            0, self.rows, torch.arange(self.rows.numel(), device=flat.device)
+        ).view(self.batch, self.length)
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.numel()
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (N, C): the computed rows."""
+        return x.reshape(self.batch * self.length, x.shape[-1]).index_select(0, self.rows)
+
+    def unpack(self, x: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C) -> (B, T, C), ``fill`` (B, T, C) (default zeros) at the positions that are not computed."""
+        width = x.shape[-1]
+        base = x.new_zeros(self.batch * self.length, width) if fill is None else fill.reshape(-1, width)
+        return base.index_copy(0, self.rows, x).view(self.batch, self.length, width)
+
+    def take(self, x: torch.Tensor, select: int | torch.Tensor) -> torch.Tensor:
+        """Packed (N, C) -> (B, Q, C) at the (computed) positions ``select`` (see ``take``)."""
+        if isinstance(select, int):
+            index = self.slot[:, :select]
+        else:
+            index = torch.gather(self.slot, 1, select)
+        return x.index_select(0, index.reshape(-1)).view(*index.shape, x.shape[-1])
+
+
+def key_mask(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """The (B, 1, 1, T) attention mask of ``attention_bias`` -> (B, T) bool, True = real key."""
+    if tuple(mask.shape) != (batch, 1, 1, length):
+        raise ValueError(f"the attention mask has shape {tuple(mask.shape)}; expected ({batch}, 1, 1, {length})")
+    return mask.reshape(batch, length).to(torch.bool)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig, implementation: str = "sdpa") -> None:
         super().__init__()
@@ -67,32 +121,57 @@ class Attention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.implementation = implementation
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, select: Select = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        select: Select = None,
+        packing: Packing | None = None,
+    ) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H); with ``select`` (see ``take``) only those Q positions attend (keys and
-        values still come from all T), giving (B, Q, H)."""
-        batch, length, width = x.shape
+        values still come from all T), giving (B, Q, H). With ``packing``, x is the packed (N, H) computed rows
+        and the result is (N, H) (or (B, Q, H) with ``select``); keys/values of the other positions are zeros,
+        which the mask must hide."""
+        width = self.qkv.in_features
+        if packing is None:
+            batch, length = x.shape[0], x.shape[1]
+        else:
+            batch, length = packing.batch, packing.length
         if select is None:
+            qkv = self.qkv(x)
+            if packing is not None:
+                qkv = packing.unpack(qkv)
             # (B, T, 3, heads, head_dim) -> 3 x (B, heads, T, head_dim)
-            q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            queries = length
         else:
             weight, bias = self.qkv.weight, self.qkv.bias
             q_bias, kv_bias = (None, None) if bias is None else (bias[:width], bias[width:])
-            q = F.linear(take(x, select), weight[:width], q_bias)  # (B, Q, H)
-            k, v = F.linear(x, weight[width:], kv_bias).view(batch, length, 2, self.num_heads, self.head_dim).permute(
-                2, 0, 3, 1, 4
-            )
-            length = q.shape[1]
-            q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            rows = take(x, select) if packing is None else packing.take(x, select)
+            q = F.linear(rows, weight[:width], q_bias)  # (B, Q, H)
+            kv = F.linear(x, weight[width:], kv_bias)
+            if packing is not None:
+                kv = packing.unpack(kv)
+            k, v = kv.view(batch, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            queries = q.shape[1]
+            q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
+        out = self._attend(q, k, v, mask).transpose(1, 2).reshape(batch, queries, width)
+        if packing is not None and select is None:
+            out = packing.pack(out)
+        return self.proj(out)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, heads, Q, d), (B, heads, T, d) x 2 -> (B, heads, Q, d)."""
         dropout = self.attention_dropout if self.training else 0.0
         if self.implementation == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        else:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, T, T)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            probs = F.dropout(scores.softmax(dim=-1), p=dropout, training=self.training)
-            out = probs @ v
-        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, Q, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = F.dropout(scores.softmax(dim=-1), p=dropout, training=self.training)
+        return probs @ v
 
 
 class MLP(nn.Module):
@@ -117,10 +196,18 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, select: Select = None) -> torch.Tensor:
-        """(B, T, H) -> (B, T, H), or (B, Q, H): the block's output at the ``select``-ed positions only."""
-        attended = self.attn(self.norm1(x), mask, select)
-        x = take(x, select)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        select: Select = None,
+        packing: Packing | None = None,
+    ) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H), or (B, Q, H): the block's output at the ``select``-ed positions only. With
+        ``packing``: packed (N, H) -> (N, H), or (B, Q, H) with ``select`` (positions ``packing`` computes)."""
+        attended = self.attn(self.norm1(x), mask, select, packing)
+        if select is not None:
+            x = take(x, select) if packing is None else packing.take(x, select)
         x = x + self.dropout(attended)
         return x + self.dropout(self.mlp(self.norm2(x)))
 
@@ -130,7 +217,7 @@ class TransformerStack(nn.Module):
     both (B, T, H) -- or (B, Q, H) when the last block computes some positions only: the first (CLS) one with
     ``cls_only`` (all the contrastive loss and the feature API read) or the (B, Q) indices ``last_select`` (the
     positions the fusion heads read). The other positions of the last block would be discarded; skipping them
-    saves most of that block."""
+    saves most of that block. ``skip_padding`` skips the padded positions in every block (module docstring)."""
 
     def __init__(self, cfg: TransformerConfig, implementation: str = "sdpa") -> None:
         super().__init__()
@@ -144,16 +231,52 @@ class TransformerStack(nn.Module):
         mask: torch.Tensor | None = None,
         cls_only: bool = False,
         last_select: torch.Tensor | None = None,
+        skip_padding: bool = False,
+        needed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mask`` (B, 1, 1, T) bool from ``attention_bias``; with ``skip_padding`` the blocks compute only its
+        real positions plus those whose output is read: the CLS (``cls_only``), ``last_select`` and ``needed``
+        ((B, T) bool, e.g. labelled positions)."""
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        packing = self._packing(x, mask, cls_only, last_select, needed) if skip_padding else None
+        inputs = x
+        if packing is not None:
+            x = packing.pack(x)  # (N, H) from here on
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             select = (1 if cls_only else last_select) if i == last else None
             # Recompute each block's activations in backward instead of storing them (saves memory, ~1/3 compute).
             if recompute:
-                x = checkpoint(block, x, mask, select, use_reentrant=False)
+                x = checkpoint(block, x, mask, select, packing, use_reentrant=False)
             else:
-                x = block(x, mask, select)
+                x = block(x, mask, select, packing)
         if not len(self.blocks):
             x = take(x, 1 if cls_only else last_select)
+        elif packing is not None and not cls_only and last_select is None:
+            x = packing.unpack(x, fill=inputs)  # skipped positions pass their input through
         return x, self.norm(x)
+
+    def _packing(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cls_only: bool,
+        last_select: torch.Tensor | None,
+        needed: torch.Tensor | None,
+    ) -> Packing | None:
+        """The positions to compute, or None when that is every position (no padding: nothing to skip)."""
+        if mask is None or not len(self.blocks):
+            return None
+        batch, length = x.shape[0], x.shape[1]
+        compute = key_mask(mask, batch, length)
+        if needed is not None:
+            if tuple(needed.shape) != (batch, length):
+                raise ValueError(f"needed has shape {tuple(needed.shape)}; expected ({batch}, {length})")
+            compute = compute | needed.to(torch.bool)
+        if cls_only:
+            compute = compute.clone()
+            compute[:, 0] = True
+        elif last_select is not None:
+            compute = compute.scatter(1, last_select, True)
+        packing = Packing(compute)
+        return packing if packing.num_rows < batch * length else None

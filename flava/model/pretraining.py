@@ -239,8 +239,11 @@ class FlavaForPretraining(nn.Module):
     def _text_objectives(self, batch, losses, metrics) -> None:
         if not self._weight("mlm"):
             return
-        out = self.text_encoder(batch["input_ids_masked"], batch.get("attention_mask"))
-        losses["mlm"], metrics["mlm_acc"] = masked_prediction_loss(self.mlm_head, out.hidden, batch["mlm_labels"])
+        labels = batch["mlm_labels"]
+        out = self.text_encoder(
+            batch["input_ids_masked"], batch.get("attention_mask"), skip_padding=True, needed=labels != IGNORE_INDEX
+        )
+        losses["mlm"], metrics["mlm_acc"] = masked_prediction_loss(self.mlm_head, out.hidden, labels)
 
     def _pair_objectives(self, batch, losses, metrics, generator) -> None:
         pixel_values, attention_mask = batch["pixel_values"], batch.get("attention_mask")
@@ -255,7 +258,7 @@ class FlavaForPretraining(nn.Module):
         if self._weight("contrastive"):
             # Only the CLS states are needed: the last block of each tower runs for that one position.
             image = self.image_encoder(pixel_values, cls_only=True)
-            text = self.text_encoder(batch["input_ids"], attention_mask, cls_only=True)
+            text = self.text_encoder(batch["input_ids"], attention_mask, cls_only=True, skip_padding=True)
             image_emb = F.normalize(self.image_projection(image.cls), dim=-1)
             text_emb = F.normalize(self.text_projection(text.cls), dim=-1)
             rank, world_size = self.process_group_info or _process_group()
@@ -270,7 +273,13 @@ class FlavaForPretraining(nn.Module):
         image_mask = image_mask.to(torch.bool) if image_mask is not None else None
         masked_ids = batch.get("input_ids_masked", batch["input_ids"])
         image = self.image_encoder(pixel_values, image_mask)
-        text = self.text_encoder(masked_ids, attention_mask)
+        mlm_labels = batch.get("mlm_labels")
+        text = self.text_encoder(
+            masked_ids,
+            attention_mask,
+            skip_padding=True,
+            needed=mlm_labels != IGNORE_INDEX if mlm_labels is not None and self._weight("mmm_text") else None,
+        )
         mm = self.multimodal_encoder
         text_states, text_mask = mm.fusion_states(text), attention_mask
         itm_labels = given_itm
@@ -295,7 +304,7 @@ class FlavaForPretraining(nn.Module):
                 text_labels = text_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
             text_labels = F.pad(text_labels, (2 + num_patches, 0), value=IGNORE_INDEX)  # (B, S)
         select = self._fused_positions(batch_size, full, image_labels, text_labels, pixel_values.device)
-        fused = mm(mm.fusion_states(image), text_states, text_mask, select=select)  # (B, S or Q, H_mm)
+        fused = mm(mm.fusion_states(image), text_states, text_mask, select=select, skip_padding=True)  # (B, S|Q, H)
         if select is not None:
             image_labels = torch.gather(image_labels, 1, select) if image_labels is not None else None
             text_labels = torch.gather(text_labels, 1, select) if text_labels is not None else None
