@@ -141,8 +141,7 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
             if packing is not None:
                 qkv = packing.unpack(qkv)
-            # (B, T, 3, heads, head_dim) -> 3 x (B, heads, T, head_dim)
-            q, k, v = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = self._heads(qkv, batch, length, 3)
             queries = length
         else:
             weight, bias = self.qkv.weight, self.qkv.bias
@@ -152,13 +151,20 @@ class Attention(nn.Module):
             kv = F.linear(x, weight[width:], kv_bias)
             if packing is not None:
                 kv = packing.unpack(kv)
-            k, v = kv.view(batch, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k, v = self._heads(kv, batch, length, 2)
             queries = q.shape[1]
             q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
         out = self._attend(q, k, v, mask).transpose(1, 2).reshape(batch, queries, width)
         if packing is not None and select is None:
             out = packing.pack(out)
         return self.proj(out)
+
+    def _heads(self, fused: torch.Tensor, batch: int, length: int, parts: int) -> tuple[torch.Tensor, ...]:
+        """(B, T, parts * H) -> ``parts`` x (B, heads, T, head_dim) views. Unbinding the (B, T, parts, heads, d)
+        view on its ``parts`` axis makes backward stack the gradients straight into the projection's contiguous
+        (B, T, parts * H) layout (a permute first would cost a stack and a copy per block)."""
+        split = fused.view(batch, length, parts, self.num_heads, self.head_dim).unbind(2)
+        return tuple(t.transpose(1, 2) for t in split)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
