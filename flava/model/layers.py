@@ -9,8 +9,8 @@ FLAVA feeds the former to the multimodal encoder and the latter to the heads.
 
 Skipping padding (``skip_padding=True``, what the training forward uses): with a key-padding mask the stack runs
 the per-token work (LayerNorms, the qkv/output projections, the MLP) on the real tokens only, held packed as one
-(N, H) tensor between blocks; they are scattered back to (B, T, ...) only for the attention product itself,
-where the mask hides the padded keys. Padded positions cannot influence real ones (they are masked keys), so
+(N, H) tensor between blocks; they are scattered to (B, S, ...) only for the attention product itself, where
+the mask hides the padded keys (S <= T: columns that are padding in every row drop out). Padded positions cannot influence real ones (they are masked keys), so
 outputs at every computed position -- the unmasked ones, plus any the caller asks for (the CLS with
 ``cls_only``, the ``last_select`` positions, ``needed``) -- equal those of the full computation. At every other
 position the blocks are skipped: the stack's ``pre_norm`` output there is its input, passed through unchanged
@@ -68,15 +68,22 @@ def attention_bias(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class Packing:
-    """The positions of a (B, T, ...) sequence batch that the blocks compute, and the moves between the padded
-    (B, T, ...) layout and the packed (N, ...) one that holds the N computed rows in row-major order."""
+    """The positions of a (B, T, ...) sequence batch that the blocks compute, and the moves between three layouts:
+    the padded (B, T, ...) one of the stack's input/output, the packed (N, ...) one holding the N computed rows in
+    row-major order, and the attention layout (B, S, ...) -- the first S = ``span`` positions, S being one past
+    the last computed position of any row (trailing all-padding columns drop out of the attention product)."""
 
     def __init__(self, compute: torch.Tensor) -> None:
-        """``compute`` (B, T) bool: True = computed. Costs one host sync (the number of computed rows)."""
+        """``compute`` (B, T) bool: True = computed. Costs a few host syncs (row counts, the span)."""
         self.batch, self.length = compute.shape
         flat = compute.reshape(-1)
         self.rows = flat.nonzero().squeeze(1)  # (N,) indices into the flattened B * T positions
-        # slot[b * T + t] = the packed row of position (b, t); -1 where it is not computed
+        used = compute.any(dim=0).nonzero()
+        self.span = int(used.max()) + 1 if used.numel() else 0
+        inner = compute[:, : self.span].reshape(-1)
+        self.inner_rows = inner.nonzero().squeeze(1)  # (N,) indices into the flattened B * S positions
+        self.inner_gaps = (~inner).nonzero().squeeze(1)  # the other positions of the attention layout
+        # slot[b, t] = the packed row of position (b, t); -1 where it is not computed
         self.slot = torch.full_like(flat, -1, dtype=torch.long).index_copy(
             0, self.rows, torch.arange(self.rows.numel(), device=flat.device)
         ).view(self.batch, self.length)
@@ -94,6 +101,23 @@ class Packing:
         width = x.shape[-1]
         base = x.new_zeros(self.batch * self.length, width) if fill is None else fill.reshape(-1, width)
         return base.index_copy(0, self.rows, x).view(self.batch, self.length, width)
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (B, S, C) attention layout, zeros at the positions that are not computed. Written once:
+        the computed rows, then zeros into the gaps only."""
+        width = x.shape[-1]
+        out = x.new_empty(self.batch * self.span, width).index_copy_(0, self.inner_rows, x)
+        if self.inner_gaps.numel():
+            out = out.index_fill_(0, self.inner_gaps, 0.0)
+        return out.view(self.batch, self.span, width)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, C) attention layout -> (N, C) packed."""
+        return x.reshape(self.batch * self.span, x.shape[-1]).index_select(0, self.inner_rows)
+
+    def attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The (B, 1, 1, T) key mask cut to the attention layout's S positions."""
+        return mask[..., : self.span]
 
     def take(self, x: torch.Tensor, select: int | torch.Tensor) -> torch.Tensor:
         """Packed (N, C) -> (B, Q, C) at the (computed) positions ``select`` (see ``take``)."""
@@ -135,12 +159,12 @@ class Attention(nn.Module):
         width = self.qkv.in_features
         if packing is None:
             batch, length = x.shape[0], x.shape[1]
-        else:
-            batch, length = packing.batch, packing.length
+        else:  # attention runs in the packing's (B, S, ...) layout; ``mask`` is cut to it
+            batch, length = packing.batch, packing.span
         if select is None:
             qkv = self.qkv(x)
             if packing is not None:
-                qkv = packing.unpack(qkv)
+                qkv = packing.scatter(qkv)
             q, k, v = self._heads(qkv, batch, length, 3)
             queries = length
         else:
@@ -150,13 +174,13 @@ class Attention(nn.Module):
             q = F.linear(rows, weight[:width], q_bias)  # (B, Q, H)
             kv = F.linear(x, weight[width:], kv_bias)
             if packing is not None:
-                kv = packing.unpack(kv)
+                kv = packing.scatter(kv)
             k, v = self._heads(kv, batch, length, 2)
             queries = q.shape[1]
             q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
         out = self._attend(q, k, v, mask).transpose(1, 2).reshape(batch, queries, width)
         if packing is not None and select is None:
-            out = packing.pack(out)
+            out = packing.gather(out)
         return self.proj(out)
 
     def _heads(self, fused: torch.Tensor, batch: int, length: int, parts: int) -> tuple[torch.Tensor, ...]:
@@ -248,6 +272,7 @@ class TransformerStack(nn.Module):
         inputs = x
         if packing is not None:
             x = packing.pack(x)  # (N, H) from here on
+            mask = packing.attention_mask(mask)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             select = (1 if cls_only else last_select) if i == last else None
@@ -285,4 +310,4 @@ class TransformerStack(nn.Module):
         elif last_select is not None:
             compute = compute.scatter(1, last_select, True)
         packing = Packing(compute)
-        return packing if packing.num_rows < batch * length else None
+        return packing if 0 < packing.num_rows < batch * length else None

@@ -18,20 +18,21 @@ def padded_mask(batch: int, length: int, lengths: list[int]) -> torch.Tensor:
     return mask
 
 
-def stack_and_inputs(attention: str, seed: int = 0):
+def stack_and_inputs(attention: str, seed: int = 0, lengths: tuple[int, ...] = (9, 3, 6, 1)):
     torch.manual_seed(seed)
     cfg = preset("tiny", {"attention": attention}).text
     stack = TransformerStack(cfg, attention).train()
     with torch.no_grad():  # make the final norm's bias matter (post_norm = norm(pre_norm))
         stack.norm.bias.normal_()
     x = torch.randn(4, 9, cfg.hidden_size, requires_grad=True)
-    mask = padded_mask(4, 9, [9, 3, 6, 1])
+    mask = padded_mask(4, 9, list(lengths))
     return stack, x, mask
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_skipping_padding_keeps_real_outputs_and_gradients(attention):
-    stack, x, mask = stack_and_inputs(attention)
+@pytest.mark.parametrize("lengths", [(9, 3, 6, 1), (5, 3, 6, 2)])  # the second: trailing all-padding columns
+def test_skipping_padding_keeps_real_outputs_and_gradients(attention, lengths):
+    stack, x, mask = stack_and_inputs(attention, lengths=lengths)
     real = mask.bool()
     outputs, grads = [], []
     for skip in (False, True):
@@ -86,16 +87,24 @@ def test_no_padding_means_no_packing_and_bad_needed_shape_is_rejected():
         stack(x, ones, skip_padding=True, needed=torch.ones(4, 8, dtype=torch.bool))
 
 
-def test_packing_round_trip_and_take():
-    compute = torch.tensor([[True, False, True], [False, True, True]])
+def test_packing_round_trip_take_and_attention_layout():
+    compute = torch.tensor([[True, False, True, False], [False, True, False, False]])
     packing = Packing(compute)
-    x = torch.arange(12.0).view(2, 3, 2)
+    x = torch.arange(16.0).view(2, 4, 2) + 1
     packed = packing.pack(x)
     assert torch.equal(packed, x[compute])
     assert torch.equal(packing.unpack(packed, fill=-x)[compute], x[compute])
     assert torch.equal(packing.unpack(packed, fill=-x)[~compute], -x[~compute])
-    assert torch.equal(packing.unpack(packed)[~compute], torch.zeros(2, 2))
+    assert torch.equal(packing.unpack(packed)[~compute], torch.zeros(5, 2))
     assert torch.equal(packing.take(packed, torch.tensor([[2], [1]])), x[[0, 1], [2, 1]][:, None])
+    # attention layout: the last column is padding in every row, so only the first 3 are kept
+    assert packing.span == 3
+    spread = packing.scatter(packed)
+    assert spread.shape == (2, 3, 2)
+    assert torch.equal(spread, torch.where(compute[:, :3, None], x[:, :3], torch.zeros(())))
+    assert torch.equal(packing.gather(spread), packed)
+    mask = compute[:, None, None, :]
+    assert torch.equal(packing.attention_mask(mask), mask[..., :3])
 
 
 def test_training_losses_and_gradients_match_the_full_computation(monkeypatch):
@@ -107,7 +116,7 @@ def test_training_losses_and_gradients_match_the_full_computation(monkeypatch):
     g = torch.Generator().manual_seed(0)
     batch_size, length, patches = 4, 10, cfg.image.num_patches
     ids = torch.randint(5, cfg.text.vocab_size, (batch_size, length), generator=g)
-    mask = padded_mask(batch_size, length, [10, 4, 7, 5])
+    mask = padded_mask(batch_size, length, [9, 4, 7, 5])  # the last column is padding in every row
     labels = torch.full_like(ids, -100)
     labels[:, 1:3] = ids[:, 1:3]
     labels[1, 8] = ids[1, 8]  # a label on padding: transformers would score it too
