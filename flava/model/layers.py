@@ -7,15 +7,15 @@ default: flash / memory-efficient kernels where the device has them) or the expl
 under activation checkpointing, and returns the last hidden state both before and after its final LayerNorm:
 FLAVA feeds the former to the multimodal encoder and the latter to the heads.
 
-Skipping padding (``skip_padding=True``, what the training forward uses): with a key-padding mask the stack runs
-the per-token work (LayerNorms, the qkv/output projections, the MLP) on the real tokens only, held packed as one
-(N, H) tensor between blocks; they are scattered to (B, S, ...) only for the attention product itself, where
-the mask hides the padded keys (S <= T: columns that are padding in every row drop out). Padded positions cannot influence real ones (they are masked keys), so
-outputs at every computed position -- the unmasked ones, plus any the caller asks for (the CLS with
-``cls_only``, the ``last_select`` positions, ``needed``) -- equal those of the full computation. At every other
-position the blocks are skipped: the stack's ``pre_norm`` output there is its input, passed through unchanged
-(and ``post_norm`` its LayerNorm). Without ``skip_padding`` every position is computed (the feature API, so
-embeddings match transformers' FLAVA at padded positions too).
+Skipping padding (``skip_padding=True``, what the training forward uses): with a key-padding mask the stack runs the
+per-token work (LayerNorms, the qkv/output projections, the MLP) on the real tokens only, held packed as one (N, H)
+tensor between blocks; they are scattered to (B, S, ...) only for the attention product itself, where the mask hides
+the padded keys (S <= T: columns that are padding in every row drop out). Padded positions cannot influence real
+ones (they are masked keys), so outputs at every computed position -- the unmasked ones, plus any the caller asks
+for (the CLS with ``cls_only``, the ``last_select`` positions, ``needed``) -- equal those of the full computation.
+At every other position the blocks are skipped: the stack's ``pre_norm`` output there is its input, passed through
+unchanged (and ``post_norm`` its LayerNorm). Without ``skip_padding`` every position is computed (the feature API,
+so embeddings match transformers' FLAVA at padded positions too).
 """
 from __future__ import annotations
 

@@ -7,12 +7,14 @@ The batch kind decides what runs (FLAVA Sec. 3.4):
 - ``pair``: an unmasked image + text pass -> global contrastive; a masked image + text pass fused by the
   multimodal encoder -> ITM on the multimodal CLS, MMM-image and MMM-text on matched pairs only.
 
-Unlike transformers' FLAVA, image-only and text-only batches run one (masked) encoder pass, not two; a pair
-batch runs the unmasked pass only when the contrastive loss is on (and the last block of that pass only for the
-CLS position, the one the loss reads) and the masked/fused pass only when ITM or MMM is on (its last block
-only at the positions the ITM/MMM heads read: the mm CLS and the masked patches/tokens of matched pairs). ITM negatives (when
-the batch carries no ``itm_labels``) re-pair the already computed text states with other images of the batch, so
-they cost no extra text-encoder pass.
+Unlike transformers' FLAVA, image-only and text-only batches run one (masked) encoder pass, not two; a pair batch
+runs the unmasked pass only when the contrastive loss is on (and the last block of that pass only for the CLS
+position, the one the loss reads) and the masked/fused pass only when ITM or MMM is on (its last block only at the
+positions the ITM/MMM heads read: the mm CLS and the masked patches/tokens of matched pairs). Every training pass
+with a text padding mask skips the padded positions in the text and multimodal blocks (``skip_padding``, see
+``flava.model.layers``): no loss reads them, and labelled positions are always computed. ITM negatives (when the
+batch carries no ``itm_labels``) re-pair the already computed text states with other images of the batch, so they
+cost no extra text-encoder pass.
 
 Weight decay: ``param_groups_for_weight_decay(wd)`` (or ``is_no_decay(name, param)``) exempts biases, norms,
 CLS/mask tokens, position embeddings and the logit scale.
