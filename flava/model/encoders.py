@@ -42,18 +42,30 @@ class ImageEncoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.encoder = TransformerStack(cfg, implementation)
 
-    def embed(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # (B, P, H)
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, P, H) patch embeddings (before masking, CLS and positions)."""
+        return self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
+
+    def embed(
+        self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None, patches: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``patches``: ``patchify(pixel_values)`` when the caller already has it (a pair batch's two passes)."""
+        x = self.patchify(pixel_values) if patches is None else patches  # (B, P, H)
         if image_mask is not None:
             x = torch.where(image_mask[..., None].to(torch.bool), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + P, H)
         return self.dropout(x + self.position_embeddings.to(x.dtype))
 
     def forward(
-        self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None, cls_only: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        cls_only: bool = False,
+        patches: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """-> states (B, 1 + P, H), or (B, 1, H) with ``cls_only`` (see ``TransformerStack``)."""
-        pre, post = self.encoder(self.embed(pixel_values, image_mask), cls_only=cls_only)
+        """-> states (B, 1 + P, H), or (B, 1, H) with ``cls_only`` (see ``TransformerStack``); ``patches`` as in
+        ``embed``."""
+        pre, post = self.encoder(self.embed(pixel_values, image_mask, patches), cls_only=cls_only)
         return EncoderOutput(hidden=post, pre_norm=pre)
 
 

@@ -257,9 +257,12 @@ class FlavaForPretraining(nn.Module):
             positives = given_itm.ne(0)
             matched = positives | ~positives.any()
 
+        fused_pass = self._weight("itm") or self._weight("mmm_image") or self._weight("mmm_text")
+        # Both image passes embed the same pixels: the patch embedding (a conv) runs once for the two.
+        patches = self.image_encoder.patchify(pixel_values) if self._weight("contrastive") and fused_pass else None
         if self._weight("contrastive"):
             # Only the CLS states are needed: the last block of each tower runs for that one position.
-            image = self.image_encoder(pixel_values, cls_only=True)
+            image = self.image_encoder(pixel_values, cls_only=True, patches=patches)
             text = self.text_encoder(batch["input_ids"], attention_mask, cls_only=True, skip_padding=True)
             image_emb = F.normalize(self.image_projection(image.cls), dim=-1)
             text_emb = F.normalize(self.text_projection(text.cls), dim=-1)
@@ -269,12 +272,12 @@ class FlavaForPretraining(nn.Module):
             )
             metrics["logit_scale"] = self.logit_scale.detach().clone()
 
-        if not (self._weight("itm") or self._weight("mmm_image") or self._weight("mmm_text")):
+        if not fused_pass:
             return
         image_mask = batch.get("image_mask")
         image_mask = image_mask.to(torch.bool) if image_mask is not None else None
         masked_ids = batch.get("input_ids_masked", batch["input_ids"])
-        image = self.image_encoder(pixel_values, image_mask)
+        image = self.image_encoder(pixel_values, image_mask, patches=patches)
         mlm_labels = batch.get("mlm_labels")
         text = self.text_encoder(
             masked_ids,
