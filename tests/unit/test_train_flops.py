@@ -19,7 +19,9 @@ def test_pair_flops_match_the_model_benchmark():
     train_step = pytest.importorskip("benchmarks.train_step")
     cfg = preset("small")
     batch = _pair(cfg)
-    assert step_flops(cfg, batch) == pytest.approx(train_step.pair_step_flops(cfg, batch), rel=1e-9)
+    # every position of every block counted (the benchmark's needed_only=False): an upper bound of the work done
+    assert step_flops(cfg, batch) == pytest.approx(train_step.pair_step_flops(cfg, batch, needed_only=False),
+                                                   rel=1e-9)
 
 
 def test_flops_scale_with_batch_and_kind():
