@@ -1,7 +1,9 @@
 """Model FLOPs of a training step per batch kind, and device peaks, for the MFU estimate logged on GPU.
 
-Same convention as ``benchmarks/train_step.py``: matmul FLOPs only (2 per multiply-accumulate), counted per layer
-analytically, a training step = 3 x forward (backward = 2 x forward; activation recomputation not counted).
+Same convention as ``benchmarks/train_step.py`` with ``needed_only=False``: matmul FLOPs only (2 per
+multiply-accumulate), every position of every block counted, a training step = 3 x forward (backward = 2 x
+forward; activation recomputation not counted). The model skips some last-block rows no loss reads, so this is an
+upper bound of the work done and MFU is slightly optimistic.
 One pre-norm block over ``n`` tokens of width ``d`` and MLP width ``f`` costs ``2n(4d^2 + 2df) + 4n^2 d``.
 Embedding lookups, norms, softmax and activations are not counted.
 """
