@@ -65,7 +65,12 @@ GRAD_SCRIPT = textwrap.dedent("""
     from flava.model.config import preset
     info = init_process("gloo")
     torch.manual_seed(0)
-    cfg = preset("tiny")
+    # The trainer's DDP path: parameters a batch kind leaves unused get an exact-zero touch, so DDP reduces every
+    # bucket without find_unused_parameters. argv[2] = "contrastive" keeps only the global contrastive loss.
+    overrides = {"touch_unused_parameters": True}
+    if sys.argv[2] == "contrastive":
+        overrides["loss"] = {k: float(k == "contrastive") for k in ("mim", "mlm", "mmm_image", "mmm_text", "itm", "contrastive")}
+    cfg = preset("tiny", overrides)
     model = FlavaForPretraining(cfg)
     g = torch.Generator().manual_seed(1)
     B, T, P = 16, 8, cfg.image.num_patches
@@ -88,12 +93,11 @@ GRAD_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "flava.distributed.gather_features detaches the other ranks' embeddings, so under DDP the contrastive "
-    "gradient misses the terms where this rank's embeddings are another rank's negatives (grad norm 110 vs 66 "
-    "at init on the tiny preset); an autograd all_gather (torch.distributed.nn.functional.all_gather) makes "
-    "the DDP gradient equal the single-process one"))
-def test_ddp_pair_gradient_equals_one_process(tmp_path):
+@pytest.mark.parametrize("losses", ["contrastive", "all"])
+def test_ddp_pair_gradient_equals_one_process(tmp_path, losses):
+    """2 ranks x half the batch under DDP give the gradient of 1 process on the whole batch: exactly for the
+    global contrastive loss (the autograd all-gather returns the negatives' gradient terms to their rank); within
+    1 % with every objective on (MMM-image averages over each rank's own masked patches)."""
     import json
 
     script = tmp_path / "grad.py"
@@ -102,9 +106,10 @@ def test_ddp_pair_gradient_equals_one_process(tmp_path):
     for ranks in (1, 2):
         path = tmp_path / f"g{ranks}.json"
         launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        subprocess.run([sys.executable, *launcher, str(script), str(path)], cwd=ROOT, env=_env(), check=True,
-                       timeout=300, capture_output=True)
+        subprocess.run([sys.executable, *launcher, str(script), str(path), losses], cwd=ROOT, env=_env(),
+                       check=True, timeout=300, capture_output=True)
         out[ranks] = json.loads(path.read_text())
     assert out[1].keys() == out[2].keys()
+    tolerance = 1e-4 if losses == "contrastive" else 1e-2
     for name, value in out[1].items():
-        assert abs(value - out[2][name]) <= 1e-4 * max(1.0, value), name
+        assert abs(value - out[2][name]) <= tolerance * max(1.0, value), (name, value, out[2][name])
