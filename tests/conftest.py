@@ -28,3 +28,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def project_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_tracking_uri():
+    """``mlflow.set_tracking_uri`` is process-global (and also sets MLFLOW_TRACKING_URI): without this reset, a
+    stage run in one test would point every later test's MLflow client at that test's temporary store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -108,11 +108,9 @@ def test_main_job_end_to_end(project: Path):
     assert list((project / "reports/eval/plots").glob("*.png"))
 
     # MLflow: stage runs nest under the pipeline run; the registry holds a champion or a reasoned challenger.
-    import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     parent_id = first["parent_run_id"]
     experiment = client.get_experiment_by_name("flava")
     children = client.search_runs(
@@ -121,8 +119,14 @@ def test_main_job_end_to_end(project: Path):
     stages = {run.data.tags.get("flava.stage") or run.data.tags.get("stage") for run in children}
     assert {"text", "image", "joint", "evaluate"} <= stages, stages
     promotion = json.loads((project / "reports/promotion.json").read_text())
-    assert promotion, "promotion wrote nothing"
-    assert eval_metrics
+    assert promotion["decision"] in {"champion", "challenger"}
+    if promotion["decision"] == "champion":
+        assert client.get_model_version_by_alias(promotion["model_name"], "champion").version == str(
+            promotion["version"]
+        )
+    else:
+        assert promotion["reasons"], "a challenger carries the reasons it was not promoted"
+    assert {"vision", "language", "multimodal", "overall"} <= set(eval_metrics["macro"])
 
     # A second run changes nothing: every stage is up to date and no output is rewritten.
     lock_before = (project / "dvc.lock").read_text()
