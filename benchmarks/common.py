@@ -20,17 +20,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s. Matched by substring of
-# torch.cuda.get_device_name(); the first match wins, so more specific names come first.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.4e12),
-    ("H100 PCIe", 756.0e12),
-    ("H100", 989.4e12),  # SXM / HBM3
-    ("A100", 312.0e12),
-    ("L40S", 362.05e12),
-    ("A10G", 70.0e12),
-)
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -105,16 +94,10 @@ def peak_bytes(device: torch.device) -> int:
 
 
 def peak_bf16_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
-    """Peak dense bf16 FLOP/s of ``device`` (None if unknown: pass ``override_tflops``)."""
-    if override_tflops is not None:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
+    """Peak dense bf16 FLOP/s of ``device`` (None if unknown: pass ``override_tflops``); the trainer's table."""
+    from flava.train.flops import peak_flops
+
+    return peak_flops(device, override_tflops)
 
 
 def run_child(args: Sequence[str], timeout_s: float) -> dict[str, Any]:
