@@ -78,24 +78,38 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient of the gathered tensor and keeps this rank's slice.
+
+    Only all_gather and all_reduce are used (the collectives DDP itself relies on, on every backend); the
+    backward's all_reduce is issued from the autograd engine like DDP's bucket reductions.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        ctx.rank, ctx.batch = rank, features.shape[0]
+        gathered = [torch.empty_like(features) for _ in range(world_size)]
+        dist.all_gather(gathered, features.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = ctx.rank * ctx.batch
+        return grad[start:start + ctx.batch], None, None
+
+
 def gather_features(features: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Concatenate ``features`` (B, D) from every rank into (world_size * B, D) in rank order, differentiably.
 
     The global contrastive loss scores this rank's rows against every rank's columns, so this rank's embeddings
-    are negatives in the other ranks' losses too. An autograd all-gather sends those gradient terms back to the
-    rank that owns each slice (its backward reduce-scatters), so after DDP averages the per-rank gradients they
-    equal the single-process gradient on the global batch. (Detaching the other ranks' slices, as some
-    implementations do, loses those terms: the tiny preset's grad norm at init came out 110 on 2 ranks vs 66 on
-    one process.) At world size 1 this is the identity and ``torch.distributed`` is not touched.
+    are negatives in the other ranks' losses too. The backward sums those gradient terms across ranks and hands
+    each rank its slice, so after DDP averages the per-rank gradients they equal the single-process gradient on
+    the global batch. (Detaching the other ranks' slices, as some implementations do, loses those terms: the tiny
+    preset's grad norm at init came out 110 on 2 ranks vs 66 on one process.) Every rank must pass the same
+    batch size. At world size 1 this is the identity and ``torch.distributed`` is not touched.
     """
     if world_size == 1:
         return features
-    from torch.distributed.nn.functional import all_gather
-
-    gathered = all_gather(features.contiguous())
-    if len(gathered) != world_size or gathered[rank].shape != features.shape:
-        raise ValueError(
-            f"gather_features: expected {world_size} slices shaped {tuple(features.shape)}, got "
-            f"{[tuple(g.shape) for g in gathered]} (every rank must pass the same batch size)"
-        )
-    return torch.cat(gathered, dim=0)
+    return _GatherWithGrad.apply(features, rank, world_size)
