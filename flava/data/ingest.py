@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from flava.data import sources
+from flava.data.jsonl import read_jsonl, write_jsonl
 from flava.data.prep_config import IngestConfig, ManifestPairs
 from flava.data.storage import is_s3
 
@@ -115,17 +116,6 @@ def _prepare_text(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- eval sets
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-    return rows
-
-
 def _resolve_images(rows: list[dict[str, Any]], base: Path, path: Path) -> list[dict[str, Any]]:
     out = []
     for lineno, row in enumerate(rows, 1):
@@ -136,13 +126,6 @@ def _resolve_images(rows: list[dict[str, Any]], base: Path, path: Path) -> list[
             raise ValueError(f"{path}:{lineno}: image {image} does not exist")
         out.append({**row, "image": image})
     return out
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
-    return len(rows)
 
 
 def prepare_eval(src: Path, dst: Path) -> dict[str, Any]:
@@ -166,17 +149,17 @@ def prepare_eval(src: Path, dst: Path) -> dict[str, Any]:
         for split in ("train", "val", "test"):
             if not (zs / f"{split}.jsonl").is_file():
                 continue
-            rows = _resolve_images(_read_jsonl(zs / f"{split}.jsonl"), zs, zs / f"{split}.jsonl")
+            rows = _resolve_images(read_jsonl(zs / f"{split}.jsonl"), zs, zs / f"{split}.jsonl")
             bad = [r["label"] for r in rows if not isinstance(r.get("label"), int) or not 0 <= r["label"] < len(names)]
             if bad:
                 raise ValueError(f"{zs / f'{split}.jsonl'}: labels must be class indices < {len(names)}, got {bad[:5]}")
-            counts["zeroshot"][split] = _write_jsonl(dst / "zeroshot" / f"{split}.jsonl", rows)
+            counts["zeroshot"][split] = write_jsonl(dst / "zeroshot" / f"{split}.jsonl", rows)
     ret = src / "retrieval" / "test.jsonl"
     if ret.is_file():
-        rows = _resolve_images(_read_jsonl(ret), ret.parent, ret)
+        rows = _resolve_images(read_jsonl(ret), ret.parent, ret)
         if any(not isinstance(r.get("captions"), list) or not r["captions"] for r in rows):
             raise ValueError(f"{ret}: every row needs a non-empty 'captions' list")
-        counts["retrieval"] = {"test": _write_jsonl(dst / "retrieval" / "test.jsonl", rows)}
+        counts["retrieval"] = {"test": write_jsonl(dst / "retrieval" / "test.jsonl", rows)}
     tc = src / "text_cls"
     if tc.is_dir():
         counts["text_cls"] = {}
@@ -193,10 +176,10 @@ def prepare_eval(src: Path, dst: Path) -> dict[str, Any]:
         for split in ("train", "val", "test"):
             path = vqa / f"{split}.jsonl"
             if path.is_file():
-                rows = _resolve_images(_read_jsonl(path), vqa, path)
+                rows = _resolve_images(read_jsonl(path), vqa, path)
                 if any("question" not in r or "answer" not in r for r in rows):
                     raise ValueError(f"{path}: every row needs 'question' and 'answer'")
-                counts["vqa"][split] = _write_jsonl(dst / "vqa" / f"{split}.jsonl", rows)
+                counts["vqa"][split] = write_jsonl(dst / "vqa" / f"{split}.jsonl", rows)
     for extra in ("text_cls/labels.json", "vqa/answers.json"):  # label/answer vocabularies, when present
         if (src / extra).is_file():
             (dst / extra).parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from PIL import Image
 
 from flava.data import storage
+from flava.data.jsonl import read_jsonl
 from flava.data.stream_config import ShardConfig
 from flava.data.transforms import to_rgb
 
@@ -163,17 +164,10 @@ def _sha256(path: Path) -> str:
 def read_manifest(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"validated manifest {path} not found (run `flava data validate` first)")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
-        if not isinstance(row, dict) or "key" not in row:
-            raise ValueError(f"{path}:{lineno}: a manifest row must be an object with a 'key'")
-        rows.append(row)
+    rows = read_jsonl(path)
+    for lineno, row in enumerate(rows, 1):
+        if "key" not in row:
+            raise ValueError(f"{path}: row {lineno} has no 'key'")
     return rows
 
 

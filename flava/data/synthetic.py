@@ -19,11 +19,12 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from flava.data import world
+from flava.data.jsonl import write_jsonl
 from flava.data.prep_config import GenerateConfig
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,6 @@ _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 def _rng(seed: int, stream: str, index: int, split: str = "train") -> np.random.Generator:
     return np.random.default_rng([seed, _STREAMS[stream], _SPLIT_IDS[split], index])
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    n = 0
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-            n += 1
-    return n
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -86,7 +78,7 @@ class _Writer:
                 yield {"key": f"pair-{i:07d}", "image": rel, "caption": world.captions(scene, rng)[0]}
 
         base.mkdir(parents=True, exist_ok=True)
-        return _write_jsonl(base / "captions.jsonl", rows())
+        return write_jsonl(base / "captions.jsonl", rows())
 
     def images(self) -> int:
         n = 0
@@ -128,7 +120,7 @@ class _Writer:
                         self.image(self.scene(rng, classname), rng, base / rel)
                         yield {"image": rel, "label": label}
 
-            counts[split] = _write_jsonl(base / f"{split}.jsonl", rows())
+            counts[split] = write_jsonl(base / f"{split}.jsonl", rows())
         return counts
 
     def retrieval(self) -> int:
@@ -143,7 +135,7 @@ class _Writer:
                 yield {"image": rel, "captions": world.captions(scene, rng, self.gen.retrieval_captions)}
 
         base.mkdir(parents=True, exist_ok=True)
-        return _write_jsonl(base / "test.jsonl", rows())
+        return write_jsonl(base / "test.jsonl", rows())
 
     def text_cls(self) -> dict[str, int]:
         base = self.root / "eval" / "text_cls"
@@ -176,7 +168,7 @@ class _Writer:
                     question, answer = world.vqa_example(scene, rng)
                     yield {"image": rel, "question": question, "answer": answer}
 
-            counts[split] = _write_jsonl(base / f"{split}.jsonl", rows())
+            counts[split] = write_jsonl(base / f"{split}.jsonl", rows())
         return counts
 
 

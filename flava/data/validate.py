@@ -27,6 +27,7 @@ import pandas as pd
 from flava.data import images as imaging
 from flava.data.expectations import SuiteRunner, accepted_checks, corpus_checks
 from flava.data.ingest import CORPORA, dump_row
+from flava.data.jsonl import read_jsonl
 from flava.data.prep_config import ValidateConfig
 from flava.data.sources import safe_key
 from flava.data.storage import is_s3, read_bytes, split_s3
@@ -185,17 +186,7 @@ class _CorpusChecker:
 def _read_manifest(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ValueError(f"manifest {path} not found: run `flava data prepare` first")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg}); the manifest is corrupt") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: a manifest row must be a JSON object")
-            rows.append(row)
-    return rows
+    return read_jsonl(path)
 
 
 def _row_reasons(result, checks, frame: pd.DataFrame) -> tuple[dict[int, str], dict[int, list[str]], list[dict]]:

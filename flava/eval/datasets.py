@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
+from flava.data import jsonl
 from flava.data.storage import is_s3, read_bytes
 from flava.data.transforms import decode_image
 
@@ -24,20 +25,11 @@ SPLITS = ("train", "val", "test")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of an evaluation set; a missing or empty file is an error."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"evaluation file {path} not found")
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
-        rows.append(row)
+    rows = jsonl.read_jsonl(path)
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return rows
