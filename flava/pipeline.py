@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,45 +70,42 @@ def run_pipeline(
     cfg: PipelineConfig, root: str | Path = ".", *, force: bool = False, dry: bool = False
 ) -> dict[str, Any]:
     """Run every stage of ``dvc.yaml`` that is not up to date, nested under one MLflow parent run."""
-    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from flava.tracking.runs import STAGE_TAG, param_value, parent_run, tracking_uri
 
     root = Path(root).resolve()
     source = ensure_raw_data(cfg, root)
-    env = _tool_env()
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", cfg.tracking.tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
     tags = {
-        "flava.stage": "pipeline",
+        STAGE_TAG: "pipeline",
         "git_commit": lineage.git_commit(root),
         "data_version": lineage.data_version(root),
         "raw_data": source,
         "host": lineage.host(),
     }
-    with mlflow.start_run(run_name="pipeline", tags=tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()})
-        env[lineage.PARENT_RUN_ENV] = run.info.run_id
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    with parent_run(cfg, tags) as run_id:
+        params = [Param(k, param_value(v)) for k, v in cfg.flat().items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run_id, params=params[start:start + 100])
+        env = _tool_env()  # after parent_run: carries $FLAVA_PARENT_RUN_ID to the stages
+        env["MLFLOW_TRACKING_URI"] = uri
         args = ["repro"] + (["--force"] if force else []) + (["--dry"] if dry else [])
         result = _dvc(args, root, env=env, check=False)
         if result.returncode != 0:
-            mlflow.set_tag("status", "failed")
             raise RuntimeError(f"dvc repro failed with exit code {result.returncode}; see the stage output above")
         reports = root / cfg.paths.reports
         metrics = _numeric_metrics(reports / "eval" / "metrics.json", "eval.")
         metrics.update(_numeric_metrics(reports / "joint.json", "joint."))
-        if metrics:
-            mlflow.log_metrics(metrics)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
         for name in ("dvc.lock", "params.yaml"):
             if (root / name).exists():
-                mlflow.log_artifact(str(root / name))
+                client.log_artifact(run_id, str(root / name))
         promotion = reports / "promotion.json"
         outcome = json.loads(promotion.read_text()) if promotion.exists() else {}
         if outcome:
-            mlflow.log_dict(outcome, "promotion.json")
-        return {
-            "parent_run_id": run.info.run_id,
-            "raw_data": source,
-            "metrics": metrics,
-            "promotion": outcome,
-        }
+            client.log_dict(run_id, outcome, "promotion.json")
+        return {"parent_run_id": run_id, "raw_data": source, "metrics": metrics, "promotion": outcome}

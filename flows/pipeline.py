@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -124,33 +122,6 @@ def promote(cfg: PipelineConfig) -> dict[str, Any]:
     return stage("promote")(cfg)
 
 
-@contextmanager
-def parent_run(cfg: PipelineConfig, tags: dict[str, str]) -> Iterator[str]:
-    """One MLflow run for the pipeline (client API: no fluent run is left active for the stages to trip on);
-    ``$FLAVA_PARENT_RUN_ID`` points at it while the flow runs, so every stage run nests under it."""
-    from mlflow import MlflowClient
-
-    from flava.tracking.runs import tracking_uri
-
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location)
-    run_id = client.create_run(experiment_id, run_name="pipeline", tags=tags).info.run_id
-    previous = os.environ.get(lineage.PARENT_RUN_ENV)
-    os.environ[lineage.PARENT_RUN_ENV] = run_id
-    status = "FAILED"
-    try:
-        yield run_id
-        status = "FINISHED"
-    finally:
-        client.set_terminated(run_id, status)
-        if previous is None:
-            os.environ.pop(lineage.PARENT_RUN_ENV, None)
-        else:
-            os.environ[lineage.PARENT_RUN_ENV] = previous
-
-
 def _summary(results: dict[str, Any]) -> str:
     lines = ["# FLAVA pipeline", "", "| step | result |", "|---|---|"]
     for step, value in results.items():
@@ -179,6 +150,8 @@ def flava_pipeline(
         "host": lineage.host(),
         "params_hash": cfg.digest(),
     }
+    from flava.tracking.runs import parent_run
+
     with parent_run(cfg, tags) as run_id:
         results["mlflow_parent_run_id"] = run_id
         results["prepare"] = prepare(cfg)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -32,6 +33,31 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
 
 
+@contextmanager
+def parent_run(cfg: PipelineConfig, tags: dict[str, str]) -> Iterator[str]:
+    """One MLflow run for the pipeline (the CLI main job and the Prefect flow both open it here) (client API: no fluent run is left active for the stages to trip on);
+    ``$FLAVA_PARENT_RUN_ID`` points at it while the flow runs, so every stage run nests under it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location)
+    run_id = client.create_run(experiment_id, run_name="pipeline", tags=tags).info.run_id
+    previous = os.environ.get(lineage.PARENT_RUN_ENV)
+    os.environ[lineage.PARENT_RUN_ENV] = run_id
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+        if previous is None:
+            os.environ.pop(lineage.PARENT_RUN_ENV, None)
+        else:
+            os.environ[lineage.PARENT_RUN_ENV] = previous
+
+
 def stage_tags(cfg: PipelineConfig, stage: str, info: ProcessInfo, root: str | Path = ".") -> dict[str, str]:
     tags = {
         STAGE_TAG: stage,
@@ -47,7 +73,7 @@ def stage_tags(cfg: PipelineConfig, stage: str, info: ProcessInfo, root: str | P
     return tags
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:MLFLOW_PARAM_VALUE_LIMIT]
 
@@ -81,7 +107,7 @@ class StageRun:
             nested=parent is not None, log_system_metrics=self.cfg.tracking.log_system_metrics,
         )
         self.run_id = self._run.info.run_id
-        mlflow.log_params({k: _param_value(v) for k, v in self.cfg.flat().items()})
+        mlflow.log_params({k: param_value(v) for k, v in self.cfg.flat().items()})
         mlflow.log_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False), "config/effective.yaml")
         return self
 
