@@ -87,9 +87,19 @@ def make_batch(cfg, kind: str, batch: int, length: int, gen: torch.Generator) ->
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One rank of a measurement (run directly, or by torchrun for several ranks)."""
+    from flava.distributed import init_process, shutdown
+
+    torch.set_num_threads(args.threads)
+    info = init_process()
+    try:
+        return _measure(args, info)
+    finally:  # after _measure returned: its DDP wrapper is gone before the group (see flava.distributed.shutdown)
+        shutdown()
+
+
+def _measure(args: argparse.Namespace, info) -> dict[str, Any]:
     from flava.data.mixing import CorpusMixer
     from flava.data.stream_config import MixingConfig
-    from flava.distributed import init_process, shutdown
     from flava.model import FlavaForPretraining
     from flava.model.config import preset
     from flava.train.config import TrainConfig
@@ -98,8 +108,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from flava.train.optim import build_optimizer, build_scheduler
     from flava.train.parallel import UnusedGrads, grad_scaler, parallelize, probe_unused, resolve_device
 
-    torch.set_num_threads(args.threads)
-    info = init_process()
     batch, length = args.batch_size, args.text_length
     tc = TrainConfig.model_validate({
         "device": args.device, "precision": args.precision, "compile": args.compile,
@@ -143,7 +151,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "samples_per_s": measured["samples_per_s"], "mfu": measured.get("mfu"),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
-    shutdown()
     return result
 
 

@@ -5,11 +5,15 @@ Rank and world size come from the torchrun environment. A single process (world 
 """
 from __future__ import annotations
 
+import gc
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,31 @@ def init_process(backend: str | None = None) -> ProcessInfo:
 
 
 def shutdown() -> None:
+    """Leave the process group. Drop every DDP wrapper (and whatever holds one, e.g. a Trainer) first.
+
+    Destroying a gloo group joins its worker threads, and a worker may need the GIL to free the tensors of the
+    collective it just finished (our contrastive all-gather's backward, DDP's bucket all-reduce). The
+    ``ProcessGroup`` binding releases the GIL while it is destroyed; DDP's ``Reducer`` binding does not. So if a
+    DDP wrapper outlives ``destroy_process_group``, its Reducer later drops the last reference to the group with
+    the GIL held and both threads wait for each other forever (pytorch/pytorch#56297). We saw exactly that in
+    about half of the 2-rank benchmark runs, after the last step. Collecting garbage first frees wrappers that
+    only reference cycles keep alive, so the group dies here, in the binding that releases the GIL.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        alive = live_ddp_wrappers()
+        if alive:
+            log.warning("shutdown: %d DistributedDataParallel wrapper(s) still referenced (%s); destroying the "
+                        "process group now may deadlock when they are freed -- drop them before shutdown()",
+                        len(alive), ", ".join(type(m.module).__name__ for m in alive))
         dist.destroy_process_group()
+
+
+def live_ddp_wrappers() -> list[torch.nn.Module]:
+    """DDP wrappers still alive in this process (after a garbage collection by the caller)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return [obj for obj in gc.get_objects() if issubclass(type(obj), DistributedDataParallel)]
 
 
 def is_main_process() -> bool:

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import shutil
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,6 +143,10 @@ def run_pretrain(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     info = init_process()
     try:
         return _run(cfg, stage, info)
+    except BaseException as err:
+        # The traceback's frames hold _run's locals (the DDP wrapper among them): free them before shutdown().
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
         if started_group:
             shutdown()

@@ -28,7 +28,8 @@ def _run(tmp_path: Path, ranks: int, name: str, **train) -> dict:
     else:
         cmd = [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300, capture_output=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300, capture_output=True, text=True)
+    assert "still referenced" not in proc.stderr  # DDP freed before the group (flava.distributed.shutdown)
     return json.loads(out.with_suffix(".json").read_text())
 
 

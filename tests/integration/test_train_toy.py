@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         save_weights(state, out)
         out.with_suffix(".json").write_text(json.dumps({"summary": summary, "history": trainer.history}))
+    del model, trainer  # the DDP wrapper must die before the process group (see flava.distributed.shutdown)
     shutdown()
     return 0
 
