@@ -33,7 +33,7 @@ class OptimizerConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    fused: bool | None = None  # None: fused kernels where the device supports them (CUDA), foreach otherwise
+    fused: bool | None = None  # None: fused kernels where the device has them (CUDA, CPU, ...), foreach otherwise
     no_decay: list[str] = Field(
         default_factory=lambda: ["bias", "norm", "cls_token", "position", "mask_token", "logit_scale"]
     )

@@ -36,15 +36,22 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+# Devices with torch's fused (single-kernel) AdamW: CUDA since torch 2.0, CPU since 2.4 (pyproject's floor), and
+# the other accelerators torch lists. On this project's 2-core CPU it steps the `small` model in 7 ms where the
+# foreach implementation takes 28 ms and the per-tensor loop 34 ms.
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
 def fused_supported(device: torch.device) -> bool:
-    return device.type == "cuda"
+    return device.type in FUSED_ADAMW_DEVICES
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW at peak ``lr``; fused kernels when asked for, or by default where the device has them."""
     fused = fused_supported(device) if cfg.fused is None else cfg.fused
     if fused and not fused_supported(device):
-        raise ValueError(f"train.optimizer.fused=true needs a CUDA device, training runs on {device.type}")
+        raise ValueError(f"train.optimizer.fused=true needs one of the devices {FUSED_ADAMW_DEVICES}, training "
+                         f"runs on {device.type}")
     return torch.optim.AdamW(
         param_groups(model, cfg), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None,
         foreach=None if fused else True,

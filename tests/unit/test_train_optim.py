@@ -51,9 +51,28 @@ def test_optimizer_decays_only_the_decay_group():
         assert torch.equal(before[name], after[name].detach()), name
 
 
-def test_fused_requires_cuda():
-    with pytest.raises(ValueError, match="fused"):
-        build_optimizer(Toy(), OptimizerConfig(fused=True), lr=1e-3, device=torch.device("cpu"))
+def test_fused_is_the_cpu_default_and_steps_like_foreach():
+    torch.manual_seed(0)
+    models = {"default": Toy(), "foreach": Toy()}
+    models["foreach"].load_state_dict(models["default"].state_dict())
+    start = models["default"].dense.weight.detach().clone()
+    opts = {name: build_optimizer(m, OptimizerConfig(fused=None if name == "default" else False), lr=1e-2,
+                                  device=torch.device("cpu")) for name, m in models.items()}
+    assert opts["default"].defaults["fused"] and not opts["foreach"].defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(3, 4)
+        for name, m in models.items():
+            opts[name].zero_grad()
+            m.dense(x).pow(2).sum().backward()
+            opts[name].step()
+    assert not torch.allclose(models["default"].dense.weight, start, atol=1e-3)  # it did train
+    for (name, a), b in zip(models["default"].named_parameters(), models["foreach"].parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_fused_on_a_device_without_it_is_an_error():
+    with pytest.raises(ValueError, match="fused=true needs one of the devices"):
+        build_optimizer(Toy(), OptimizerConfig(fused=True), lr=1e-3, device=torch.device("meta"))
 
 
 def test_no_trainable_parameters_is_an_error():
