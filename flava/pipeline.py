@@ -48,14 +48,9 @@ def ensure_raw_data(cfg: PipelineConfig, root: Path) -> str:
         if pulled.returncode == 0 and raw.is_dir() and any(raw.iterdir()):
             return "pulled"
         log.info("no DVC remote holds %s; generating the embedded synthetic world", cfg.paths.raw)
-    from flava.data.synthetic import run_generate
+    from flava.data.synthetic import generate
 
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        run_generate(cfg)
-    finally:
-        os.chdir(cwd)
+    generate(cfg.data.generate, cfg.seed, raw)
     return "generated"
 
 
