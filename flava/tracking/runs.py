@@ -194,6 +194,7 @@ class StageRun:
 
 # ---------------------------------------------------------------------------------------------------- pyfunc
 try:
+    import pandas as pd  # noqa: F401  (resolves predict's type hint)
     from mlflow.pyfunc import PythonModel as _PythonModel
 except ImportError:  # mlflow is a pipeline extra: the class is only needed when logging or loading a model
     _PythonModel = object
@@ -219,7 +220,9 @@ class FlavaEmbedder(_PythonModel):
             resample=self.pre["resample"],
         )
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint: MLflow then neither warns about a missing hint nor infers a schema from it (the logged
+    # signature is the explicit one).
+    def predict(self, context, model_input: "pd.DataFrame", params=None):
         import numpy as np
         import pandas as pd
         import torch
