@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -181,11 +182,15 @@ class StageRun:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(embedding_dim)), "embedding")]),
         )
         try:
-            info = mlflow.pyfunc.log_model(
-                name=name, python_model=FlavaEmbedder(), artifacts=artifacts, signature=signature,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "transformers", "safetensors",
-                                  "pillow", "flava"],
-            )
+            with warnings.catch_warnings():
+                # MLflow 3.17 compares an input example's columns with a range, which pandas deprecates (noise)
+                warnings.filterwarnings("ignore", message="Operation with range is deprecated")
+                info = mlflow.pyfunc.log_model(
+                    name=name, python_model=str(PYFUNC_ENTRY), artifacts=artifacts, signature=signature,
+                    input_example=_input_example(tokenizer_dir is not None, int(preprocess["image_size"])),
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "transformers", "safetensors",
+                                      "pillow", "flava"],
+                )
         finally:
             staging.unlink(missing_ok=True)
         self.set_tags({"model_uri": info.model_uri})
@@ -198,6 +203,24 @@ try:
     from mlflow.pyfunc import PythonModel as _PythonModel
 except ImportError:  # mlflow is a pipeline extra: the class is only needed when logging or loading a model
     _PythonModel = object
+
+
+def _input_example(has_tokenizer: bool, image_size: int):
+    """One row the logged model accepts (shown in the MLflow UI; MLflow also checks the model predicts on it): a
+    caption when the model has a tokenizer, else a grey PNG at the model's image size."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    if has_tokenizer:
+        return pd.DataFrame({"text": ["a photo of a red circle"]})
+    png = io.BytesIO()
+    Image.new("RGB", (image_size, image_size), (128, 128, 128)).save(png, format="PNG")
+    return pd.DataFrame({"image": [png.getvalue()]})
+
+
+PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")  # builds a FlavaEmbedder (models from code, no pickle)
 
 
 class FlavaEmbedder(_PythonModel):

@@ -114,6 +114,8 @@ def test_text_image_then_joint(world, tmp_path, clean_env):
 
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     loaded = mlflow.pyfunc.load_model(joint["model_uri"])
+    flavor = loaded.metadata.flavors["python_function"]
+    assert "model_code_path" in flavor and "python_model" not in flavor  # logged from code: no pickle inside
     png = io.BytesIO()
     Image.new("RGB", (40, 40), (200, 30, 30)).save(png, format="PNG")
     emb = loaded.predict(pd.DataFrame({"text": ["a red circle", None], "image": [None, png.getvalue()]}))

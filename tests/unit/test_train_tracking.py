@@ -68,3 +68,16 @@ def test_only_rank_zero_logs(cfg):
 def test_environment_tracking_uri_wins(cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
     assert tracking_uri(cfg) == f"sqlite:///{tmp_path}/other.db"
+
+
+def test_input_example_fits_what_the_logged_model_can_embed():
+    import io
+
+    from PIL import Image
+
+    from flava.tracking.runs import _input_example
+
+    assert list(_input_example(True, 32).columns) == ["text"]  # a caption when the model has a tokenizer
+    image_only = _input_example(False, 32)  # else an image at the model's size
+    assert list(image_only.columns) == ["image"]
+    assert Image.open(io.BytesIO(image_only["image"][0])).size == (32, 32)
