@@ -36,8 +36,10 @@ def tracking_uri(cfg: PipelineConfig) -> str:
 
 @contextmanager
 def parent_run(cfg: PipelineConfig, tags: dict[str, str]) -> Iterator[str]:
-    """One MLflow run for the pipeline (the CLI main job and the Prefect flow both open it here) (client API: no fluent run is left active for the stages to trip on);
-    ``$FLAVA_PARENT_RUN_ID`` points at it while the flow runs, so every stage run nests under it."""
+    """The pipeline's MLflow run, opened here by both the CLI main job and the Prefect flow; yields its id.
+
+    ``$FLAVA_PARENT_RUN_ID`` points at it while the body runs, so every stage run nests under it. It uses the
+    client API, so no fluent run stays active for the stages to trip on; it ends FAILED if the body raises."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
