@@ -283,6 +283,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
         model = FlavaForPretraining(FlavaConfig.model_validate_json((workdir / "config.json").read_text()))
         model.load_state_dict(state)
+        if args.compile:
+            from flava.train.parallel import compile_regions
+
+            compile_regions(model)
     else:
         from transformers import FlavaConfig as HFConfig
 
@@ -331,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="real tokens per caption incl. [CLS]/[SEP] (small: 5 13, the synthetic captions)")
     parser.add_argument("--attention", choices=["sdpa", "eager"], default=None,
                         help="our attention kernel (default: the preset's); transformers' FLAVA is always eager")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile our transformer blocks as train.compile does (transformers stays eager; "
+                             "compilation happens in the warm-up steps)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per implementation per round")
@@ -375,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             _save_inputs(workdir, cfg, ours, hf_config, hf_state, batch)
             for impl in IMPLS:
                 child = [__file__, "--worker", impl, "--workdir", tmp, "--device", args.device, "--dtype",
-                         args.dtype, "--warmup", "1", "--steps", str(args.memory_steps)]
+                         args.dtype, "--warmup", "2" if args.compile else "1", "--steps", str(args.memory_steps)]
+                child += ["--compile"] if args.compile else []
                 if args.threads:
                     child += ["--threads", str(args.threads)]
                 memory[impl] = run_child(child, timeout_s=1800)
@@ -383,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ours.to(device)
     theirs.to(device)
+    if args.compile:
+        from flava.train.parallel import compile_regions
+
+        compile_regions(ours)
     batch = {k: v.to(device) for k, v in batch.items()}
     models = {"ours": ours, "transformers": theirs}
     steps = {impl: make_step(models[impl], impl, batch, device, args.dtype) for impl in IMPLS}
@@ -397,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"train step, pair batch: preset={args.preset} device={device} dtype={args.dtype} batch={batch_size} "
         f"text_length={text_length} (captions {caption_tokens[0]}-{caption_tokens[1]} tokens) "
-        f"attention={cfg.attention} threads={torch.get_num_threads()} rounds={args.rounds}x{args.steps} steps "
+        f"attention={cfg.attention}{' compiled' if args.compile else ''} threads={torch.get_num_threads()} rounds={args.rounds}x{args.steps} steps "
         f"(warm-up {args.warmup}) torch={torch.__version__}"
     )
     print(f"loss on the batch (eval, fp32): ours {loss_ours:.6f} | transformers {loss_theirs:.6f}")

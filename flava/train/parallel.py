@@ -131,6 +131,12 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module]
 
 
+def compile_regions(model: nn.Module) -> None:
+    """``torch.compile`` each repeated block in place (the whole model if it has none); see ``parallelize``."""
+    for region in _repeated_blocks(model) or [model]:
+        region.compile()
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(True)  # the model recomputes its own blocks
@@ -144,23 +150,26 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def parallelize(model: nn.Module, cfg: TrainConfig, info: ProcessInfo, device: torch.device) -> nn.Module:
     """AC -> compile -> DDP/FSDP on an already built model (on ``device``). Returns the module to train with.
 
-    ``torch.compile`` is applied in place (``Module.compile``), so parameter names and state dicts are unchanged.
-    Under FSDP each transformer block is its own shard unit and compiled on its own (as torchtitan does)."""
+    ``torch.compile`` is regional: each transformer block is compiled in place (``Module.compile``; parameter
+    names and state dicts are unchanged) and the code around the blocks -- input checks, the padding packing with
+    its data-dependent shapes, heads and losses -- stays eager. The blocks are where the time is and they share one
+    compiled graph, so this compiles about 3x faster than the whole model, which breaks into many graphs at the
+    packing's host syncs (tiny preset on CPU: 54 s vs 171 s). A model without repeated blocks is compiled whole.
+    Under FSDP each block is also its own shard unit (as torchtitan does)."""
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    blocks = _repeated_blocks(model)
+    if cfg.compile:
+        compile_regions(model)
     if cfg.strategy == "fsdp" and info.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision], reduce_dtype=torch.float32)
-        for block in _repeated_blocks(model):
-            if cfg.compile:
-                block.compile()
+        for block in blocks:
             fully_shard(block, mp_policy=mp)
         _pytree_outputs(model)
         fully_shard(model, mp_policy=mp)
         return model
-    if cfg.compile:
-        model.compile()
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
