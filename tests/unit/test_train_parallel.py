@@ -32,7 +32,7 @@ def _grads(cfg, _keep: list | None = None, **train):
     wrapped = parallelize(model, TrainConfig(**train), ProcessInfo(), torch.device("cpu"))
     out = wrapped(_batch(cfg))
     out.loss.backward()
-    return float(out.loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return float(out.loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
