@@ -409,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"train step, pair batch: preset={args.preset} device={device} dtype={args.dtype} batch={batch_size} "
         f"text_length={text_length} (captions {caption_tokens[0]}-{caption_tokens[1]} tokens) "
-        f"attention={cfg.attention}{' compiled' if args.compile else ''} threads={torch.get_num_threads()} rounds={args.rounds}x{args.steps} steps "
-        f"(warm-up {args.warmup}) torch={torch.__version__}"
+        f"attention={cfg.attention}{' compiled' if args.compile else ''} threads={torch.get_num_threads()} "
+        f"rounds={args.rounds}x{args.steps} steps (warm-up {args.warmup}) torch={torch.__version__}"
     )
     print(f"loss on the batch (eval, fp32): ours {loss_ours:.6f} | transformers {loss_theirs:.6f}")
     print(f"model FLOPs per step: {flops / 1e9:,.1f} GFLOP (matmul-only, 3 x forward, last blocks at the positions "
