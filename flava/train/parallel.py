@@ -66,7 +66,9 @@ def _move(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def probe_unused(model: nn.Module, batches: Mapping[str, Mapping[str, Any]], device: torch.device) -> dict[str, set[str]]:
+def probe_unused(
+    model: nn.Module, batches: Mapping[str, Mapping[str, Any]], device: torch.device
+) -> dict[str, set[str]]:
     """For each batch kind, the names of trainable parameters that receive no gradient from one forward/backward.
 
     Runs on the unwrapped model before training; RNG states and gradients are left as they were found, so the
