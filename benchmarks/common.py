@@ -66,6 +66,19 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def median_interval(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0):
+    """Percentile-bootstrap confidence interval (lo, hi) of the median of ``values``: how far the printed median
+    could move if the rounds were run again on the same noisy machine. Seeded, so a run's output is reproducible."""
+    import random
+
+    if len(values) < 2:
+        raise ValueError("a confidence interval needs at least 2 values")
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1.0 - level) / 2
+    return medians[int(tail * (resamples - 1))], medians[int((1.0 - tail) * (resamples - 1))]
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process (Linux /proc; falls back to the high-water mark)."""
     try:

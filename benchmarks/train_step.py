@@ -52,6 +52,7 @@ from benchmarks.common import (
     interleaved,
     max_rss_bytes,
     median,
+    median_interval,
     mib,
     peak_bf16_flops,
     reset_peak,
@@ -440,8 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     # Each round times both implementations back to back, so its ratio cancels the slow drifts of a shared machine
     # that the ratio of the two medians above still carries.
     per_round = sorted(t / o for t, o in zip(times["transformers"]["wall"], times["ours"]["wall"]))
-    print(f"per-round throughput ratios: median {median(per_round):.2f}x, range {per_round[0]:.2f}-"
-          f"{per_round[-1]:.2f}x over {len(per_round)} rounds")
+    interval = median_interval(per_round) if len(per_round) > 1 else (per_round[0], per_round[0])
+    print(f"per-round throughput ratios: median {median(per_round):.2f}x (95 % bootstrap interval "
+          f"{interval[0]:.2f}-{interval[1]:.2f}x), range {per_round[0]:.2f}-{per_round[-1]:.2f}x over "
+          f"{len(per_round)} rounds")
     if on_cpu:  # robust to other processes' load on a shared machine
         print(f"CPU-time ratio transformers / ours: {theirs_r.cpu_seconds_per_step / ours_r.cpu_seconds_per_step:.2f}x")
     if ours_r.memory and theirs_r.memory:
@@ -455,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(), "flops_per_step": flops, "flops_all_positions": flops_all_positions,
             "peak_flops": peak,
             "results": [r.__dict__ for r in results], "times": times, "per_round_ratios": per_round,
+            "per_round_ratio_interval": interval,
             "loss": {"ours": loss_ours, "transformers": loss_theirs},
         }, indent=2))
     return 0
