@@ -174,10 +174,12 @@ class ShardDataset(IterableDataset):
 class ShardStream:
     """Endless iterator of batches with ``state_dict()`` / ``load_state_dict()`` for exact resume."""
 
-    def __init__(self, dataset: ShardDataset, *, num_workers: int, prefetch_factor: int):
+    def __init__(self, dataset: ShardDataset, *, num_workers: int, prefetch_factor: int,
+                 start_method: str = "spawn"):
         self.dataset = dataset
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
+        self.start_method = start_method  # data.loader.start_method
         self.consumed = 0
         self._it: Iterator | None = None
 
@@ -190,7 +192,8 @@ class ShardStream:
         if self.num_workers == 0:
             return iter(self.dataset)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=self.prefetch_factor, persistent_workers=False)
+                            prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                            multiprocessing_context=self.start_method)
         return iter(loader)
 
     def __iter__(self):
@@ -278,4 +281,5 @@ def build_stream(
     dataset = ShardDataset(root=cfg.paths.shards, corpus=corpus, index=index, collator=collator,
                            batch_size=batch_size, rank=rank, world_size=world_size, num_workers=lc.num_workers,
                            seed=seed, s3=cfg.data.shards.s3, verify=lc.verify_checksums)
-    return ShardStream(dataset, num_workers=lc.num_workers, prefetch_factor=lc.prefetch_factor)
+    return ShardStream(dataset, num_workers=lc.num_workers, prefetch_factor=lc.prefetch_factor,
+                       start_method=lc.start_method)

@@ -25,9 +25,11 @@ def world(tmp_path_factory):
     return root, cfg, tok
 
 
-def stream(world, corpus="pairs", *, rank=0, world_size=1, seed=0, batch_size=4, workers=0, **data):
+def stream(world, corpus="pairs", *, rank=0, world_size=1, seed=0, batch_size=4, workers=0, start_method=None,
+           **data):
     root, cfg, tok = world
-    cfg = config(root, loader={"num_workers": workers}, **data) if (workers or data) else cfg
+    loader = {"num_workers": workers} | ({"start_method": start_method} if start_method else {})
+    cfg = config(root, loader=loader, **data) if (workers or data) else cfg
     return build_stream(cfg, corpus, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                         tokenizer=tok, include_keys=True)
 
@@ -177,3 +179,40 @@ def test_dalle_codebook_gets_its_own_pixels(world):
     assert codebook(view).shape == (2, 16)  # one code per patch of the 4x4 grid
     plain = next(build_stream(cfg, "images", batch_size=2, rank=0, world_size=1, seed=0, tokenizer=tok))
     assert "codebook_pixel_values" not in plain and torch.equal(plain["pixel_values"], batch["pixel_values"])
+
+
+# The fork case reproduces the failure on purpose: after a Prefect test in this process, Prefect's own hook fails in
+# the forked workers too, and the DataLoader reports that while it is collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_workers_start_fresh_without_the_training_process_exit_hooks(world, tmp_path, monkeypatch):
+    """A process running a Prefect flow holds thread-exit hooks that break in a forked copy (Prefect 3.8's services
+    assert when a forked DataLoader worker exits: "worker exited unexpectedly"). Workers started the default way
+    (spawn) are fresh interpreters and never run the parent's hooks; forked ones do (shown with a hook that only
+    leaves a mark)."""
+    import gc
+    import os
+    import threading
+    import time
+    from pathlib import Path
+
+    parent = os.getpid()
+
+    def hook(marks: Path = tmp_path):
+        if os.getpid() != parent:
+            (marks / f"ran-in-{os.getpid()}").touch()
+
+    monkeypatch.setattr(threading, "_threading_atexits", [*threading._threading_atexits, hook])
+
+    def run(method: str) -> set[str]:
+        before = set(os.listdir(tmp_path))
+        s = stream(world, workers=2, batch_size=3, start_method=method)
+        assert len(list(islice(s, 3))) == 3
+        s.close()
+        gc.collect()  # the DataLoader iterator joins its workers as it is collected
+        deadline = time.monotonic() + 10
+        while method == "fork" and set(os.listdir(tmp_path)) == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return set(os.listdir(tmp_path)) - before
+
+    assert run("spawn") == set()
+    assert len(run("fork")) == 2  # both forked workers ran the inherited hook at exit
