@@ -175,7 +175,7 @@ class ShardStream:
     """Endless iterator of batches with ``state_dict()`` / ``load_state_dict()`` for exact resume."""
 
     def __init__(self, dataset: ShardDataset, *, num_workers: int, prefetch_factor: int,
-                 start_method: str = "spawn"):
+                 start_method: str):
         self.dataset = dataset
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor

@@ -22,17 +22,21 @@ def _batch(cfg):
             "mim_labels": torch.randint(0, cfg.codebook_size, (b, p), generator=g)}
 
 
-def _grads(cfg, _keep: list | None = None, **train):
+def _step(cfg, **train):
+    """One forward/backward through ``parallelize(model, TrainConfig(**train))`` -> (model, loss, gradients)."""
     from flava.model import FlavaForPretraining
 
     torch.manual_seed(0)
     model = FlavaForPretraining(cfg)
-    if _keep is not None:
-        _keep.append(model)
     wrapped = parallelize(model, TrainConfig(**train), ProcessInfo(), torch.device("cpu"))
     out = wrapped(_batch(cfg))
     out.loss.backward()
-    return float(out.loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return model, float(out.loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grads(cfg, **train):
+    _, loss, grads = _step(cfg, **train)
+    return loss, grads
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -55,9 +59,7 @@ def test_compile_is_regional_and_keeps_loss_and_gradients():
 
     cfg = preset("tiny")
     loss, grads = _grads(cfg)
-    compiled = []
-    loss_c, grads_c = _grads(cfg, compile=True, _keep=compiled)
-    model = compiled[0]
+    model, loss_c, grads_c = _step(cfg, compile=True)
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)
     assert model._compiled_call_impl is None  # the packing and the losses run eagerly
