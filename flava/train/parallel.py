@@ -160,14 +160,13 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: ProcessInfo, device: t
     repeated blocks is compiled whole. Under FSDP each block is also its own shard unit (as torchtitan does)."""
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    blocks = _repeated_blocks(model)
     if cfg.compile:
         compile_regions(model)
     if cfg.strategy == "fsdp" and info.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision], reduce_dtype=torch.float32)
-        for block in blocks:
+        for block in _repeated_blocks(model):
             fully_shard(block, mp_policy=mp)
         _pytree_outputs(model)
         fully_shard(model, mp_policy=mp)
