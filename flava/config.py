@@ -122,3 +122,67 @@ def dump_config(cfg: PipelineConfig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return path
+
+
+# ------------------------------------------------------------------------------------- which keys a stage reads
+class ReadRecorder:
+    """Records the dotted keys of ``params.yaml`` that code reads from a loaded config, by attribute access.
+
+    Used to check that every stage declares (in ``flava.stages``, hence ``dvc.yaml``) each params key it reads:
+    a key read but not declared is a change DVC would not re-run the stage for. Pydantic's own dumps
+    (``model_dump``, ``flat``, ``digest``: logging and hashing the whole config) are not reads and go unrecorded.
+    Sections reached by attribute are not recorded themselves, only the leaves read from them; a list of
+    sections records its key once, without indexes. Recording patches ``__getattribute__`` of the config's
+    classes, so it is for test and audit runs only (``$FLAVA_RECORD_READS``, see ``flava.cli``).
+    """
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self._paths: dict[int, str] = {}
+        self._patched: dict[type, Any] = {}
+
+    def watch(self, cfg: BaseModel) -> None:
+        self._walk(cfg, "")
+        for cls in {type(cfg)} | self._classes(cfg):
+            if cls not in self._patched:
+                self._patched[cls] = cls.__getattribute__
+                cls.__getattribute__ = self._getattribute  # type: ignore[method-assign]
+
+    def stop(self) -> None:
+        for cls, original in self._patched.items():
+            cls.__getattribute__ = original  # type: ignore[method-assign]
+        self._patched.clear()
+
+    def _walk(self, node: Any, prefix: str) -> None:
+        if isinstance(node, BaseModel):
+            self._paths[id(node)] = prefix
+            for name in type(node).model_fields:
+                self._walk(node.__dict__[name], f"{prefix}{name}.")
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                self._walk(item, prefix)
+
+    def _classes(self, node: Any) -> set[type]:
+        found: set[type] = set()
+        if isinstance(node, BaseModel):
+            found.add(type(node))
+            for name in type(node).model_fields:
+                found |= self._classes(node.__dict__[name])
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                found |= self._classes(item)
+        return found
+
+    def _getattribute(recorder_self, obj: Any, name: str) -> Any:  # noqa: N805 - bound to the recorder
+        value = object.__getattribute__(obj, name)
+        if not name.startswith("_") and name in type(obj).model_fields:
+            prefix = recorder_self._paths.get(id(obj))
+            if prefix is not None and not _is_section(value):
+                recorder_self.keys.add(prefix + name)
+        return value
+
+
+def _is_section(value: Any) -> bool:
+    if isinstance(value, BaseModel):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, BaseModel) for v in value)

@@ -7,16 +7,23 @@ metrics dict as JSON. No stage logic lives here.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from flava.config import PipelineConfig, load_config
+from flava.config import PipelineConfig, ReadRecorder, load_config
 
 # Command-group modules, in the order they appear in ``flava --help``.
-GROUPS = ("flava.cli.pipeline", "flava.cli.data", "flava.cli.pretrain", "flava.cli.evaluate", "flava.cli.launch")
+GROUPS = ("flava.cli.pipeline", "flava.cli.data", "flava.cli.pretrain", "flava.cli.evaluate", "flava.cli.launch",
+          "flava.cli.stages")
+# A directory: each command records the params keys it read and the project modules it loaded there
+# (``<command words>.json``), for the test that checks every stage declares them (``flava.stages``).
+RECORD_ENV = "FLAVA_RECORD_READS"
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +35,23 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.params, args.overrides)
+    cfg = load_config(args.params, args.overrides)
+    if os.environ.get(RECORD_ENV):
+        _record_reads(cfg, Path(os.environ[RECORD_ENV]) / f"{args.group}-{getattr(args, 'command', None) or ''}.json")
+    return cfg
+
+
+def _record_reads(cfg: PipelineConfig, path: Path) -> None:
+    recorder = ReadRecorder()
+    recorder.watch(cfg)
+
+    def dump() -> None:
+        recorder.stop()
+        modules = sorted(m for m in sys.modules if m == "flava" or m.startswith("flava."))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"params": sorted(recorder.keys), "modules": modules}, indent=1))
+
+    atexit.register(dump)
 
 
 def stage_command(

@@ -1,22 +1,19 @@
-"""`flava data ...`: the data stages. Each handler calls one stage function ``run_*(cfg) -> dict``."""
+"""`flava data ...`: the data stages of the registry (``flava.stages``) plus `generate`. Each handler calls one
+stage function ``run_*(cfg) -> dict``."""
 from __future__ import annotations
 
 import argparse
 import importlib
 
 from flava.cli import config_from, stage_command
+from flava.stages import STAGES
 
-# subcommand -> (module, function, help)
-STAGES = {
-    "generate": ("flava.data.synthetic", "run_generate", "write the embedded synthetic world into paths.raw"),
-    "prepare": ("flava.data.ingest", "run_prepare", "ingest raw corpora into per-corpus manifests"),
-    "validate": ("flava.data.validate", "run_validate", "validate manifests with Great Expectations"),
-    "shard": ("flava.data.shards", "run_shard", "write webdataset shards (local or s3://) with an index"),
-    "fit": ("flava.data.fit", "run_fit", "fit the WordPiece tokenizer and the image codebook"),
-}
+GENERATE = ("generate", "flava.data.synthetic:run_generate", "write the embedded synthetic world into paths.raw")
 
 
-def _handler(module: str, function: str):
+def _handler(entry: str):
+    module, _, function = entry.partition(":")
+
     def run(args: argparse.Namespace):
         return getattr(importlib.import_module(module), function)(config_from(args))
 
@@ -26,5 +23,6 @@ def _handler(module: str, function: str):
 def register(groups: argparse._SubParsersAction) -> None:
     parser = groups.add_parser("data", help="data stages: generate, prepare, validate, shard, fit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    for name, (module, function, help_text) in STAGES.items():
-        stage_command(sub, name, help_text, _handler(module, function))
+    commands = [GENERATE] + [(s.command[1], s.entry, s.help) for s in STAGES if s.command[0] == "data"]
+    for name, entry, help_text in commands:
+        stage_command(sub, name, help_text, _handler(entry))
