@@ -35,3 +35,11 @@ def data_version(root: str | Path = ".", dvc_file: str = "data.dvc") -> str:
 
 def host() -> str:
     return socket.gethostname()
+
+
+def short_commit(commit: str) -> str:
+    """``git_commit``'s value shortened for names: 7 hex digits, keeping ``-dirty``; other values unchanged."""
+    sha, dirty, _ = commit.partition("-dirty")
+    if len(sha) == 40 and all(c in "0123456789abcdef" for c in sha):
+        return sha[:7] + dirty
+    return commit

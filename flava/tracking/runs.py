@@ -1,4 +1,5 @@
-"""MLflow runs of the training stages: one run per stage, nested under the pipeline run when there is one.
+"""MLflow runs: the pipeline's parent run, and one run per stage nested under it (``StageRun`` for the training
+stages, :func:`stage_run` for the others).
 
 A ``StageRun`` logs the flattened effective config as params, lineage tags (git commit, data version, stage,
 world size, host), per-step metrics, the effective config and checkpoint URIs as artifacts, and the final model as
@@ -6,13 +7,16 @@ an MLflow pyfunc (``FlavaEmbedder``: texts and/or images in, L2-normalised embed
 ``mlflow.pyfunc.load_model(uri).predict(df)`` works on any machine that has this package.
 
 Only the main rank talks to MLflow; on other ranks every method is a no-op. The tracking URI is
-``$MLFLOW_TRACKING_URI`` when set, else ``cfg.tracking.tracking_uri``. Importing this module sets nothing.
+``$MLFLOW_TRACKING_URI`` when set, else ``cfg.tracking.tracking_uri``, a relative SQLite path taken relative to
+``$DVC_ROOT`` under DVC (:func:`tracking_uri`). Importing this module sets nothing.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +24,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from flava.config import PipelineConfig
+from flava.config import PipelineConfig, flatten
 from flava.distributed import ProcessInfo
 from flava.tracking import lineage
 
@@ -30,23 +34,82 @@ STAGE_TAG = "flava.stage"  # the key the evaluation runs and the pipeline's pare
 MLFLOW_PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 
 
+DVC_ROOT_ENV = "DVC_ROOT"  # DVC sets it for every stage it runs: the root of the project's repository
+DVC_EXP_ENV = "DVC_EXP_NAME"  # DVC sets it for the stages of `dvc exp run`
+SQLITE_PREFIX = "sqlite:///"
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+    """``$MLFLOW_TRACKING_URI`` when set, else ``tracking.tracking_uri``; a relative SQLite path is taken relative
+    to ``$DVC_ROOT`` when DVC runs the stage, else to the current directory.
+
+    ``dvc exp run --temp`` runs the stages in a copy under ``.dvc/tmp/exps``: resolved against the current
+    directory, ``sqlite:///mlflow.db`` would be a throwaway store there instead of the project's."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+    root = os.environ.get(DVC_ROOT_ENV)
+    if root and uri.startswith(SQLITE_PREFIX):
+        path = uri[len(SQLITE_PREFIX):]  # sqlite:////abs.db -> "/abs.db"; sqlite:///rel.db -> "rel.db"
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return SQLITE_PREFIX + str(Path(root).resolve() / path)
+    return uri
+
+
+def artifact_location(cfg: PipelineConfig) -> str | None:
+    """Where a new experiment keeps artifacts: ``tracking.artifact_location``, else (under DVC) ``$DVC_ROOT/mlruns``
+    -- MLflow's own default is ``./mlruns`` of the creating process, lost with a ``--temp`` experiment's copy."""
+    if cfg.tracking.artifact_location or not os.environ.get(DVC_ROOT_ENV):
+        return cfg.tracking.artifact_location
+    return str(Path(os.environ[DVC_ROOT_ENV]).resolve() / "mlruns")
+
+
+def experiment_id(client, cfg: PipelineConfig) -> str:
+    """The id of ``tracking.experiment`` in ``client``'s store, created when missing (two creators may race)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
+    except MlflowException:
+        return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+
+
+# Files of the project root the parent run keeps at its close: what ran (dvc.lock) with which params.
+PIPELINE_FILES = ("dvc.lock", "params.yaml")
+# Reports whose numbers the parent run logs at its close, with the metric-name prefix each gets.
+PIPELINE_REPORTS = (("eval/metrics.json", "eval."), ("joint.json", "joint."))
+TRIGGERS = ("cli", "prefect")
 
 
 @contextmanager
-def parent_run(cfg: PipelineConfig, tags: dict[str, str]) -> Iterator[str]:
+def parent_run(
+    cfg: PipelineConfig, tags: Mapping[str, str] | None = None, *, trigger: str = "cli", link: str | None = None,
+    root: str | Path = ".",
+) -> Iterator[str]:
     """The pipeline's MLflow run, opened here by both the CLI main job and the Prefect flow; yields its id.
 
-    ``$FLAVA_PARENT_RUN_ID`` points at it while the body runs, so every stage run nests under it. It uses the
-    client API, so no fluent run stays active for the stages to trip on; it ends FAILED if the body raises."""
+    Named ``pipeline <UTC date-time> <git short hash> <trigger>`` (``trigger``: ``cli`` or ``prefect``) and tagged
+    with the lineage of :func:`pipeline_tags` plus ``tags``; ``link`` (e.g. the Prefect flow run's URL) becomes the
+    ``link`` tag and the run's description. At open it logs the flattened effective config as params; at close,
+    success or failure, the numbers of ``<paths.reports>/eval/metrics.json`` and ``joint.json`` as metrics,
+    ``dvc.lock`` and ``params.yaml`` of ``root`` and ``<paths.reports>/promotion.json`` as artifacts -- so both
+    routes' parent runs hold the same things. ``$FLAVA_PARENT_RUN_ID`` points at it while the body runs, so every
+    stage run nests under it. It uses the client API, so no fluent run stays active for the stages to trip on;
+    it ends FAILED if the body raises."""
     from mlflow import MlflowClient
 
+    if trigger not in TRIGGERS:
+        raise ValueError(f"parent_run trigger {trigger!r} must be one of {TRIGGERS}")
+    root = Path(root)
     client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location)
-    run_id = client.create_run(experiment_id, run_name="pipeline", tags=tags).info.run_id
+    all_tags = {**pipeline_tags(cfg, root), "trigger": trigger, **(tags or {})}
+    if link:
+        all_tags.update({"link": link, "mlflow.note.content": f"Started by {trigger}: [{link}]({link})"})
+    name = f"pipeline {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime())} " \
+           f"{lineage.short_commit(all_tags['git_commit'])} {trigger}"
+    run_id = client.create_run(experiment_id(client, cfg), run_name=name, tags=all_tags).info.run_id
+    log_params(client, run_id, cfg)
     previous = os.environ.get(lineage.PARENT_RUN_ENV)
     os.environ[lineage.PARENT_RUN_ENV] = run_id
     status = "FAILED"
@@ -54,11 +117,72 @@ def parent_run(cfg: PipelineConfig, tags: dict[str, str]) -> Iterator[str]:
         yield run_id
         status = "FINISHED"
     finally:
-        client.set_terminated(run_id, status)
-        if previous is None:
-            os.environ.pop(lineage.PARENT_RUN_ENV, None)
-        else:
-            os.environ[lineage.PARENT_RUN_ENV] = previous
+        try:
+            _log_pipeline_outcome(client, run_id, cfg, root)
+        except Exception:
+            if status == "FINISHED":  # the pipeline worked but its record did not: say so
+                status = "FAILED"
+                raise
+            log.exception("could not log the outcome of failed pipeline run %s", run_id)  # keep the body's error
+        finally:
+            client.set_terminated(run_id, status)
+            if previous is None:
+                os.environ.pop(lineage.PARENT_RUN_ENV, None)
+            else:
+                os.environ[lineage.PARENT_RUN_ENV] = previous
+
+
+def pipeline_tags(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, str]:
+    """Lineage tags of a pipeline run (the stage runs get theirs from :func:`stage_tags`)."""
+    return {
+        STAGE_TAG: "pipeline",
+        "git_commit": lineage.git_commit(root),
+        "data_version": lineage.data_version(root),
+        "host": lineage.host(),
+        "params_hash": cfg.digest(),
+    }
+
+
+def log_params(client, run_id: str, cfg: PipelineConfig) -> None:
+    """The flattened effective config as the run's params (MLflow takes at most 100 per batch)."""
+    from mlflow.entities import Param
+
+    params = [Param(k, param_value(v)) for k, v in cfg.flat().items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start:start + 100])
+
+
+def _log_pipeline_outcome(client, run_id: str, cfg: PipelineConfig, root: Path) -> None:
+    from mlflow.entities import Metric
+
+    reports = root / cfg.paths.reports
+    metrics: dict[str, float] = {}
+    for name, prefix in PIPELINE_REPORTS:
+        if (reports / name).is_file():
+            metrics.update(numeric_metrics(json.loads((reports / name).read_text()), prefix))
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=batch[start:start + 1000])
+    for name in PIPELINE_FILES:
+        if (root / name).is_file():
+            client.log_artifact(run_id, str(root / name))
+    promotion = reports / "promotion.json"
+    if promotion.is_file():
+        client.log_artifact(run_id, str(promotion))
+
+
+_METRIC_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def numeric_metrics(tree: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested report as MLflow metrics: flattened ``a.b.c`` names (``@`` -> ``_at_``, other
+    characters MLflow rejects -> ``_``); booleans and strings are left out."""
+    out = {}
+    for key, value in flatten(tree, prefix).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[_METRIC_NAME_UNSAFE.sub("_", key.replace("@", "_at_"))] = float(value)
+    return out
 
 
 def stage_tags(cfg: PipelineConfig, stage: str, info: ProcessInfo, root: str | Path = ".") -> dict[str, str]:
@@ -74,6 +198,66 @@ def stage_tags(cfg: PipelineConfig, stage: str, info: ProcessInfo, root: str | P
     if parent:
         tags["parent_run_id"] = parent
     return tags
+
+
+class StageLog:
+    """What :func:`stage_run` yields: logging into one stage's MLflow run through the client API."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def log_metrics(self, metrics: Mapping[str, Any], prefix: str = "", step: int = 0) -> dict[str, float]:
+        """Log the numbers of a (nested) report; returns what was logged."""
+        from mlflow.entities import Metric
+
+        numbers = numeric_metrics(dict(metrics), prefix)
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in numbers.items()]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+        return numbers
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A local file, or every file of a local directory, as artifacts (under ``artifact_path``)."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, payload: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, dict(payload), artifact_file)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+
+@contextmanager
+def stage_run(cfg: PipelineConfig, stage: str, root: str | Path = ".") -> Iterator[StageLog]:
+    """One MLflow run for a stage that is not a training loop (prepare, validate, shard, fit, promote).
+
+    Named after the stage, nested under ``$FLAVA_PARENT_RUN_ID`` when set, tagged like the training stages
+    (:func:`stage_tags`) with the flattened effective config as params; ends FAILED with an ``error`` tag if the
+    body raises. The client API keeps it apart from any fluent run of the same process (Prefect runs stages in
+    threads)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    tags = stage_tags(cfg, stage, ProcessInfo(), root)
+    if tags.get("parent_run_id"):
+        tags["mlflow.parentRunId"] = tags["parent_run_id"]  # what the MLflow UI nests by
+    run_id = client.create_run(experiment_id(client, cfg), run_name=stage, tags=tags).info.run_id
+    log_params(client, run_id, cfg)
+    status = "FAILED"
+    try:
+        yield StageLog(client, run_id)
+        status = "FINISHED"
+    except BaseException as exc:
+        client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        raise
+    finally:
+        client.set_terminated(run_id, status)
 
 
 def param_value(value: Any) -> str:
