@@ -140,17 +140,41 @@ class ReadRecorder:
         self.keys: set[str] = set()
         self._paths: dict[int, str] = {}
         self._patched: dict[type, Any] = {}
+        self._dumping = [0]  # > 0 while a pydantic dump runs (it reads union discriminators by attribute)
+        self._dumps: dict[str, Any] = {}
 
     def watch(self, cfg: BaseModel) -> None:
         self._walk(cfg, "")
+        for name in ("model_dump", "model_dump_json"):
+            original = self._dumps[name] = getattr(BaseModel, name)
+            setattr(BaseModel, name, self._paused(original))
+        hook = self._hook()
         for cls in {type(cfg)} | self._classes(cfg):
             if cls not in self._patched:
-                self._patched[cls] = cls.__getattribute__
-                cls.__getattribute__ = self._getattribute  # type: ignore[method-assign]
+                self._patched[cls] = cls.__dict__.get("__getattribute__")
+                cls.__getattribute__ = hook  # type: ignore[method-assign]
+
+    def _paused(self, dump):
+        depth = self._dumping
+
+        def paused(model, *args, **kwargs):
+            depth[0] += 1
+            try:
+                return dump(model, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return paused
 
     def stop(self) -> None:
+        for name, original in self._dumps.items():
+            setattr(BaseModel, name, original)
+        self._dumps.clear()
         for cls, original in self._patched.items():
-            cls.__getattribute__ = original  # type: ignore[method-assign]
+            if original is None:
+                del cls.__getattribute__
+            else:
+                cls.__getattribute__ = original  # type: ignore[method-assign]
         self._patched.clear()
 
     def _walk(self, node: Any, prefix: str) -> None:
@@ -173,13 +197,18 @@ class ReadRecorder:
                 found |= self._classes(item)
         return found
 
-    def _getattribute(recorder_self, obj: Any, name: str) -> Any:  # noqa: N805 - bound to the recorder
-        value = object.__getattribute__(obj, name)
-        if not name.startswith("_") and name in type(obj).model_fields:
-            prefix = recorder_self._paths.get(id(obj))
-            if prefix is not None and not _is_section(value):
-                recorder_self.keys.add(prefix + name)
-        return value
+    def _hook(self):
+        paths, keys, dumping = self._paths, self.keys, self._dumping
+
+        def getattribute(obj: Any, name: str) -> Any:
+            value = object.__getattribute__(obj, name)
+            if not dumping[0] and not name.startswith("_") and name in type(obj).model_fields:
+                prefix = paths.get(id(obj))
+                if prefix is not None and not _is_section(value):
+                    keys.add(prefix + name)
+            return value
+
+        return getattribute
 
 
 def _is_section(value: Any) -> bool:

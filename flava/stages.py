@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import yaml
 
 from flava.cli import GROUPS
-from flava.config import PipelineConfig
+from flava.config import PipelineConfig, dump_config
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # .../flava
 PROJECT_ROOT = PACKAGE_ROOT.parent
@@ -50,6 +50,7 @@ class Stage:
     metrics: tuple[Out, ...] = ()
     plots: tuple[str, ...] = ()
     help: str = ""
+    whole_params_file: bool = False  # depends on all of params.yaml (only the stage that resolves it)
 
     @property
     def cmd(self) -> str:
@@ -111,7 +112,17 @@ def _pretrain(name: str, kind: str, deps: tuple[str, ...], params: tuple[str, ..
     )
 
 
+# The effective config: params.yaml with the presets resolved and every default spelled out. The other stages
+# declare their keys in this file, so a preset change re-runs exactly the stages whose resolved values moved and
+# a key params.yaml leaves to its default is still tracked.
+EFFECTIVE_PARAMS = f"{_REPORTS}/params.yaml"
+
 STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="params", command=("stages", "resolve"), entry="flava.stages:run_resolve", deps=(), params=(),
+        outs=(Out(EFFECTIVE_PARAMS, cache=False),), whole_params_file=True,
+        help="resolve params.yaml (presets, defaults) into the effective config the other stages read",
+    ),
     Stage(
         name="prepare", command=("data", "prepare"), entry="flava.data.ingest:run_prepare",
         deps=("${paths.raw}",), params=("seed", "data.ingest"),
@@ -143,8 +154,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="fit", command=("data", "fit"), entry="flava.data.fit:run_fit",
         deps=tuple(f"{_VALIDATED}/{c}.jsonl" for c in _CORPORA) + (f"{_VALIDATED}/images",),
-        params=("seed", "data.tokenizer", "data.codebook", "data.loader.mean", "data.loader.std",
-                "data.loader.resample", "model"),
+        params=("seed", "data.tokenizer", "data.codebook", "data.loader", "model"),
         outs=(Out(f"{_ARTIFACTS}/tokenizer"), Out(f"{_ARTIFACTS}/codebook")),
         metrics=(Out(f"{_ARTIFACTS}/fit.json", cache=False),),
         help="fit the WordPiece tokenizer and the image codebook",
@@ -302,8 +312,8 @@ def params_keys(stage: Stage) -> list[str]:
 
 
 def dvc_stage(stage: Stage) -> dict[str, Any]:
-    entry: dict[str, Any] = {"cmd": stage.cmd, "deps": [*stage.deps, *code_files(stage)],
-                             "params": params_keys(stage)}
+    params = [{"params.yaml": None}] if stage.whole_params_file else [{EFFECTIVE_PARAMS: params_keys(stage)}]
+    entry: dict[str, Any] = {"cmd": stage.cmd, "deps": [*stage.deps, *code_files(stage)], "params": params}
     if stage.outs:
         entry["outs"] = [_out_entry(o) for o in stage.outs]
     if stage.metrics:
@@ -318,6 +328,13 @@ def render_dvc_yaml() -> str:
     plots = [{p: {"x": "step"}} for stage in STAGES for p in stage.plots]
     doc["plots"] = plots + [{f"{_REPORTS}/eval/plots": {}}]
     return DVC_YAML_HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def run_resolve(cfg: PipelineConfig) -> dict[str, Any]:
+    """The ``params`` stage: write the effective config to ``paths.reports/params.yaml``."""
+    path = Path(resolve(EFFECTIVE_PARAMS, cfg))
+    dump_config(cfg, path)
+    return {"effective_params": str(path), "params_hash": cfg.digest()}
 
 
 # --------------------------------------------------------------------------------------------- stage identity

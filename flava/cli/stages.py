@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from flava import stages
+from flava.cli import config_from, stage_command
 
 
 def _list(args: argparse.Namespace):
@@ -17,9 +18,14 @@ def _dvc_yaml(args: argparse.Namespace):
     return None
 
 
+def _resolve(args: argparse.Namespace):
+    return stages.run_resolve(config_from(args))
+
+
 def register(groups: argparse._SubParsersAction) -> None:
     parser = groups.add_parser("stages", help="the stage registry: list, dvc-yaml")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="every stage with its command, params keys and dependencies").set_defaults(
         handler=_list)
     sub.add_parser("dvc-yaml", help="print dvc.yaml as rendered from the registry").set_defaults(handler=_dvc_yaml)
+    stage_command(sub, "resolve", stages.get("params").help, _resolve)
