@@ -266,10 +266,16 @@ def param_value(value: Any) -> str:
 
 
 class StageRun:
-    """Context manager around one stage's MLflow run. ``run_id`` is None on non-main ranks."""
+    """Context manager around one stage's MLflow run. ``run_id`` is None on non-main ranks.
 
-    def __init__(self, cfg: PipelineConfig, stage: str, info: ProcessInfo = ProcessInfo(), root: str | Path = "."):
+    ``resume_run_id``: the run of the interrupted attempt a resumed stage continues (stored in its checkpoint). It
+    is reopened, so the stage's curves stay one history; if the store no longer has it, a new run is started and
+    tagged ``resumed_from_run`` with that id."""
+
+    def __init__(self, cfg: PipelineConfig, stage: str, info: ProcessInfo = ProcessInfo(), root: str | Path = ".",
+                 resume_run_id: str | None = None):
         self.cfg, self.stage, self.info, self.root = cfg, stage, info, Path(root)
+        self.resume_run_id = resume_run_id
         self.active = info.is_main
         self.run_id: str | None = None
         self.checkpoints: list[dict[str, Any]] = []
@@ -288,15 +294,33 @@ class StageRun:
                                           artifact_location=self.cfg.tracking.artifact_location)
         )
         parent = os.environ.get(lineage.PARENT_RUN_ENV) or None
-        self._run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=f"pretrain_{self.stage}",
-            tags=stage_tags(self.cfg, self.stage, self.info, self.root), parent_run_id=parent,
-            nested=parent is not None, log_system_metrics=self.cfg.tracking.log_system_metrics,
-        )
+        tags = stage_tags(self.cfg, self.stage, self.info, self.root)
+        self._run = self._reopen(tags, nested=parent is not None) if self.resume_run_id else None
+        if self._run is None:
+            if self.resume_run_id:
+                tags["resumed_from_run"] = self.resume_run_id
+            self._run = mlflow.start_run(
+                experiment_id=experiment_id, run_name=f"pretrain_{self.stage}", tags=tags, parent_run_id=parent,
+                nested=parent is not None, log_system_metrics=self.cfg.tracking.log_system_metrics,
+            )
+            mlflow.log_params({k: param_value(v) for k, v in self.cfg.flat().items()})
+            mlflow.log_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False),
+                            "config/effective.yaml")
         self.run_id = self._run.info.run_id
-        mlflow.log_params({k: param_value(v) for k, v in self.cfg.flat().items()})
-        mlflow.log_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False), "config/effective.yaml")
         return self
+
+    def _reopen(self, tags: dict[str, str], nested: bool):
+        """The resumed run reopened (its params stay as first logged: MLflow params are immutable), or None."""
+        import mlflow
+
+        try:
+            previous = mlflow.MlflowClient().get_run(self.resume_run_id)
+        except mlflow.exceptions.MlflowException:  # not in this store (deleted for good, or another store)
+            return None
+        if previous.info.lifecycle_stage != "active":
+            return None
+        return mlflow.start_run(run_id=self.resume_run_id, tags=tags, nested=nested,
+                                log_system_metrics=self.cfg.tracking.log_system_metrics)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.active or self._run is None:
