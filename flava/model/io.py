@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +25,35 @@ CONFIG = "config.json"
 CODEBOOK_DIR = "codebook"
 
 
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with byte-deterministic output: the same tensors and metadata always give
+    the same bytes.
+
+    safetensors keeps the header's metadata in a Rust ``HashMap``, so with two keys or more their order (hence the
+    file's bytes and its DVC hash) changes from one process to the next. The header is rewritten here with the
+    metadata keys sorted; the tensor entries and the data are left as written (their order is already fixed)."""
+    path = Path(path)
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    if not metadata or len(metadata) < 2:
+        return
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))  # dicts keep the file's order for every other key
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # the same entries re-serialised: in place, padded with spaces as safetensors does
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
+            return
+        text += b" " * (-len(text) % 8)  # a longer header (other JSON escaping): the data moves behind it
+        tmp = path.with_name(path.name + ".hdr")
+        with tmp.open("wb") as out:
+            out.write(len(text).to_bytes(8, "little") + text)
+            shutil.copyfileobj(f, out)
+    os.replace(tmp, path)
+
+
 def save_model(model: FlavaForPretraining, directory: str | Path) -> Path:
     """Write ``model`` to ``directory`` (created if needed; files are replaced atomically one by one)."""
     model = getattr(model, "module", model)  # accept a DDP-wrapped model
@@ -34,7 +64,7 @@ def save_model(model: FlavaForPretraining, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     tmp = directory / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    save_tensors(state, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     os.replace(tmp, directory / WEIGHTS)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.model_dump(mode="json")}
     tmp = directory / (CONFIG + ".tmp")

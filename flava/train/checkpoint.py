@@ -3,9 +3,15 @@
 A checkpoint directory holds
 - ``model.safetensors``: the full (unsharded) weights; tied tensors are stored once and their aliases listed in
   the safetensors metadata;
-- ``trainer.pt``: optimizer (keyed by parameter name), scheduler, grad scaler, step and trainer counters;
-- ``rank-XXXXX.pt``: per rank, the RNG states (python, numpy, torch, cuda) and the data stream position;
-- ``meta.json``: written last; a directory without it is incomplete and ignored.
+- ``trainer.pt``: optimizer (keyed by parameter name), scheduler, grad scaler, step and trainer counters, and the
+  trainer's records (the logged rows and evaluations the reports and curves are written from);
+- ``rank-XXXXX.pt``: per rank, the RNG states (python, numpy, torch, cuda, and the trainer's own generators), the
+  data stream position and the rank's partial logging window;
+- ``meta.json``: written last; a directory without it is incomplete and ignored. It names the identity of the run
+  that wrote it (``fingerprint``) and that run's MLflow run id.
+
+Beside the step directories, ``complete.json`` marks a run that finished: its checkpoints are not resumed (a new run
+of the same identity trains again), they are discarded by the next run.
 
 Everything is read with safetensors or ``torch.load(weights_only=True)``: nothing is unpickled. Local writes go to a
 ``.tmp-step-XXXXXXX`` directory renamed into place when complete, so a run killed mid-write leaves the previous
@@ -29,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -40,11 +45,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from flava.distributed import ProcessInfo, barrier
+from flava.model.io import save_tensors
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 WEIGHTS, TRAINER, META = "model.safetensors", "trainer.pt", "meta.json"
+COMPLETE = "complete.json"  # at the store's root: the run of this identity finished
 
 
 def step_name(step: int) -> str:
@@ -96,7 +103,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
             continue
         seen[key] = name
         unique[name] = tensor.detach().to("cpu").contiguous()
-    save_file(unique, str(path), metadata={"aliases": json.dumps(aliases)})
+    save_tensors(unique, path, metadata={"aliases": json.dumps(aliases)})
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -170,6 +177,19 @@ class LocalStore:
         trash = self.root / f".trash-{step_name(step)}"
         os.replace(final, trash)  # no longer listed as complete from here on
         shutil.rmtree(trash, ignore_errors=True)
+
+    def read_marker(self) -> dict[str, Any] | None:
+        path = self.root / COMPLETE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_marker(self, payload: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{COMPLETE}.tmp"
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+        os.replace(tmp, self.root / COMPLETE)
+
+    def delete_marker(self) -> None:
+        (self.root / COMPLETE).unlink(missing_ok=True)
 
 
 class S3Store:
@@ -260,6 +280,21 @@ class S3Store:
     def delete(self, step: int) -> None:
         self._delete_objects(step)
 
+    def _marker_key(self) -> str:
+        return f"{self.prefix}/{COMPLETE}" if self.prefix else COMPLETE
+
+    def read_marker(self) -> dict[str, Any] | None:
+        if self._marker_key() not in self._list(self._marker_key()):
+            return None
+        return json.loads(self.client.get_object(Bucket=self.bucket, Key=self._marker_key())["Body"].read())
+
+    def write_marker(self, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload, indent=2, sort_keys=True).encode()
+        self.client.put_object(Bucket=self.bucket, Key=self._marker_key(), Body=body)
+
+    def delete_marker(self) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._marker_key())
+
 
 def open_store(uri: str | Path, s3_client=None):
     text = str(uri)
@@ -275,6 +310,8 @@ class Restored:
     data_state: Any
     extra: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, Any] = field(default_factory=dict)  # global, as saved by the main rank
+    rank_state: dict[str, Any] = field(default_factory=dict)  # this rank's own
 
 
 class Checkpointer:
@@ -285,21 +322,52 @@ class Checkpointer:
         self.store = open_store(uri, s3_client)
         self.info = info
         self.keep_last = keep_last
-        self.fingerprint = fingerprint  # what the trajectory depends on (config, data version); stored in meta.json
+        # The identity of the run (code, inputs, effective config): only a run of the same identity resumes.
+        self.fingerprint = fingerprint
+        self.run_id: str | None = None  # the MLflow run these checkpoints belong to; stored in meta.json
 
-    def discard_mismatched(self) -> list[int]:
-        """Delete checkpoints written for another fingerprint (another config or data version): resuming them
-        would silently continue a different run. Every rank calls this; the main rank deletes."""
+    def discard_unresumable(self) -> list[int]:
+        """Delete what this run must not resume: checkpoints written by a run of another identity (resuming them
+        would silently continue a different run) and everything of a finished run of this identity (a re-run
+        trains again). Every rank calls this; the main rank deletes. Returns the discarded steps."""
         if self.fingerprint is None:
             return []
-        stale = [s for s in self.steps() if self.store.read_meta(s).get("fingerprint") != self.fingerprint]
-        if stale and self.info.is_main:
-            log.warning("checkpoints %s of %s were written for another config or data version: discarded",
-                        stale, self.store.uri(stale[0]).rsplit("/", 1)[0])
+        marker = self.store.read_marker()
+        finished = marker is not None and marker.get("fingerprint") == self.fingerprint
+        stale = [s for s in self.steps()
+                 if finished or self.store.read_meta(s).get("fingerprint") != self.fingerprint]
+        if self.info.is_main:
+            if stale:
+                why = "a finished run" if finished else "another run identity (code, inputs or config)"
+                log.warning("checkpoints %s under %s belong to %s: discarded", stale, self.root_uri(), why)
             for step in stale:
                 self.store.delete(step)
+            if marker is not None:  # last: a run killed above still finds the marker and discards the rest
+                self.store.delete_marker()
         barrier()
         return stale
+
+    def mark_complete(self, step: int) -> None:
+        """(main rank) Record that the run of this identity finished at ``step``: its checkpoints are not resumed."""
+        if self.info.is_main:
+            self.store.write_marker({"fingerprint": self.fingerprint, "step": step, "mlflow_run_id": self.run_id})
+
+    def resumable_run_id(self) -> str | None:
+        """The MLflow run id stored with the checkpoint a resume would load (None when there is none)."""
+        latest = self.latest()
+        return self.store.read_meta(latest).get("mlflow_run_id") if latest is not None else None
+
+    def weights(self, step: int) -> dict[str, torch.Tensor]:
+        """The full model weights saved at ``step``."""
+        local = self.store.fetch(step, [WEIGHTS])
+        try:
+            return load_weights(local / WEIGHTS)
+        finally:
+            if isinstance(self.store, S3Store):
+                shutil.rmtree(local, ignore_errors=True)
+
+    def root_uri(self) -> str:
+        return self.store.uri(0).rsplit("/", 1)[0]
 
     def steps(self) -> list[int]:
         return self.store.steps()
@@ -322,9 +390,14 @@ class Checkpointer:
         data_state: Any = None,
         extra: dict[str, Any] | None = None,
         keep: set[int] = frozenset(),
+        records: dict[str, Any] | None = None,
+        rank_state: dict[str, Any] | None = None,
     ) -> str:
         """Write the checkpoint of ``step`` (every rank calls this). A complete checkpoint of the same step is never
-        overwritten. Afterwards keeps the newest ``keep_last`` plus the steps in ``keep`` (the best one)."""
+        overwritten. Afterwards keeps the newest ``keep_last`` plus the steps in ``keep`` (the best one).
+
+        ``records`` (main rank's, tensors and plain values) go to ``trainer.pt``; ``rank_state`` to each rank's
+        own file."""
         if step in self.steps():
             log.info("checkpoint %s exists, not re-saved", self.uri(step))
             return self.uri(step)
@@ -336,7 +409,7 @@ class Checkpointer:
         barrier()
         staging = self.store.staging(step)
         rank_name = rank_file(self.info.rank)
-        torch.save({"rng": capture_rng(), "data": data_state}, staging / rank_name)
+        torch.save({"rng": capture_rng(), "data": data_state, "state": dict(rank_state or {})}, staging / rank_name)
         self.store.put(step, staging, [rank_name])
         if self.info.is_main:
             save_weights(weights, staging / WEIGHTS)
@@ -347,6 +420,7 @@ class Checkpointer:
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "step": step,
                     "extra": dict(extra or {}),
+                    "records": dict(records or {}),
                 },
                 staging / TRAINER,
             )
@@ -354,7 +428,7 @@ class Checkpointer:
         barrier()
         if self.info.is_main:
             meta = {"step": step, "world_size": self.info.world_size, "extra": dict(extra or {}), "time": time.time(),
-                    "fingerprint": self.fingerprint}
+                    "fingerprint": self.fingerprint, "mlflow_run_id": self.run_id}
             self.store.commit(step, staging, meta)
             self.prune(keep)
         elif hasattr(self.store, "cleanup"):
@@ -405,4 +479,5 @@ class Checkpointer:
             restore_rng(per_rank["rng"])
         if isinstance(self.store, S3Store):
             shutil.rmtree(local, ignore_errors=True)
-        return Restored(step=trainer["step"], data_state=per_rank["data"], extra=trainer.get("extra", {}), meta=meta)
+        return Restored(step=trainer["step"], data_state=per_rank["data"], extra=trainer.get("extra", {}), meta=meta,
+                        records=trainer.get("records", {}), rank_state=per_rank.get("state", {}))

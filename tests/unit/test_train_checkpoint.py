@@ -184,9 +184,44 @@ def test_checkpoints_of_another_fingerprint_are_discarded(tmp_path):
     model, opt, sched = _train_objects()
     old = Checkpointer(tmp_path, fingerprint="config-a")
     old.save(3, model=model, optimizer=opt, scheduler=sched)
-    assert Checkpointer(tmp_path, fingerprint="config-a").discard_mismatched() == []
+    assert Checkpointer(tmp_path, fingerprint="config-a").discard_unresumable() == []
     new = Checkpointer(tmp_path, fingerprint="config-b")
-    assert new.discard_mismatched() == [3]
+    assert new.discard_unresumable() == [3]
     assert new.latest() is None
     new.save(3, model=model, optimizer=opt, scheduler=sched)  # the same step number can be written again
     assert json.loads((tmp_path / step_name(3) / META).read_text())["fingerprint"] == "config-b"
+
+
+def test_a_finished_run_is_not_resumed_but_an_interrupted_one_is(tmp_path):
+    model, opt, sched = _train_objects()
+    first = Checkpointer(tmp_path, fingerprint="same")
+    first.run_id = "run-1"
+    for step in (2, 4):
+        first.save(step, model=model, optimizer=opt, scheduler=sched)
+    interrupted = Checkpointer(tmp_path, fingerprint="same")
+    assert interrupted.discard_unresumable() == [] and interrupted.latest() == 4
+    assert interrupted.resumable_run_id() == "run-1"  # the resumed stage continues that MLflow run
+    interrupted.mark_complete(4)
+    rerun = Checkpointer(tmp_path, fingerprint="same")
+    assert rerun.discard_unresumable() == [2, 4]  # a re-run of a finished run (dvc repro --force) trains again
+    assert rerun.latest() is None and rerun.resumable_run_id() is None
+    assert not (tmp_path / "complete.json").exists()
+    rerun.save(2, model=model, optimizer=opt, scheduler=sched)
+    assert Checkpointer(tmp_path, fingerprint="same").discard_unresumable() == []  # interrupted again: resumed
+
+
+def test_s3_store_keeps_the_completion_marker():
+    moto = pytest.importorskip("moto")
+    import boto3
+
+    with moto.mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="ckpt")
+        model, opt, sched = _train_objects()
+        done = Checkpointer("s3://ckpt/run/joint", s3_client=client, fingerprint="same")
+        done.save(2, model=model, optimizer=opt, scheduler=sched)
+        assert done.store.read_marker() is None
+        done.mark_complete(2)
+        assert done.store.read_marker()["step"] == 2
+        assert Checkpointer("s3://ckpt/run/joint", s3_client=client, fingerprint="same").discard_unresumable() == [2]
+        assert done.store.read_marker() is None and done.steps() == []
