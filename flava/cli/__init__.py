@@ -20,7 +20,7 @@ from flava.config import PipelineConfig, ReadRecorder, load_config
 
 # Command-group modules, in the order they appear in ``flava --help``.
 GROUPS = ("flava.cli.pipeline", "flava.cli.data", "flava.cli.pretrain", "flava.cli.evaluate", "flava.cli.launch",
-          "flava.cli.stages")
+          "flava.cli.stages", "flava.cli.registry")
 # A directory: each command records the params keys it read and the project modules it loaded there
 # (``<command words>.json``), for the test that checks every stage declares them (``flava.stages``).
 RECORD_ENV = "FLAVA_RECORD_READS"

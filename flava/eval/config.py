@@ -96,13 +96,21 @@ class RegistryConfig(_Section):
     """MLflow Model Registry and the promotion gate against ``@champion``."""
 
     model_name: str = "flava"
-    # Pass iff overall macro >= champion overall + margin AND no domain macro < champion's - tolerance.
+    # Pass iff overall macro >= champion overall + margin (and strictly above it) AND no domain macro < champion's
+    # - domain_tolerance.
     margin: float = Field(default=0.01, ge=0)  # a retrain that scores about the same does not replace the champion
     domain_tolerance: float = Field(default=0.02, ge=0)
-    # First model: champion iff it beats the chance baselines by more than chance_margin -- on every task
-    # ("every_task") or on the overall macro average of tasks vs baselines ("macro").
+    # First model: champion iff it beats the chance baselines by more than chance_margin (+ chance_tolerance) --
+    # on every task ("every_task") or on the overall macro average of tasks vs baselines ("macro").
     chance_rule: Literal["every_task", "macro"] = "every_task"
     chance_margin: float = Field(default=0.0, ge=0)
+    # "Above chance" is strict: score > chance + chance_margin + chance_tolerance. Scores are float32, so a score
+    # exactly at chance can exceed the float64 baseline by rounding (0.026666667 vs 0.02666666666666667); the
+    # tolerance absorbs that for scores in [0, 1] (float32 spacing there is <= 6e-8).
+    chance_tolerance: float = Field(default=1e-6, ge=0)
+    # Under `dvc exp run` ($DVC_EXP_NAME set) `flava promote` registers and promotes in the shared registry only
+    # when this is true; otherwise promotion.json says "skipped" and why.
+    register_experiments: bool = False
     lock_timeout_s: float = Field(default=120.0, gt=0)
     # Where the promotion lock file lives when the tracking store is not a local sqlite file (relative to the
     # project root); for sqlite the lock sits next to the database file.

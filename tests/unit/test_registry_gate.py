@@ -7,7 +7,7 @@ import time
 import pytest
 
 from flava.eval.config import RegistryConfig
-from flava.tracking.registry import exclusive_lock, gate, lock_path, metrics_from_tags, _metric_tags
+from flava.tracking.registry import exclusive_lock, gate, lock_path, metrics_from_tags
 
 
 def _metrics(overall, vision=None, language=None, multimodal=None, tasks=None, chance=None):
@@ -70,10 +70,28 @@ def test_gate_rejects_metrics_without_macro():
         gate({"tasks": {}}, None, RCFG)
 
 
-def test_metric_tags_round_trip():
-    m = _metrics(0.5, 0.4, 0.6, 0.5, tasks={"zeroshot": 0.3}, chance={"zeroshot": 0.1})
-    back = metrics_from_tags(_metric_tags(m) | {"git_commit": "abc"})
-    assert back == m
+def test_exactly_at_chance_in_float32_is_not_above_chance():
+    # Seen: retrieval_t2i 0.026666667 (a float32 score) vs chance 0.02666666666666667 passed as "above chance".
+    tasks = {"zeroshot": 0.5, "retrieval_t2i": 0.026666667}
+    chance = {"zeroshot": 0.1, "retrieval_t2i": 0.02666666666666667}
+    assert tasks["retrieval_t2i"] > chance["retrieval_t2i"]  # the float comparison alone says "above"
+    decision = gate(_metrics(0.3, tasks=tasks, chance=chance), None, RCFG)
+    assert not decision.promote
+    assert decision.reasons == ["retrieval_t2i: 0.026667 does not beat chance 0.026667 by more than 0.0 + "
+                                "tolerance 1e-06"]
+    # Just above the tolerance is above chance; the macro rule uses the same strict bar.
+    tasks["retrieval_t2i"] = chance["retrieval_t2i"] + 2e-6
+    assert gate(_metrics(0.3, tasks=tasks, chance=chance), None, RCFG).promote
+    at = {"zeroshot": 0.1, "vqa": 0.25}
+    macro = RegistryConfig(chance_rule="macro", chance_tolerance=1e-3)
+    assert not gate(_metrics(0.2, tasks={"zeroshot": 0.1005, "vqa": 0.25}, chance=at), None, macro).promote
+    assert RegistryConfig().chance_tolerance == 1e-6
+
+
+def test_metrics_of_versions_registered_by_the_old_code_are_read_from_their_tags():
+    tags = {"macro.overall": "0.500000", "macro.vision": "0.400000", "task.zeroshot": "0.300000",
+            "chance.zeroshot": "0.100000", "git_commit": "abc", "promotion.delta.overall": "0.1"}
+    assert metrics_from_tags(tags) == _metrics(0.5, 0.4, tasks={"zeroshot": 0.3}, chance={"zeroshot": 0.1})
 
 
 def test_lock_path_next_to_sqlite_and_in_lock_dir_otherwise(tmp_path):
