@@ -65,7 +65,10 @@ torch.utils._pytree.register_dataclass(FlavaOutput)
 
 
 class FlavaForPretraining(nn.Module):
-    def __init__(self, config: FlavaConfig, codebook: Any = None) -> None:
+    """``seed`` fixes the initial weights and the first ITM negatives: a model never draws from torch's global RNG,
+    which threads training concurrently in one process would share."""
+
+    def __init__(self, config: FlavaConfig, codebook: Any = None, *, seed: int = 0) -> None:
         super().__init__()
         self.config = config
         impl = config.attention
@@ -89,6 +92,10 @@ class FlavaForPretraining(nn.Module):
         self.validate_inputs = config.validate_inputs
         # (rank, world_size) for the global contrastive loss; None = read from flava.distributed.process_info().
         self.process_group_info: tuple[int, int] | None = None
+        self.seed = seed
+        # Draws the in-batch ITM negatives when forward() gets no generator; a trainer re-seeds it per rank and
+        # keeps its state in the checkpoint, so a resumed run draws the negatives an uninterrupted one would.
+        self.itm_generator = torch.Generator().manual_seed(seed)
         self.reset_parameters()
         self.set_activation_checkpointing(config.activation_checkpointing)
         self.codebook = codebook
@@ -114,15 +121,17 @@ class FlavaForPretraining(nn.Module):
             )
         self.__dict__["_codebook"] = codebook
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every parameter from ``generator`` (default: a fresh one seeded with ``self.seed``)."""
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.normal_(module.weight, std=std)
+                nn.init.normal_(module.weight, std=std, generator=gen)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
+                nn.init.normal_(module.weight, std=std, generator=gen)
                 if module.padding_idx is not None:
                     module.weight.data[module.padding_idx].zero_()
             elif isinstance(module, nn.LayerNorm):
@@ -130,7 +139,7 @@ class FlavaForPretraining(nn.Module):
                 nn.init.zeros_(module.bias)
         for name, param in self.named_parameters():
             if name.endswith(("cls_token", "mask_token")) or name.endswith("image_encoder.position_embeddings"):
-                nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
+                nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std, generator=gen)
         with torch.no_grad():
             self.logit_scale.fill_(self.config.logit_scale_init)
 
@@ -203,8 +212,8 @@ class FlavaForPretraining(nn.Module):
     def forward(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> FlavaOutput:
         """One batch (see docs/interfaces.md) -> the weighted loss and its unweighted parts.
 
-        ``generator`` seeds the in-batch ITM negatives of pair batches without ``itm_labels`` (CPU generator;
-        default: torch's global RNG)."""
+        ``generator`` draws the in-batch ITM negatives of pair batches without ``itm_labels`` (CPU generator;
+        default: ``self.itm_generator``)."""
         kind = batch.get("kind")
         if kind not in BATCH_KINDS:
             raise ValueError(f"batch['kind'] must be one of {BATCH_KINDS}, got {kind!r}")
@@ -217,7 +226,7 @@ class FlavaForPretraining(nn.Module):
         elif kind == "text":
             self._text_objectives(batch, losses, metrics)
         else:
-            self._pair_objectives(batch, losses, metrics, generator)
+            self._pair_objectives(batch, losses, metrics, generator if generator is not None else self.itm_generator)
         loss = self.objective(losses) if losses else self._zero()
         if self.touch_unused_parameters:
             loss = loss + self._zero()

@@ -3,8 +3,13 @@ logging, evaluation and checkpoints, and exact resume.
 
 The loop owns none of the model, data, logging or evaluation: it is handed a built (and parallelised) model, an
 optimizer and scheduler, an endless batch stream, and plain callables for metrics (``sink``), evaluation and the
-best-model export. Anything the model returns that has ``.loss`` (scalar) and ``.losses`` (dict of scalars, and
-optionally ``.metrics``) can be trained, which is how the tests drive it with a tiny module.
+best-model export. Everything a resumed run needs to end exactly as an uninterrupted one goes into its checkpoints:
+the counters and best-model selection (``LoopState``), the logged rows and evaluations (``history``, ``evals``: what
+reports and training curves are written from), the partial logging window and the state of the generators it is
+handed (e.g. the model's ITM-negative generator).
+
+Anything the model returns that has ``.loss`` (scalar) and ``.losses`` (dict of scalars, and optionally
+``.metrics``) can be trained, which is how the tests drive it with a tiny module.
 """
 from __future__ import annotations
 
@@ -77,6 +82,7 @@ class LoopState:
     consecutive_skips: int = 0
     best_metric: float | None = None
     best_step: int | None = None
+    best_eval: dict[str, float] = field(default_factory=dict)  # the whole evaluation at best_step
     last_eval: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -107,6 +113,7 @@ class Trainer:
         flops_per_batch: Callable[[Mapping[str, Any]], float] | None = None,
         peak_flops: float | None = None,
         progress: Progress | None = None,
+        generators: Mapping[str, torch.Generator] | None = None,
     ):
         self.model, self.optimizer, self.scheduler, self.stream = model, optimizer, scheduler, stream
         self.settings, self.device, self.info, self.scaler = settings, device, info, scaler
@@ -114,8 +121,10 @@ class Trainer:
         self.evaluate, self.evaluate_on_all_ranks, self.on_best = evaluate, evaluate_on_all_ranks, on_best
         self.sink, self.flops_per_batch, self.peak_flops = sink, flops_per_batch, peak_flops
         self.progress = progress or Progress(settings.stage, settings.steps, enabled=False)
+        self.generators = dict(generators or {})  # per-rank random streams the model draws from, checkpointed
         self.state = LoopState()
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []  # one row per logged step
+        self.evals: list[dict[str, float]] = []  # one row per evaluation: {"step": ..., **results}
         self.resumed_from: int | None = None
         self._params = [p for p in model.parameters() if p.requires_grad]
         # Parameter constraints the model keeps itself (FLAVA's logit-scale clamp), re-applied after each update
@@ -138,6 +147,15 @@ class Trainer:
         if restored.data_state is not None and hasattr(self.stream, "load_state_dict"):
             self.stream.load_state_dict(restored.data_state)
         self.state = LoopState(**restored.extra) if restored.extra else LoopState(step=restored.step)
+        self.history = [dict(row) for row in restored.records.get("history", [])]
+        self.evals = [dict(row) for row in restored.records.get("evals", [])]
+        for name, state in restored.rank_state.get("generators", {}).items():
+            if name not in self.generators:
+                raise ValueError(f"checkpoint {self.checkpointer.uri(step)} holds generator {name!r}, which this "
+                                 f"trainer was not given (it has {sorted(self.generators)})")
+            self.generators[name].set_state(state)
+        if "window" in restored.rank_state:
+            self._load_window(restored.rank_state["window"])
         self.resumed_from = step
         log.info("resumed %s from %s", self.settings.stage, self.checkpointer.uri(step))
         return step
@@ -149,7 +167,9 @@ class Trainer:
         return self.checkpointer.save(
             self.state.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             scaler=self.scaler, data_state=self.stream.state_dict() if hasattr(self.stream, "state_dict") else None,
-            extra=self.state.as_dict(), keep=keep,
+            extra=self.state.as_dict(), keep=keep, records={"history": self.history, "evals": self.evals},
+            rank_state={"generators": {k: g.get_state() for k, g in self.generators.items()},
+                        "window": self._window_state()},
         )
 
     # -------------------------------------------------------------------------------------------------- fit
@@ -298,6 +318,16 @@ class Trainer:
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
 
+    def _window_state(self) -> dict[str, Any]:
+        """The partial logging window (a checkpoint may fall between two logged steps)."""
+        return {"values": dict(self._window), "counts": dict(self._counts),
+                "sums": {k: v.detach().cpu() for k, v in self._sums.items()}}
+
+    def _load_window(self, state: Mapping[str, Any]) -> None:
+        self._window = dict(state["values"])
+        self._counts = dict(state["counts"])
+        self._sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+
     def _accumulate(self, out: Any) -> None:
         values = {"loss": out.loss}
         values.update({f"loss_{k}": v for k, v in out.losses.items()})
@@ -349,6 +379,7 @@ class Trainer:
         results = broadcast_object(results)
         step = self.state.step
         self.state.last_eval = {k: float(v) for k, v in results.items()}
+        self.evals.append({"step": float(step), **self.state.last_eval})
         if self.sink is not None and self.info.is_main:
             self.sink(step, {f"eval_{k}": float(v) for k, v in results.items()})
         key = self.settings.select_metric
@@ -360,6 +391,7 @@ class Trainer:
         self.progress.message(f"{self.settings.stage} step {step}: eval {key}={value:.4f}")
         if self.state.best_metric is None or value > self.state.best_metric:
             self.state.best_metric, self.state.best_step = value, step
+            self.state.best_eval = dict(self.state.last_eval)
             if self.on_best is not None:
                 self.on_best(step, results)
             if step % self.settings.checkpoint_every and step != self.settings.steps:

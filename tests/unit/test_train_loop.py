@@ -156,3 +156,42 @@ def test_progress_bar_on_a_terminal(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "pretrain joint" in err and "5/10" in err and "loss=1.25" in err
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run_with_records(ckpt, stop_after=None):
+    """A toy run with evaluation drawing from a checkpointed generator; optionally interrupted after a step."""
+    train = _cfg(log_every=4, checkpoint_every=6, eval_every=7)  # checkpoints fall inside logging windows
+    _, trainer = build(toy_args(train=train, ckpt=ckpt))
+    gen = torch.Generator().manual_seed(7)
+    trainer.generators = {"eval": gen}
+    trainer.evaluate = lambda: {"top1": float(torch.rand((), generator=gen))}
+    trainer.settings = LoopSettings(**{**trainer.settings.__dict__, "select_metric": "top1"})
+    trainer.resume()
+    if stop_after is not None:
+        inner = trainer._train_step
+
+        def step():
+            if trainer.state.step == stop_after:
+                raise _Stop
+            inner()
+
+        trainer._train_step = step
+    summary = trainer.fit()
+    return trainer, summary
+
+
+def test_resume_restores_logged_rows_evaluations_window_and_generators(tmp_path):
+    ref, ref_summary = _run_with_records(tmp_path / "ref")
+    with pytest.raises(_Stop):
+        _run_with_records(tmp_path / "cut", stop_after=20)  # last checkpoint at 18, between the rows of 16 and 20
+    got, summary = _run_with_records(tmp_path / "cut")
+    assert got.resumed_from == 18
+    timing = {"samples_per_s", "mfu"}
+    strip = lambda rows: [{k: v for k, v in row.items() if k not in timing} for row in rows]  # noqa: E731
+    assert strip(got.history) == strip(ref.history) and len(got.history) == 10
+    assert got.evals == ref.evals and [e["step"] for e in got.evals] == [7, 14, 21, 28, 35, 40]
+    assert summary["best_step"] == ref_summary["best_step"] and got.state.best_eval == ref.state.best_eval
