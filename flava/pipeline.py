@@ -1,106 +1,411 @@
-"""The main job: the whole pipeline as ``dvc repro`` under one MLflow parent run.
+"""The main job and what every route of it shares: raw data in place, the workspace lock, one stage through DVC.
 
-``dvc.yaml`` is the single description of the stage graph; this module only makes sure the raw data is in
-place (pulled from the DVC remote, else generated: the embedded synthetic world), opens the parent run the stage
-runs nest under (``$FLAVA_PARENT_RUN_ID``), runs ``dvc repro`` and logs the pipeline's outcome to the parent run.
+``dvc.yaml`` is the single description of the stage graph and DVC's stage hashes the one rule of "up to date":
+``flava pipeline run`` runs ``dvc repro``; the Prefect flow (``flows/pipeline.py``) runs each stage as
+``dvc repro --single-item <stage>`` (:func:`run_stage`), so both routes re-run exactly the same stages and
+produce the same bytes. This module makes sure the raw data is in place (pulled from the DVC remote, else the
+embedded synthetic world when ``data.dvc`` records it), holds the workspace lock (one pipeline per workspace,
+whichever route started it), reads the graph and each stage's metrics from ``dvc.yaml``, applies overrides to
+``params.yaml`` as ``dvc exp run -S`` does, and tells a person what came out (:func:`outcome_lines`).
+No Prefect here.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from flava.config import PipelineConfig, flatten
+import yaml
+from dvc.utils.hydra import apply_overrides
+from mlflow import MlflowClient
+
+from flava.config import PipelineConfig, flatten, load_config
+from flava.data.synthetic import generate
+from flava.launch.config import launch_section
 from flava.tracking import lineage
+from flava.tracking.registry import metrics_from_tags
+from flava.tracking.runs import parent_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
+# The md5 DVC records for the default synthetic world (seed and data.generate as shipped): `data.dvc` as
+# committed. Generating is a stand-in for pulling only when data.dvc records exactly this world.
+SYNTHETIC_WORLD_MD5 = "1508cf2e4d3f268df1609b8d49dc63f7.dir"
+LOCK_FILE = ".dvc/tmp/flava-pipeline.lock"  # under .dvc/tmp: untracked, and where DVC keeps its own lock
+PARAMS_FILE = "params.yaml"  # the file DVC's params deps and `dvc exp run -S` read and write
+RAW_DATA_NODE = "raw_data"  # the graph node that puts paths.raw in place before the first stage
 
-def _tool_env() -> dict[str, str]:
-    """Environment for subprocesses: this interpreter's bin dir first, so `flava` and `dvc` resolve to ours."""
+
+# ------------------------------------------------------------------------------------------------ tools
+def dvc_executable() -> str:
+    """This interpreter's dvc (the virtualenv's), not whichever one PATH finds first."""
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin dir first, so `flava` and `dvc` resolve to ours;
+    unbuffered Python so a stage's lines stream as they are written."""
     env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
     return env
 
 
-def _dvc(args: Sequence[str], root: Path, env: dict[str, str] | None = None, check: bool = True):
-    cmd = [str(Path(sys.executable).parent / "dvc"), *args]
+def _dvc(args: Sequence[str], root: Path, env: dict[str, str] | None = None, check: bool = True,
+         capture: bool = False) -> subprocess.CompletedProcess:
     log.info("running: dvc %s", " ".join(args))
-    return subprocess.run(cmd, cwd=root, env=env or _tool_env(), check=check)
+    return subprocess.run([dvc_executable(), *args], cwd=root, env=env or tool_env(), check=check,
+                          capture_output=capture, text=True)
 
 
-def ensure_raw_data(cfg: PipelineConfig, root: Path) -> str:
-    """Make ``paths.raw`` present: keep it, else pull it from the DVC remote, else generate the synthetic world.
+# ---------------------------------------------------------------------------------------------- raw data
+def default_remote(root: Path) -> str:
+    """``name (url)`` of the default DVC remote, or a sentence saying there is none."""
+    listed = _dvc(["remote", "list"], root, check=False, capture=True).stdout.splitlines()
+    remotes = [line.split() for line in listed if line.strip()]
+    chosen = [r for r in remotes if "(default)" in r] or remotes[:1]
+    return f"{chosen[0][0]} ({chosen[0][1]})" if chosen else "no DVC remote configured"
 
-    Returns how it got there: ``present``, ``pulled`` or ``generated``.
+
+def ensure_raw_data(cfg: PipelineConfig, root: str | Path) -> str:
+    """Make ``paths.raw`` present: keep it, else pull it from the DVC remote, else generate the synthetic world,
+    but only when ``data.dvc`` records that world (or there is no data.dvc): generating anything else would
+    replace the user's data and make the next ``dvc repro`` rewrite data.dvc.
+
+    Returns how it got there: ``present``, ``pulled`` or ``generated``; raises FileNotFoundError naming the
+    remote and the missing hash when data.dvc points at other data that no remote returned.
     """
+    root = Path(root)
     raw = root / cfg.paths.raw
     if raw.is_dir() and any(raw.iterdir()):
         return "present"
-    if (root / "data.dvc").exists():
+    recorded = lineage.data_version(root)
+    if recorded != "untracked":
         pulled = _dvc(["pull", "-q", "data.dvc"], root, check=False)
         if pulled.returncode == 0 and raw.is_dir() and any(raw.iterdir()):
             return "pulled"
-        log.info("no DVC remote holds %s; generating the embedded synthetic world", cfg.paths.raw)
-    from flava.data.synthetic import generate
-
+        if recorded != SYNTHETIC_WORLD_MD5:
+            raise FileNotFoundError(
+                f"{cfg.paths.raw} is missing and `dvc pull data.dvc` from remote {default_remote(root)} did not "
+                f"bring it: data.dvc records md5 {recorded}, which is not the embedded synthetic world "
+                f"({SYNTHETIC_WORLD_MD5}), so nothing is generated in its place. Make that remote reachable "
+                f"(`dvc remote list`, `dvc pull data.dvc`) or put the data at {cfg.paths.raw}.")
+        log.info("no DVC remote holds %s; data.dvc records the synthetic world: generating it", cfg.paths.raw)
     generate(cfg.data.generate, cfg.seed, raw)
     return "generated"
 
 
-def _numeric_metrics(path: Path, prefix: str) -> dict[str, float]:
-    if not path.exists():
-        return {}
-    flat = flatten(json.loads(path.read_text()), prefix)
-    return {k.replace("@", "_at_"): float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+# -------------------------------------------------------------------------------------- the workspace lock
+class WorkspaceBusy(RuntimeError):
+    """Another pipeline run holds this workspace."""
 
 
-def run_pipeline(
-    cfg: PipelineConfig, root: str | Path = ".", *, force: bool = False, dry: bool = False
-) -> dict[str, Any]:
-    """Run every stage of ``dvc.yaml`` that is not up to date, nested under one MLflow parent run."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+@contextmanager
+def workspace_lock(root: str | Path, holder: str, timeout_s: float | None = 0.0) -> Iterator[Path]:
+    """One pipeline at a time per workspace, whichever route runs it (``flava pipeline run``, the Prefect flow).
 
-    from flava.tracking.runs import STAGE_TAG, param_value, parent_run, tracking_uri
+    An ``fcntl`` lock on ``.dvc/tmp/flava-pipeline.lock``, released by the kernel if the holder dies. Waits up
+    to ``timeout_s`` seconds (None: forever, 0: not at all), then raises WorkspaceBusy naming the holder."""
+    path = Path(root) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        announced = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                current = handle.read().strip() or "another process"
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WorkspaceBusy(
+                        f"workspace {Path(root).resolve()} is busy: {current} holds {LOCK_FILE}; waited "
+                        f"{timeout_s:g}s (launch.schedule.lock_timeout_s). Wait for it to finish or stop it."
+                    ) from None
+                if not announced:
+                    log.info("waiting for the workspace lock held by %s", current)
+                    announced = True
+                time.sleep(0.5)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC)\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
-    root = Path(root).resolve()
-    source = ensure_raw_data(cfg, root)
-    uri = tracking_uri(cfg)
-    client = MlflowClient(uri)
-    tags = {
-        STAGE_TAG: "pipeline",
-        "git_commit": lineage.git_commit(root),
-        "data_version": lineage.data_version(root),
-        "raw_data": source,
-        "host": lineage.host(),
+
+# -------------------------------------------------------------------------------------- dvc.yaml, resolved
+@dataclass(frozen=True)
+class DvcStage:
+    name: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]  # every output, metrics included
+    metrics: tuple[str, ...]
+
+
+_TEMPLATE = re.compile(r"\$\{\s*([^}\s]+)\s*\}")
+
+
+def _entries(items: list | None) -> list[str]:
+    """Paths of a dvc.yaml list, whose entries are strings or ``{path: {options}}``."""
+    return [item if isinstance(item, str) else next(iter(item)) for item in items or []]
+
+
+def _resolve(text: str, values: dict[str, Any], where: str) -> str:
+    def lookup(match: re.Match) -> str:
+        if match.group(1) not in values:
+            raise ValueError(f"dvc.yaml {where}: ${{{match.group(1)}}} is not defined in params.yaml or vars")
+        return str(values[match.group(1)])
+
+    return _TEMPLATE.sub(lookup, text)
+
+
+def dvc_stages(root: str | Path) -> dict[str, DvcStage]:
+    """The stages of ``dvc.yaml`` in file order, with ``${...}`` resolved against params.yaml and ``vars``."""
+    root = Path(root)
+    spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    values: dict[str, Any] = {}
+    if (root / PARAMS_FILE).exists():
+        values.update(flatten(yaml.safe_load((root / PARAMS_FILE).read_text()) or {}))
+    for item in spec.get("vars") or []:
+        if isinstance(item, dict):
+            values.update(flatten(item))
+    stages = {}
+    for name, body in (spec.get("stages") or {}).items():
+        if "foreach" in body or "matrix" in body:
+            raise ValueError(f"dvc.yaml stage {name!r}: foreach/matrix stages are not supported by the flow")
+        paths = {key: tuple(_resolve(p, values, f"{name}.{key}") for p in _entries(body.get(key)))
+                 for key in ("deps", "outs", "metrics", "plots")}
+        stages[name] = DvcStage(name, paths["deps"], paths["outs"] + paths["metrics"] + paths["plots"],
+                                paths["metrics"])
+    return stages
+
+
+def _covers(out: str, dep: str) -> bool:
+    out, dep = out.rstrip("/"), dep.rstrip("/")
+    return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
+
+
+def stage_graph(stages: dict[str, DvcStage], raw_path: str) -> dict[str, tuple[str, ...]]:
+    """Each stage's direct predecessors (``{stage: (stage, ...)}``), topologically ordered: stage B follows A
+    when B reads a path A writes; the ``raw_data`` node writes ``raw_path``. Edges implied by a longer path are
+    dropped (transitive reduction), so the graph shows the pipeline's edges and nothing more."""
+    producers = {RAW_DATA_NODE: (raw_path,), **{s.name: s.outs for s in stages.values()}}
+    direct = {RAW_DATA_NODE: set()}
+    for stage in stages.values():
+        direct[stage.name] = {p for p, outs in producers.items() if p != stage.name
+                              and any(_covers(o, d) for o in outs for d in stage.deps)}
+    ancestors: dict[str, set[str]] = {}
+
+    def above(name: str, trail: tuple[str, ...] = ()) -> set[str]:
+        if name in trail:
+            raise ValueError(f"dvc.yaml has a cycle: {' -> '.join(trail + (name,))}")
+        if name not in ancestors:
+            ancestors[name] = set().union(*({p} | above(p, trail + (name,)) for p in direct[name]))
+        return ancestors[name]
+
+    order = sorted(direct, key=lambda n: (len(above(n)), list(direct).index(n)))
+    return {n: tuple(p for p in order if p in direct[n] and not any(p in above(q) for q in direct[n] - {p}))
+            for n in order}
+
+
+# ---------------------------------------------------------------------------------------------- one stage
+class StageFailed(RuntimeError):
+    """``dvc repro`` of one stage failed; ``exit_code`` is the stage command's (2: bad input or config)."""
+
+    def __init__(self, stage: str, returncode: int, exit_code: int | None, tail: list[str]):
+        self.stage, self.returncode, self.exit_code = stage, returncode, exit_code
+        super().__init__(f"stage {stage} failed (dvc exit {returncode}, command exit {exit_code}):\n"
+                         + "\n".join(tail[-15:]))
+
+
+_LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
+
+
+def line_level(line: str) -> int:
+    """The logging level a stage's output line carries (``... WARNING flava.x: ...``, DVC's ``ERROR: ...``)."""
+    match = _LEVEL.search(line[:64])
+    return logging.getLevelName(match.group(1)) if match else logging.INFO
+
+
+def read_metrics(root: str | Path, stage: DvcStage) -> dict[str, Any]:
+    """The metrics files ``dvc.yaml`` declares for ``stage`` (path -> parsed JSON/YAML), those that exist."""
+    out = {}
+    for rel in stage.metrics:
+        path = Path(root) / rel
+        if path.is_file():
+            out[rel] = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    return out
+
+
+def read_run_files(root: str | Path, stage: DvcStage) -> dict[str, Any]:
+    """The stage's run files (outputs named ``*run.json``: MLflow run ids, model URIs), those that exist."""
+    return {rel: json.loads((Path(root) / rel).read_text()) for rel in stage.outs
+            if rel.endswith("run.json") and (Path(root) / rel).is_file()}
+
+
+def run_stage(stage: str, root: str | Path, *, force: bool = False, env: dict[str, str] | None = None,
+              echo: Callable[[int, str], None] | None = None) -> dict[str, Any]:
+    """``dvc --wait-for-lock repro --single-item <stage> [--force]`` in ``root``, every output line passed to
+    ``echo(level, line)`` as it comes. DVC releases its repo lock while the stage command runs, so two stages
+    run side by side; ``--wait-for-lock`` waits for the other's short locked phases.
+
+    Returns ``{stage, status: ran | up to date | restored, metrics: {path: content}, runs: {path: content}}``."""
+    root = Path(root)
+    spec = dvc_stages(root)
+    if stage not in spec:
+        raise ValueError(f"dvc.yaml has no stage {stage!r}; stages: {', '.join(spec)}")
+    cmd = [dvc_executable(), "--wait-for-lock", "repro", "--single-item", stage] + (["--force"] if force else [])
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=root, env=env or tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1, errors="replace") as proc:
+        for raw in proc.stdout:
+            line = raw.rstrip("\n").split("\r")[-1]  # a progress bar redraws with \r: keep its last state
+            lines.append(line)
+            if echo is not None:
+                echo(line_level(line), line)
+    text = "\n".join(lines)
+    if proc.returncode != 0:
+        exited = re.search(r"exited with (-?\d+)", text)
+        raise StageFailed(stage, proc.returncode, int(exited.group(1)) if exited else None, lines)
+    status = ("ran" if f"Running stage '{stage}'" in text
+              else "restored" if f"Stage '{stage}' is cached" in text else "up to date")
+    return {"stage": stage, "status": status, "metrics": read_metrics(root, spec[stage]),
+            "runs": read_run_files(root, spec[stage])}
+
+
+def commit_stage(stage: str, root: str | Path, env: dict[str, str] | None = None) -> None:
+    """Record in dvc.lock the outputs a stage produced outside DVC (the joint stage as a Kubernetes Job on the
+    shared workspace), so the next ``dvc repro`` counts it as up to date instead of training again."""
+    _dvc(["--wait-for-lock", "commit", "--force", stage], Path(root), env=env)
+
+
+# ------------------------------------------------------------------------------------------------ params
+def set_params(root: str | Path, overrides: Sequence[str]) -> PipelineConfig:
+    """Apply ``key.path=value`` overrides to params.yaml the way ``dvc exp run -S`` does (DVC's own Hydra-based
+    modifier, so the file looks as DVC leaves it). Validated first: a bad override fails before anything is
+    written; the written file must load to the same config, else it is put back and the call fails."""
+    path = Path(root) / PARAMS_FILE
+    expected = load_config(path, list(overrides))
+    if not overrides:
+        return expected
+    before = path.read_text()
+    try:
+        # `++key=value`: Hydra's set-or-add, so a key params.yaml leaves to its default can be set too.
+        apply_overrides(str(path), [o if o.startswith(("+", "~")) else f"++{o.strip()}" for o in overrides])
+        written = load_config(path)
+    except Exception:
+        path.write_text(before)
+        raise
+    if written.model_dump(mode="json") != expected.model_dump(mode="json"):
+        path.write_text(before)
+        raise ValueError(f"overrides {list(overrides)} mean different values to DVC's parser and to flava's "
+                         "(quote strings, write lists as [a, b]); params.yaml is unchanged")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- outcome
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def outcome(cfg: PipelineConfig, root: str | Path) -> dict[str, Any]:
+    """What a person wants to know after a run, from the stages' report files."""
+    reports = Path(root) / cfg.paths.reports
+    text, image = _read(reports / "pretrain_text.json"), _read(reports / "pretrain_image.json")
+    joint, evaluation = _read(reports / "joint.json"), _read(reports / "eval" / "metrics.json")
+    return {
+        "final_loss": {"text": text.get("final_loss"), "image": image.get("final_loss"),
+                       "joint": joint.get("final_loss")},
+        "best_zeroshot_top1": joint.get("best_zeroshot_top1"),
+        "macro_overall": (evaluation.get("macro") or {}).get("overall"),
+        "promotion": _read(reports / "promotion.json"),
+        "report": str(reports / "eval" / "report.md"),
     }
-    with parent_run(cfg, tags) as run_id:
-        params = [Param(k, param_value(v)) for k, v in cfg.flat().items()]
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run_id, params=params[start:start + 100])
-        env = _tool_env()  # after parent_run: carries $FLAVA_PARENT_RUN_ID to the stages
-        env["MLFLOW_TRACKING_URI"] = uri
-        args = ["repro"] + (["--force"] if force else []) + (["--dry"] if dry else [])
-        result = _dvc(args, root, env=env, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"dvc repro failed with exit code {result.returncode}; see the stage output above")
-        reports = root / cfg.paths.reports
-        metrics = _numeric_metrics(reports / "eval" / "metrics.json", "eval.")
-        metrics.update(_numeric_metrics(reports / "joint.json", "joint."))
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-        for name in ("dvc.lock", "params.yaml"):
-            if (root / name).exists():
-                client.log_artifact(run_id, str(root / name))
-        promotion = reports / "promotion.json"
-        outcome = json.loads(promotion.read_text()) if promotion.exists() else {}
-        if outcome:
-            client.log_dict(run_id, outcome, "promotion.json")
-        return {"parent_run_id": run_id, "raw_data": source, "metrics": metrics, "promotion": outcome}
+
+
+def mlflow_ui(uri: str, experiment_id: str, run_id: str) -> tuple[str, str | None]:
+    """The URL of a run in the MLflow UI, and the command that serves that UI (None for a tracking server)."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}", None
+    return (f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}",
+            f"mlflow ui --backend-store-uri {uri}")
+
+
+def fmt_number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def decision_line(promotion: dict[str, Any], overall: Any, champion_overall: Any) -> str:
+    """``flava v3 is @champion; overall 0.52 vs 0.48`` (with the reasons when it was not promoted)."""
+    if not promotion:
+        return "no promotion decision (the promote stage did not run)"
+    line = f"{promotion.get('model_name')} v{promotion.get('version')} is @{promotion.get('decision')}"
+    if promotion.get("compared_to"):
+        line += f"; overall {fmt_number(overall)} vs {fmt_number(champion_overall)} (v{promotion['compared_to']})"
+    else:
+        line += f"; overall {fmt_number(overall)}, first version gated"
+    reasons = promotion.get("reasons") or []
+    return line + (f"; because: {'; '.join(map(str, reasons))}" if reasons and not promotion.get("promoted")
+                   else "")
+
+
+def outcome_lines(result: dict[str, Any], champion_overall: Any = None) -> list[str]:
+    """The few lines ``flava pipeline run`` ends with (the full JSON stays in the reports)."""
+    losses = result["final_loss"]
+    url, command = result["mlflow_url"], result.get("mlflow_command")
+    return [
+        decision_line(result["promotion"], result["macro_overall"], champion_overall),
+        f"final loss text {fmt_number(losses['text'])}, image {fmt_number(losses['image'])}, joint {fmt_number(losses['joint'])}; "
+        f"best zero-shot top-1 {fmt_number(result['best_zeroshot_top1'])}; macro overall {fmt_number(result['macro_overall'])}",
+        f"report: {result['report']}",
+        f"MLflow: {command} then open {url}" if command else f"MLflow: {url}",
+    ]
+
+
+def compared_overall(uri: str, promotion: dict[str, Any]) -> float | None:
+    """The macro overall of the version the candidate was gated against, from its registry tags."""
+    if not promotion.get("compared_to"):
+        return None
+    version = MlflowClient(uri).get_model_version(promotion["model_name"], str(promotion["compared_to"]))
+    return metrics_from_tags(version.tags or {})["macro"].get("overall")
+
+
+# ------------------------------------------------------------------------------------------- the main job
+def run_pipeline(cfg: PipelineConfig, root: str | Path = ".", *, force: bool = False, dry: bool = False,
+                 lock_timeout_s: float | None = None) -> dict[str, Any]:
+    """Run every stage of ``dvc.yaml`` that is not up to date, nested under one MLflow parent run, holding the
+    workspace lock. Returns the parent run, the raw data's source and :func:`outcome` with the MLflow UI link."""
+    root = Path(root).resolve()
+    timeout = launch_section(cfg).schedule.lock_timeout_s if lock_timeout_s is None else lock_timeout_s
+    with workspace_lock(root, "flava pipeline run", timeout):
+        source = ensure_raw_data(cfg, root)
+        uri = tracking_uri(cfg)
+        with parent_run(cfg, {"raw_data": source}, trigger="cli", root=root) as run_id:
+            env = tool_env({"MLFLOW_TRACKING_URI": uri})  # after parent_run: carries $FLAVA_PARENT_RUN_ID
+            result = _dvc(["repro"] + (["--force"] if force else []) + (["--dry"] if dry else []), root,
+                          env=env, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"dvc repro failed with exit code {result.returncode}; see the stage output above")
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    url, command = mlflow_ui(uri, experiment_id, run_id)
+    return {"parent_run_id": run_id, "raw_data": source, **outcome(cfg, root), "mlflow_url": url,
+            "mlflow_command": command}

@@ -1,52 +1,61 @@
-"""The whole FLAVA recipe as one Prefect flow; every task is one stage function from ``flava`` and nothing more.
+"""The whole FLAVA recipe as one Prefect flow over ``dvc.yaml``: every stage task runs
+``dvc --wait-for-lock repro --single-item <stage>`` in the workspace (the flow run's working directory).
 
-    raw data (DVC pull, else generate) -> prepare -> validate -> shard || fit -> pretrain text || image
-    -> [sweep] -> joint (local, or a Kubernetes Job) -> evaluate -> promote
+    raw data -> prepare -> validate -> shard || fit -> pretrain_text || pretrain_image -> [sweep] -> joint
+    (DVC, or a Kubernetes Job) -> evaluate -> promote
 
-Prefect adds what the library leaves out: parameters in the UI, schedules (``infra/prefect.yaml``,
-``flows/serve.py``), retries for the steps that can fail transiently (pulls, S3 uploads, training that resumes
-from its checkpoints, the registry), concurrency (shard || fit, text || image) and a summary artifact.
-Stage runs nest under one MLflow parent run whose id the tasks see in ``$FLAVA_PARENT_RUN_ID``.
-Stage modules are imported inside the tasks, so importing this module is cheap.
+DVC decides what is up to date, for this route as for ``dvc repro`` and ``flava pipeline run``; each stage is its
+own process, so the flow produces exactly the bytes ``dvc repro`` does, and the concurrent text and image stages
+share no state. The task graph is ``dvc.yaml``'s (each task waits for the stages whose outputs it reads) and its
+tasks take no result of another as input, so Prefect draws exactly the pipeline's edges.
+
+Prefect adds what DVC leaves out: parameters in the UI, schedules (``infra/prefect.yaml``, ``flows/serve.py``),
+retries for the stages that can fail transiently, the stage's own log lines in the run logs, a summary artifact,
+one run per workspace (a global concurrency limit for served and deployed runs, and the workspace lock every
+route takes) and a failure notification. Overrides are written to params.yaml as ``dvc exp run -S`` writes them,
+and stay there after the run, as with ``dvc exp run`` in the workspace.
 """
-from __future__ import annotations
-
-import importlib
-import json
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
-from prefect import flow, task
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.blocks.core import Block
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import deployment, flow_run
+from prefect.states import Completed
+from prefect.utilities.annotations import quote
 
+from flava import pipeline as pl
 from flava.config import PipelineConfig, load_config
-from flava.tracking import lineage
+from flava.launch.config import launch_section
+from flava.launch.k8s import run_joint
+from flava.launch.sweep import run_sweep
+from flava.model.config import ModelSection
+from flava.tracking.runs import experiment_id, parent_run, tracking_uri
 
-# Stage name -> (module, function); each is ``run_*(cfg) -> dict`` (docs/interfaces.md, stage table).
-STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("flava.data.ingest", "run_prepare"),
-    "validate": ("flava.data.validate", "run_validate"),
-    "shard": ("flava.data.shards", "run_shard"),
-    "fit": ("flava.data.fit", "run_fit"),
-    "pretrain": ("flava.train.stages", "run_pretrain"),
-    "sweep": ("flava.launch.sweep", "run_sweep"),
-    "joint_k8s": ("flava.launch.k8s", "run_joint"),
-    "evaluate": ("flava.eval.run", "run_evaluate"),
-    "promote": ("flava.tracking.registry", "run_promote"),
-}
-
-
-def stage(name: str):
-    module, function = STAGES[name]
-    return getattr(importlib.import_module(module), function)
+# The model presets, as the run form's choice list: the Literal of `model.preset`.
+Preset = ModelSection.model_fields["preset"].annotation
+# Retries for the stages that can fail for passing reasons: S3 uploads (shard), training that resumes from its
+# checkpoints, the registry (lock timeouts, tracking-server hiccups). A stage command exiting 2 (bad input or
+# config) is never retried.
+RETRIES = {"shard": 2, "pretrain_text": 1, "pretrain_image": 1, "joint": 1, "promote": 2}
 
 
 def transient(task, task_run, state) -> bool:
-    """Retry condition: bad input or config (ValueError, FileNotFoundError) fails at once; other errors retry."""
+    """Retry condition: a stage whose command exited 2 (bad input or config), a ValueError or a
+    FileNotFoundError fails at once; other errors retry."""
     try:
         state.result()
+    except pl.StageFailed as err:
+        return err.exit_code != 2
     except (ValueError, FileNotFoundError):
         return False
     except Exception:
@@ -54,120 +63,192 @@ def transient(task, task_run, state) -> bool:
     return False
 
 
-def stage_task(name: str, *, run_name: str | None = None, retries: int = 0, retry_delay_s: float = 10):
-    """A task for one stage. Stages are deterministic and DVC caches their outputs: Prefect does not cache them
-    again (NO_CACHE). Retries only for errors that are not bad input or config (``transient``)."""
-    return task(name=name, task_run_name=run_name or name, retries=retries, retry_delay_seconds=retry_delay_s,
-                retry_condition_fn=transient, cache_policy=NO_CACHE)
+def _stage_message(result: dict[str, Any], root: Path) -> str:
+    """The task's state message: DVC's verdict, and for promote the decision."""
+    text = f"{result['stage']}: {result['status']}"
+    promotion = next((m for p, m in result["metrics"].items() if p.endswith("promotion.json")), None)
+    if promotion:
+        cfg = load_config(root / pl.PARAMS_FILE)
+        evaluation = pl.outcome(cfg, root)
+        text += "; " + pl.decision_line(promotion, evaluation["macro_overall"],
+                                        pl.compared_overall(tracking_uri(cfg), promotion))
+    return text
 
 
-@stage_task("data-version", retries=2, retry_delay_s=30)
-def data_version(cfg: PipelineConfig) -> dict[str, Any]:
-    """``paths.raw`` in place: kept, pulled from the DVC remote (``data.dvc``), else the synthetic world."""
-    from flava.pipeline import ensure_raw_data
-
-    source = ensure_raw_data(cfg, Path.cwd())
-    return {"raw_data": source, "data_version": lineage.data_version()}
-
-
-@stage_task("prepare")
-def prepare(cfg: PipelineConfig) -> dict[str, Any]:
-    return stage("prepare")(cfg)
+@task(name="stage", cache_policy=NO_CACHE, retry_condition_fn=transient, retry_delay_seconds=10)
+def dvc_stage(stage: str, force: bool):
+    """One stage of dvc.yaml through ``dvc repro --single-item``; its output lines go to this task's log."""
+    logger = get_run_logger()
+    root = Path.cwd()
+    result = pl.run_stage(stage, root, force=force, echo=logger.log)
+    message = _stage_message(result, root)
+    logger.info(message)
+    return Completed(message=message, data=result)
 
 
-@stage_task("validate")
-def validate(cfg: PipelineConfig) -> dict[str, Any]:
-    return stage("validate")(cfg)
+@task(name=pl.RAW_DATA_NODE, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30,
+      retry_condition_fn=transient)
+def raw_data() -> dict[str, Any]:
+    """``paths.raw`` in place: kept, pulled from the DVC remote (data.dvc), else the synthetic world."""
+    cfg = load_config(pl.PARAMS_FILE)
+    source = pl.ensure_raw_data(cfg, Path.cwd())
+    get_run_logger().info("raw data %s: %s", cfg.paths.raw, source)
+    return {"stage": pl.RAW_DATA_NODE, "status": source, "metrics": {}}
 
 
-# Retried: S3 uploads can fail transiently.
-@stage_task("shard", retries=2)
-def shard(cfg: PipelineConfig) -> dict[str, Any]:
-    return stage("shard")(cfg)
-
-
-@stage_task("fit")
-def fit(cfg: PipelineConfig) -> dict[str, Any]:
-    return stage("fit")(cfg)
-
-
-# A retried training task resumes from paths.checkpoints/{stage}/.
-@stage_task("pretrain", run_name="pretrain-{modality}", retries=1)
-def pretrain(cfg: PipelineConfig, modality: str) -> dict[str, Any]:
-    return stage("pretrain")(cfg, modality)
-
-
-# Retried: the study resumes by name from its SQLite storage.
-@stage_task("sweep", retries=1)
-def sweep_task(cfg: PipelineConfig) -> dict[str, Any]:
-    return stage("sweep")(cfg)
+# Retried: the study resumes by name from its storage.
+@task(name="sweep", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient)
+def sweep_task() -> dict[str, Any]:
+    """The Optuna study over the joint stage; its best params are then written to params.yaml (as `-S` would),
+    so the joint stage that follows, run by DVC, trains with them and dvc.lock records them."""
+    result = run_sweep(load_config(pl.PARAMS_FILE))
+    pl.set_params(Path.cwd(), result["best_overrides"])
+    get_run_logger().info("sweep: best %s, params.yaml set to %s", result["best_value"], result["best_overrides"])
+    return result
 
 
 # Retried: a new Job resumes from the checkpoints on the shared workspace.
-@stage_task("joint-k8s", retries=1, retry_delay_s=60)
-def joint_on_kubernetes(cfg: PipelineConfig) -> dict[str, Any]:
-    summary = stage("joint_k8s")(cfg)
-    joint_report = Path(cfg.paths.reports) / "joint.json"  # written by the pods on the shared workspace
-    return dict(summary, joint=json.loads(joint_report.read_text()) if joint_report.exists() else None)
+@task(name="joint-k8s", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=60, retry_condition_fn=transient)
+def joint_on_kubernetes() -> dict[str, Any]:
+    """The joint stage as a Kubernetes Job on the shared workspace, then recorded in dvc.lock (`dvc commit`)."""
+    root = Path.cwd()
+    job = run_joint(load_config(pl.PARAMS_FILE))
+    pl.commit_stage("joint", root)
+    spec = pl.dvc_stages(root)["joint"]
+    metrics = pl.read_metrics(root, spec)
+    return {"stage": "joint", "status": "ran", "metrics": metrics, "runs": pl.read_run_files(root, spec), "job": job}
 
 
-@stage_task("evaluate")
-def evaluate(cfg: PipelineConfig) -> dict[str, Any]:
-    return stage("evaluate")(cfg)
+@contextlib.contextmanager
+def _workspace_slot(name: str) -> Iterator[None]:
+    """A slot of the global concurrency limit ``name`` (one slot, created if missing) for served and deployed
+    runs; runs started in-process have no deployment and rely on the workspace lock alone."""
+    if not deployment.id:
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    get_run_logger().info("waiting for a slot of the global concurrency limit %r", name)
+    with concurrency(name, occupy=1):
+        yield
 
 
-# Retried: registry lock timeouts and tracking-server hiccups.
-@stage_task("promote", retries=2)
-def promote(cfg: PipelineConfig) -> dict[str, Any]:
-    return stage("promote")(cfg)
+def _submit_graph(sweep: bool, joint_on_k8s: bool, force: bool) -> dict[str, Any]:
+    """Submit every stage of dvc.yaml, each waiting for the stages whose outputs it reads; returns the futures."""
+    root = Path.cwd()
+    cfg = load_config(pl.PARAMS_FILE)
+    futures: dict[str, Any] = {}
+    for name, preds in pl.stage_graph(pl.dvc_stages(root), cfg.paths.raw).items():
+        wait = [futures[p] for p in preds]
+        if name == pl.RAW_DATA_NODE:
+            futures[name] = raw_data.submit()
+            continue
+        if name == "joint" and sweep:
+            futures["sweep"] = sweep_task.submit(wait_for=wait)
+            wait = wait + [futures["sweep"]]
+        if name == "joint" and joint_on_k8s:
+            futures[name] = joint_on_kubernetes.submit(wait_for=wait)
+            continue
+        stage = dvc_stage.with_options(name=name, task_run_name=name, retries=RETRIES.get(name, 0))
+        # quote: the arguments are plain values, not results of other tasks, so Prefect draws no edge from them.
+        futures[name] = stage.submit(quote(name), quote(force), wait_for=wait)
+    return futures
 
 
-def _summary(results: dict[str, Any]) -> str:
-    lines = ["# FLAVA pipeline", "", "| step | result |", "|---|---|"]
-    for step, value in results.items():
-        text = json.dumps(value, default=str, sort_keys=True)
-        lines.append(f"| {step} | `{text[:300]}{'…' if len(text) > 300 else ''}` |")
-    return "\n".join(lines)
+def _ui_url(uri: str, path: str) -> str:
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/{path}"
 
 
-@flow(name="flava-pipeline", log_prints=True)
+def _cell(value: Any) -> str:
+    return pl.fmt_number(value) if value is not None else ""
+
+
+def _row(name: str, result: dict[str, Any], uri: str, exp: str) -> str:
+    values: dict[str, Any] = {}
+    for content in list(result.get("metrics", {}).values()) + list(result.get("runs", {}).values()):
+        if isinstance(content, dict):
+            values.update(content)
+    run_id = values.get("mlflow_run_id") or values.get("run_id")
+    links = [f"[run]({_ui_url(uri, f'experiments/{exp}/runs/{run_id}')})"] if run_id else []
+    decision = ""
+    if values.get("decision"):
+        model, version = values.get("model_name"), values.get("version")
+        decision = f"@{values['decision']} v{version}"
+        links.append(f"[{model} v{version}]({_ui_url(uri, f'models/{model}/versions/{version}')})")
+    macro = values.get("macro") if isinstance(values.get("macro"), dict) else {}
+    cells = [name, result.get("status", ""), _cell(values.get("steps")), _cell(values.get("final_loss")),
+             _cell(values.get("best_zeroshot_top1")), _cell(macro.get("overall")), decision, " ".join(links)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def summary_markdown(results: dict[str, Any], cfg: PipelineConfig, parent_id: str, root: Path) -> str:
+    """A table of the numbers that matter per stage, with links to the MLflow runs and the registered version."""
+    uri = tracking_uri(cfg)
+    exp = experiment_id(MlflowClient(uri), cfg)
+    out = pl.outcome(cfg, root)
+    decision = pl.decision_line(out["promotion"], out["macro_overall"], pl.compared_overall(uri, out["promotion"]))
+    return "\n".join([
+        f"# FLAVA pipeline: {decision}", "",
+        f"MLflow pipeline run: [{parent_id}]({_ui_url(uri, f'experiments/{exp}/runs/{parent_id}')})", "",
+        "| stage | DVC | steps | final loss | best zero-shot top-1 | macro overall | decision | MLflow |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+        *(_row(name, result, uri, exp) for name, result in results.items()),
+        "", f"Evaluation report: `{out['report']}`",
+    ])
+
+
+def notify_failure(flow, run, state) -> None:
+    """Flow hook (failed or crashed): a message through the notification block ``launch.schedule.notify_block``
+    names, when it names one (see infra/README.md for Slack, webhook and e-mail blocks)."""
+    logger = logging.getLogger("flava.flows")
+    try:
+        block_ref = launch_section(load_config(pl.PARAMS_FILE)).schedule.notify_block
+    except (ValueError, FileNotFoundError) as err:
+        logger.warning("no failure notification: params.yaml does not load (%s)", err)
+        return
+    if not block_ref:
+        return
+    subject = f"flava-pipeline run {run.name} {state.type.value.lower()}"
+    body = f"{subject}: {state.message or ''}\n{flow_run.ui_url or ''}".strip()
+    Block.load(block_ref).notify(body=body, subject=subject)
+
+
+@flow(name="flava-pipeline", on_failure=[notify_failure], on_crashed=[notify_failure])
 def flava_pipeline(
-    params_path: str = "params.yaml",
-    overrides: list[str] | None = None,
+    overrides: Optional[list[str]] = None,
+    preset: Optional[Preset] = None,
+    force: bool = False,
     sweep: bool = False,
     joint_on_k8s: bool = False,
 ) -> dict[str, Any]:
-    """Run the recipe end to end. ``overrides`` are ``key.path=value`` strings, as ``flava ... --set`` takes."""
-    cfg = load_config(params_path, overrides or [])
-    results: dict[str, Any] = {"data": data_version(cfg)}
-    tags = {
-        "flava.stage": "pipeline",
-        "orchestrator": "prefect",
-        "prefect.flow_run_id": str(flow_run.id or ""),
-        "git_commit": lineage.git_commit(),
-        "data_version": results["data"]["data_version"],
-        "raw_data": results["data"]["raw_data"],
-        "host": lineage.host(),
-        "params_hash": cfg.digest(),
-    }
-    from flava.tracking.runs import parent_run
+    """Run every stage of dvc.yaml that DVC does not find up to date, in the flow run's working directory.
 
-    with parent_run(cfg, tags) as run_id:
-        results["mlflow_parent_run_id"] = run_id
-        results["prepare"] = prepare(cfg)
-        results["validate"] = validate(cfg)
-        shards, artifacts = shard.submit(cfg), fit.submit(cfg)  # both read paths.validated only
-        results["shard"], results["fit"] = shards.result(), artifacts.result()
-        text, image = pretrain.submit(cfg, "text"), pretrain.submit(cfg, "image")
-        results["pretrain_text"], results["pretrain_image"] = text.result(), image.result()
-        if sweep:
-            from flava.launch.sweep import apply_best
-
-            results["sweep"] = sweep_task(cfg)
-            cfg = apply_best(cfg, results["sweep"])
-        results["joint"] = joint_on_kubernetes(cfg) if joint_on_k8s else pretrain(cfg, "joint")
-        results["evaluate"] = evaluate(cfg)
-        results["promote"] = promote(cfg)
-    create_markdown_artifact(key="flava-pipeline-summary", markdown=_summary(results),
-                             description="results of every stage of this pipeline run")
-    return results
+    Args:
+        overrides: params.yaml overrides, one `key.path=value` per item, e.g. `train.joint.steps=200` or
+            `data.mixing.ratios.pair=0.6`. Validated before anything runs, then written to params.yaml as
+            `dvc exp run -S` writes them; they stay there after the run.
+        preset: The model preset (`model.preset`); empty keeps params.yaml's.
+        force: Re-run every stage even when DVC finds it up to date (`dvc repro --force`).
+        sweep: Run the Optuna sweep (`launch.sweep`) before the joint stage, which then trains with the best
+            params found (written to params.yaml).
+        joint_on_k8s: Run the joint stage as a Kubernetes Job (`launch.k8s`) instead of on this machine.
+    """
+    root = Path.cwd()
+    changes = list(overrides or []) + ([f"model.preset={preset}"] if preset else [])
+    cfg = load_config(root / pl.PARAMS_FILE, changes)  # a bad override fails here, before anything runs
+    schedule = launch_section(cfg).schedule
+    holder = f"Prefect flow run {flow_run.name}"
+    with _workspace_slot(schedule.concurrency_limit), pl.workspace_lock(root, holder, schedule.lock_timeout_s):
+        cfg = pl.set_params(root, changes)
+        with parent_run(cfg, trigger="prefect", link=flow_run.ui_url, root=root) as parent_id:
+            futures = _submit_graph(sweep, joint_on_k8s, force)
+            results = {name: future.result() for name, future in futures.items()}
+        create_markdown_artifact(
+            key="flava-pipeline-summary", markdown=summary_markdown(results, cfg, parent_id, root),
+            description="what each stage did, the numbers that matter and links to the MLflow runs")
+    return {"mlflow_parent_run_id": parent_id, **results}
