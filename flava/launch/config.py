@@ -161,13 +161,30 @@ class SweepConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    """The Prefect deployment that `flows/serve.py` serves (prefect.yaml mirrors it)."""
+    """How the pipeline is operated: the deployment ``python -m flows.serve`` serves (infra/prefect.yaml holds the
+    worker deployments, under other names), the workspace-wide concurrency limit and the failure notification."""
 
-    deployment: str = "flava-weekly"
+    # Not a name in infra/prefect.yaml: a served deployment replacing a worker's loses its pull steps and pool.
+    deployment: str = "flava-weekly-serve"
     cron: str = "0 3 * * 1"  # Mondays 03:00
     timezone: str = "UTC"
     sweep: bool = False
     joint_on_k8s: bool = False
+    # Prefect global concurrency limit (1 slot, created if missing) every served or deployed run holds.
+    concurrency_limit: str = "flava-workspace"
+    # Seconds a run (flow or `flava pipeline run`) waits for the workspace lock; 0 = fail at once, null = forever.
+    lock_timeout_s: float | None = Field(default=0.0, ge=0)
+    # Prefect notification block told when a flow run fails or crashes, as "<block-type-slug>/<name>"
+    # (e.g. "slack-webhook/flava-alerts", "custom-webhook/flava-alerts", "email/flava-oncall"); null = none.
+    notify_block: str | None = None
+
+    @field_validator("notify_block")
+    @classmethod
+    def _block_slug(cls, value: str | None) -> str | None:
+        if value is not None and value.count("/") != 1:
+            raise ValueError(f"launch.schedule.notify_block={value!r} must look like <block-type-slug>/<name>, "
+                             "e.g. slack-webhook/flava-alerts")
+        return value
 
 
 class LaunchConfig(_Section):
