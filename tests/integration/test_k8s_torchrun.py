@@ -67,10 +67,15 @@ def test_rendered_torchrun_command_trains_two_ranks_and_resumes(tmp_path, monkey
     def run() -> dict:
         proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads((tmp_path / "reports" / "joint.json").read_text())
+        reports = tmp_path / "reports"  # the metrics, and what the run was (resume point)
+        return {**json.loads((reports / "joint.json").read_text()),
+                **json.loads((reports / "joint.run.json").read_text())}
 
     first = run()
     assert first["world_size"] == 2 and first["steps"] == 8 and first["resumed_from"] is None
     assert (tmp_path / "models" / "joint" / "best").is_dir()
-    second = run()  # a replacement pod: same command, same workspace
-    assert second["resumed_from"] == 8 and second["world_size"] == 2
+    # A replacement pod of a finished job: same command, same workspace. The finished run's checkpoints are not
+    # resumed (only an interrupted run's are): it trains again, to the same result.
+    second = run()
+    assert second["resumed_from"] is None and second["world_size"] == 2
+    assert second["final_loss"] == first["final_loss"]

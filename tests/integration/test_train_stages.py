@@ -105,8 +105,26 @@ def test_text_image_then_joint(world, tmp_path, clean_env):
         assert (directory / "model.safetensors").exists() and (directory / "tokenizer" / "tokenizer.json").exists()
     selection = json.loads((tmp_path / "models" / "joint" / "best" / "selection.json").read_text())
     assert selection["step"] == joint["best_step"] and selection["top1"] == joint["best_zeroshot_top1"]
-    assert json.loads((tmp_path / "reports" / "joint.json").read_text())["best_step"] == joint["best_step"]
     assert Checkpointer(tmp_path / "checkpoints" / "joint").steps() == [4, 8]
+
+    # metrics files hold metrics only; what the run was goes beside them; curves for dvc plots
+    reports = tmp_path / "reports"
+    metrics = json.loads((reports / "joint.json").read_text())
+    record = json.loads((reports / "joint.run.json").read_text())
+    assert metrics["best_step"] == joint["best_step"]
+    assert not {"mlflow_run_id", "model_uri", "best_dir", "model_dir", "checkpoint", "samples_per_s",
+                "resumed_from", "stage"} & set(metrics)
+    assert record["mlflow_run_id"] == joint["mlflow_run_id"] and record["model_uri"] == joint["model_uri"]
+    assert record["resumed_from"] is None and record["samples_per_s"] > 0
+    assert "mlflow_run_id" in json.loads((reports / "pretrain_text.run.json").read_text())
+    curve = (reports / "curves" / "joint.csv").read_text().splitlines()
+    assert curve[0].split(",")[:2] == ["step", "loss"] and curve[0].endswith(",lr")
+    assert "loss_contrastive" in curve[0] and "samples_per_s" not in curve[0]
+    assert [int(row.split(",")[0]) for row in curve[1:]] == [2, 4, 6, 8]
+    zeroshot = (reports / "curves" / "joint_zeroshot.csv").read_text().splitlines()
+    assert zeroshot[0].startswith("step,") and "top1" in zeroshot[0] and len(zeroshot) == 3  # evals at 4 and 8
+    text_curve = (reports / "curves" / "pretrain_text.csv").read_text().splitlines()
+    assert text_curve[0] == "step,loss,loss_mlm,lr" and len(text_curve) == 4  # rows at 2, 4, 6
 
     # the logged model loads back from MLflow and embeds texts and images
     import mlflow
@@ -187,15 +205,78 @@ def test_cli_sigkill_and_resume_is_bitwise_equal(world, tmp_path):
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-def test_changed_config_does_not_resume_old_checkpoints(world, tmp_path, clean_env):
-    from flava.train.stages import fingerprint, run_pretrain
+class _Interrupt(BaseException):
+    """Stands for Ctrl-C: raised from inside the training loop."""
 
-    first = run_pretrain(_cfg(world, tmp_path, "train.text.steps=4", "train.checkpoint_every=2"), "text")
-    assert first["resumed_from"] is None
-    same = run_pretrain(_cfg(world, tmp_path, "train.text.steps=4", "train.checkpoint_every=2"), "text")
-    assert same["resumed_from"] == 4  # nothing left to do: the finished run is picked up
+
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """Make the next run stop (like a KeyboardInterrupt) when it is about to train ``step``."""
+    from flava.train.loop import Trainer
+
+    inner = Trainer._train_step
+
+    def train_step(self):
+        if self.state.step == step - 1:
+            monkeypatch.setattr(Trainer, "_train_step", inner)  # the next run trains normally
+            raise _Interrupt
+        inner(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+
+
+def test_only_an_interrupted_run_of_the_same_identity_resumes(world, tmp_path, clean_env, monkeypatch):
+    from flava.stages import stage_identity
+    from flava.train.stages import run_pretrain
+
+    cfg = _cfg(world, tmp_path, "train.text.steps=4", "train.checkpoint_every=2")
+    first = run_pretrain(cfg, "text")
+    assert first["resumed_from"] is None and first["steps"] == 4
+    same = run_pretrain(cfg, "text")
+    assert same["resumed_from"] is None and same["steps"] == 4  # a finished run is trained again (dvc repro -f)
+    assert same["final_loss"] == first["final_loss"]
+
+    _interrupt_at(monkeypatch, 3)
+    with pytest.raises(_Interrupt):
+        run_pretrain(cfg, "text")
     changed = _cfg(world, tmp_path, "train.text.steps=4", "train.checkpoint_every=2", "train.text.lr=5e-4")
-    again = run_pretrain(changed, "text")
+    again = run_pretrain(changed, "text")  # another identity: the interrupted checkpoints are not resumed
     assert again["resumed_from"] is None and again["steps"] == 4
     meta = json.loads((tmp_path / "checkpoints" / "text" / "step-0000004" / "meta.json").read_text())
-    assert meta["fingerprint"] == fingerprint(changed, "text")
+    assert meta["fingerprint"] == stage_identity(changed, "pretrain_text")
+
+
+def test_a_resumed_stage_continues_its_mlflow_run(world, tmp_path, clean_env, monkeypatch):
+    import mlflow
+
+    from flava.train.stages import run_pretrain
+
+    cfg = _cfg(world, tmp_path, "train.text.steps=6", "train.checkpoint_every=2", "train.log_every=1")
+    ref = run_pretrain(_cfg(world, tmp_path / "ref", "train.text.steps=6", "train.checkpoint_every=2",
+                            "train.log_every=1"), "text")
+    # mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI, which would send the next stage to ref's store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _interrupt_at(monkeypatch, 4)
+    with pytest.raises(_Interrupt):
+        run_pretrain(cfg, "text")
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    (interrupted,) = client.search_runs([client.get_experiment_by_name("train-tests").experiment_id])
+    assert interrupted.info.status == "FAILED"
+    result = run_pretrain(cfg, "text")
+    assert result["resumed_from"] == 2 and result["mlflow_run_id"] == interrupted.info.run_id
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "2"
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+    assert steps == [1, 2, 3, 4, 5, 6]  # one continuous curve across the two attempts
+    assert result["final_loss"] == ref["final_loss"] and result["first_loss"] == ref["first_loss"]
+    assert (tmp_path / "reports" / "curves" / "pretrain_text.csv").read_bytes() == (
+        tmp_path / "ref" / "reports" / "curves" / "pretrain_text.csv").read_bytes()
+
+    # the interrupted run was deleted from the store: a new run says which run it resumes
+    _interrupt_at(monkeypatch, 4)
+    with pytest.raises(_Interrupt):
+        run_pretrain(cfg, "text")
+    gone = json.loads((tmp_path / "checkpoints" / "text" / "step-0000002" / "meta.json").read_text())["mlflow_run_id"]
+    client.delete_run(gone)
+    fresh = run_pretrain(cfg, "text")
+    assert fresh["resumed_from"] == 2 and fresh["mlflow_run_id"] != gone
+    assert client.get_run(fresh["mlflow_run_id"]).data.tags["resumed_from_run"] == gone
