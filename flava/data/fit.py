@@ -25,6 +25,7 @@ from flava.data import storage
 from flava.data.shards import read_manifest, resolve_image
 from flava.data.tokenizer import fit_wordpiece, load_tokenizer
 from flava.data.transforms import decode_image, model_image_geometry, transform_from_config
+from flava.tracking.runs import stage_run
 
 if TYPE_CHECKING:
     from flava.config import PipelineConfig
@@ -104,7 +105,16 @@ def fit_codebook(cfg: "PipelineConfig", out_dir: Path) -> dict[str, Any]:
 
 
 def run_fit(cfg: "PipelineConfig") -> dict[str, Any]:
-    """Stage function: fit (or copy) the tokenizer and the codebook; write and return ``fit.json``."""
+    """Stage function: fit (or copy) the tokenizer and the codebook; write and return ``fit.json`` (also the
+    metrics and an artifact of its MLflow run)."""
+    with stage_run(cfg, "fit") as run:
+        metrics = _fit(cfg)
+        run.log_metrics(metrics)
+        run.log_artifact(Path(cfg.paths.artifacts) / "fit.json")
+    return metrics
+
+
+def _fit(cfg: "PipelineConfig") -> dict[str, Any]:
     artifacts = Path(cfg.paths.artifacts)
     start = time.perf_counter()
     metrics: dict[str, Any] = {}

@@ -22,6 +22,7 @@ from flava.data import sources
 from flava.data.jsonl import read_jsonl, write_jsonl
 from flava.data.prep_config import IngestConfig, ManifestPairs
 from flava.data.storage import is_s3
+from flava.tracking.runs import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -211,5 +212,8 @@ def prepare(ing: IngestConfig, raw: str | Path, prepared: str | Path) -> dict[st
 
 
 def run_prepare(cfg) -> dict[str, Any]:
-    """Stage function of ``flava data prepare`` (``cfg``: a ``PipelineConfig``)."""
-    return prepare(cfg.data.ingest, cfg.paths.raw, cfg.paths.prepared)
+    """Stage function of ``flava data prepare`` (``cfg``: a ``PipelineConfig``); an MLflow run with the counts."""
+    with stage_run(cfg, "prepare") as run:
+        result = prepare(cfg.data.ingest, cfg.paths.raw, cfg.paths.prepared)
+        run.log_metrics(json.loads((Path(cfg.paths.prepared) / "metrics.json").read_text(encoding="utf-8")))
+    return result

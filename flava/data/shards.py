@@ -33,6 +33,7 @@ from flava.data import storage
 from flava.data.jsonl import read_jsonl
 from flava.data.stream_config import ShardConfig
 from flava.data.transforms import to_rgb
+from flava.tracking.runs import stage_run
 
 if TYPE_CHECKING:
     from flava.config import PipelineConfig
@@ -295,7 +296,19 @@ def verify_shard(data: bytes, entry: dict[str, Any], where: str) -> None:
 
 
 def run_shard(cfg: "PipelineConfig") -> dict[str, Any]:
-    """Stage function: shard every configured corpus; returns (and writes) the metrics."""
+    """Stage function: shard every configured corpus; returns (and writes) the metrics, which its MLflow run logs
+    with each corpus' shard index."""
+    sc = cfg.data.shards
+    with stage_run(cfg, "shard") as run:
+        metrics = _shard(cfg)
+        run.log_metrics(metrics)
+        for corpus in sc.corpora:
+            index = storage.read_bytes(storage.join(cfg.paths.shards, corpus, INDEX_NAME), s3=sc.s3)
+            run.log_dict(json.loads(index), f"index/{corpus}.json")
+    return metrics
+
+
+def _shard(cfg: "PipelineConfig") -> dict[str, Any]:
     sc = cfg.data.shards
     validated = Path(cfg.paths.validated)
     root = cfg.paths.shards

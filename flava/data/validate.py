@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from flava.data.prep_config import ValidateConfig
 from flava.data.sources import safe_key
 from flava.data.storage import is_s3, read_bytes, split_s3
 from flava.data.stream_config import S3Config
+from flava.tracking.runs import StageLog, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -330,5 +332,21 @@ def validate(v: ValidateConfig, s3: S3Config, prepared: str | Path, validated: s
 
 
 def run_validate(cfg) -> dict[str, Any]:
-    """Stage function of ``flava data validate`` (``cfg``: a ``PipelineConfig``)."""
-    return validate(cfg.data.validation, cfg.data.ingest.s3, cfg.paths.prepared, cfg.paths.validated)
+    """Stage function of ``flava data validate`` (``cfg``: a ``PipelineConfig``): an MLflow run with the counts
+    and reject reasons per corpus, the report and the Great Expectations results -- also when too few rows pass,
+    which is when they are read."""
+    started = time.time()
+    with stage_run(cfg, "validate") as run:
+        try:
+            return validate(cfg.data.validation, cfg.data.ingest.s3, cfg.paths.prepared, cfg.paths.validated)
+        finally:
+            _log_results(run, Path(cfg.paths.validated), started)
+
+
+def _log_results(run: StageLog, out: Path, started: float) -> None:
+    metrics = out / "metrics.json"
+    if not metrics.is_file() or metrics.stat().st_mtime < started:  # failed before writing: nothing of this run
+        return
+    run.log_metrics(json.loads(metrics.read_text(encoding="utf-8")))
+    run.log_artifact(out / "report.md")
+    run.log_artifact(out / "ge", "ge")

@@ -15,6 +15,7 @@ from PIL import Image
 from flava.config import PipelineConfig
 from flava.data.ingest import run_prepare
 from flava.data.validate import run_validate
+from tests.helpers import tracking_in
 
 
 @pytest.fixture
@@ -54,6 +55,7 @@ def _cfg(tmp_path, endpoint: str, **s3) -> PipelineConfig:
         "data": {"ingest": {"pairs": [{"path": "pairs.csv"}], "eval_dir": None,
                             "s3": {"endpoint_url": endpoint, **s3}},
                  "validation": {"min_accept_fraction": 0.0}},
+        "tracking": tracking_in(tmp_path),
     })
 
 

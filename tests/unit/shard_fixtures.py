@@ -7,6 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from flava.config import PipelineConfig
+from tests.helpers import tracking_in
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -45,5 +46,6 @@ def config(root: Path, out: str | None = None, **data) -> PipelineConfig:
                   "artifacts": str(root / "artifacts")},
         "model": {"preset": "tiny"},
         "data": {"shards": {"samples_per_shard": 5}} | data,
+        "tracking": tracking_in(root),
     }
     return PipelineConfig.model_validate(tree)

@@ -15,6 +15,7 @@ from flava.data import sources
 from flava.data.ingest import run_prepare
 from flava.data.prep_config import CaptionFilterConfig
 from flava.data.synthetic import run_generate
+from tests.helpers import tracking_in
 from tests.unit.test_synthetic import SMALL
 
 
@@ -32,6 +33,7 @@ def cfg_for(tmp_path: Path, ingest: dict | None = None) -> PipelineConfig:
     return PipelineConfig.model_validate({
         "paths": {"raw": str(tmp_path / "raw"), "prepared": str(tmp_path / "prepared")},
         "data": {"generate": SMALL, "ingest": ingest or {}},
+        "tracking": tracking_in(tmp_path),
     })
 
 

@@ -3,14 +3,22 @@ import json
 import os
 import re
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from flava.config import PipelineConfig
+from flava.data.fit import run_fit
+from flava.data.ingest import run_prepare
+from flava.data.shards import run_shard
+from flava.data.synthetic import run_generate
+from flava.data.validate import run_validate
 from flava.tracking import lineage
 from flava.tracking.lineage import PARENT_RUN_ENV
 from flava.tracking.runs import numeric_metrics, parent_run, stage_run, tracking_uri
+from tests.helpers import tracking_in
+from tests.unit.test_synthetic import SMALL
 
 
 @pytest.fixture
@@ -109,3 +117,55 @@ def test_numeric_metrics_and_short_commit():
     assert numeric_metrics({"a": {"R@5": 1}, "b": False, "c": [1]}, "x.") == {"x.a.R_at_5": 1.0}
     assert lineage.short_commit("0123456789abcdef0123456789abcdef01234567-dirty") == "0123456-dirty"
     assert lineage.short_commit("unknown") == "unknown"
+
+
+def test_data_stages_are_runs_nested_under_the_pipeline_run(tmp_path, monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = PipelineConfig.model_validate({
+        "paths": {k: str(tmp_path / k) for k in ("raw", "prepared", "validated", "shards", "artifacts")},
+        "model": {"preset": "tiny"}, "tracking": tracking_in(tmp_path),
+        "data": {"generate": SMALL, "shards": {"samples_per_shard": 8}, "validation": {"min_accept_fraction": 0.0},
+                 "tokenizer": {"vocab_size": 120}, "codebook": {"num_codes": 8, "iters": 2, "sample_images": 16}},
+    })
+    run_generate(cfg)
+    with parent_run(cfg, root=tmp_path) as parent:
+        prepared, validated = run_prepare(cfg), run_validate(cfg)
+        shards, fit = run_shard(cfg), run_fit(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name("flava").experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    by_stage = {r.data.tags["flava.stage"]: r for r in runs}
+    assert set(by_stage) == {"prepare", "validate", "shard", "fit"}
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.info.run_name == run.data.tags["flava.stage"]
+        assert {"git_commit", "data_version", "params_hash"} <= set(run.data.tags)
+    metrics = {stage: run.data.metrics for stage, run in by_stage.items()}
+    assert metrics["prepare"]["pairs.accepted"] == prepared["pairs"]["accepted"]
+    assert metrics["validate"]["images.rejected"] == validated["images"]["rejected"]
+    assert metrics["shard"]["corpora.text.num_shards"] == shards["corpora"]["text"]["num_shards"]
+    assert metrics["shard"]["corpora.pairs.bytes"] == shards["corpora"]["pairs"]["bytes"]
+    assert metrics["fit"]["vocab_size"] == fit["vocab_size"] and "codebook_inertia" in metrics["fit"]
+
+    def files(stage, path=None):
+        return {a.path for a in client.list_artifacts(by_stage[stage].info.run_id, path)}
+
+    assert files("validate") == {"report.md", "ge"}
+    assert files("validate", "ge") == {"ge/pairs.json", "ge/images.json", "ge/text.json"}
+    assert files("shard", "index") == {"index/pairs.json", "index/images.json", "index/text.json"}
+    assert files("fit") == {"fit.json"}
+
+    # A validation that fails its threshold still records what it found: the reasons and the report.
+    row = json.loads((tmp_path / "prepared" / "pairs.jsonl").read_text().splitlines()[0])
+    image = Path(row["image"]) if Path(row["image"]).is_absolute() else tmp_path / "prepared" / row["image"]
+    image.write_bytes(b"not an image")
+    strict = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "validation": cfg.data.validation.model_copy(update={"min_accept_fraction": 1.0})})})
+    with pytest.raises(ValueError, match="min_accept_fraction"):
+        run_validate(strict)
+    failed = client.search_runs([client.get_experiment_by_name("flava").experiment_id],
+                                filter_string="attributes.status = 'FAILED'")
+    assert [r.data.tags["flava.stage"] for r in failed] == ["validate"]
+    assert failed[0].data.metrics["pairs.rejected"] == 1.0
+    assert [k for k in failed[0].data.metrics if k.startswith("pairs.reasons.")] == ["pairs.reasons.not an image"]
+    assert "report.md" in {a.path for a in client.list_artifacts(failed[0].info.run_id)}

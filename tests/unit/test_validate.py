@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from flava.config import PipelineConfig
@@ -17,6 +18,7 @@ from flava.data import images as imaging
 from flava.data.ingest import dump_row, run_prepare
 from flava.data.synthetic import run_generate
 from flava.data.validate import run_validate
+from tests.helpers import tracking_in
 from tests.unit.test_synthetic import SMALL
 
 
@@ -118,6 +120,7 @@ def write_prepared(tmp_path: Path) -> tuple[PipelineConfig, Path]:
     cfg = PipelineConfig.model_validate({
         "paths": {"prepared": str(prepared), "validated": str(tmp_path / "validated")},
         "data": {"validation": {"min_accept_fraction": 0.0}},
+        "tracking": tracking_in(tmp_path),
     })
     return cfg, prepared
 
@@ -196,6 +199,7 @@ def test_synthetic_world_passes_end_to_end(tmp_path):
     cfg = PipelineConfig.model_validate({
         "paths": {k: str(tmp_path / k) for k in ("raw", "prepared", "validated")},
         "data": {"generate": SMALL},
+        "tracking": tracking_in(tmp_path),
     })
     run_generate(cfg)
     run_prepare(cfg)
@@ -226,7 +230,7 @@ def test_cli_runs_the_three_stages_and_reports_threshold_failures(tmp_path, caps
     from flava.cli import main
 
     params = tmp_path / "params.yaml"
-    params.write_text("seed: 1\n")
+    params.write_text("seed: 1\n" + yaml.safe_dump({"tracking": tracking_in(tmp_path)}))
     paths = [f"--set=paths.{k}={tmp_path / k}" for k in ("raw", "prepared", "validated")]
     sizes = [f"--set=data.generate.{k}={json.dumps(v)}" for k, v in SMALL.items()]
     for stage in ("generate", "prepare", "validate"):
