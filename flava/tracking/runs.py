@@ -3,8 +3,9 @@ stages, :func:`stage_run` for the others).
 
 A ``StageRun`` logs the flattened effective config as params, lineage tags (git commit, data version, stage,
 world size, host), per-step metrics, the effective config and checkpoint URIs as artifacts, and the final model as
-an MLflow pyfunc (``FlavaEmbedder``: texts and/or images in, L2-normalised embeddings out) with a signature, so
-``mlflow.pyfunc.load_model(uri).predict(df)`` works on any machine that has this package.
+an MLflow pyfunc (``flava/tracking/pyfunc_entry.py``: texts and/or images in, L2-normalised embeddings out) with
+a signature, the model-side ``flava`` code and pinned requirements, so the registered model serves in a fresh
+environment from the registry alone (README, "Serving the champion").
 
 Only the main rank talks to MLflow; on other ranks every method is a no-op. The tracking URI is
 ``$MLFLOW_TRACKING_URI`` when set, else ``cfg.tracking.tracking_uri``, a relative SQLite path taken relative to
@@ -12,10 +13,16 @@ Only the main rank talks to MLflow; on other ranks every method is a no-op. The 
 """
 from __future__ import annotations
 
+import base64
+import importlib.metadata
+import importlib.util
+import io
 import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -23,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import yaml
+from PIL import Image
 
 from flava.config import PipelineConfig, flatten
 from flava.distributed import ProcessInfo
@@ -371,115 +379,90 @@ class StageRun:
         self, model_dir: str | Path, *, tokenizer_dir: str | Path | None, preprocess: Mapping[str, Any],
         embedding_dim: int, name: str = "model",
     ) -> str | None:
-        """Log ``model_dir`` (a ``flava.model.io`` directory) as a pyfunc embedding model; returns its model URI."""
+        """Log ``model_dir`` (a ``flava.model.io`` directory) as a pyfunc embedding model; returns its model URI.
+
+        The model carries what it needs to serve where this project is not installed: the ``flava`` modules
+        ``pyfunc_entry.py`` imports (code paths) and :func:`serving_requirements`."""
         if not self.active or self._run is None:
             return None
         import mlflow
-        import torch
-
         from mlflow.models import ModelSignature
-        from mlflow.types.schema import ColSpec, Schema, TensorSpec
+        from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
-        import numpy as np
-
-        staging = Path(model_dir).parent / f".{Path(model_dir).name}-preprocess.json"
-        staging.write_text(json.dumps(dict(preprocess), indent=2))
-        artifacts = {"model": str(model_dir), "preprocess": str(staging)}
-        if tokenizer_dir is not None:
-            artifacts["tokenizer"] = str(tokenizer_dir)
         signature = ModelSignature(
-            inputs=Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False)]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(embedding_dim)), "embedding")]),
+            # The image is base64 text, not MLflow's "binary": the scoring server base64-decodes a binary column
+            # value by value and fails on the null of a text-only row in a mixed request.
+            inputs=Schema([ColSpec(DataType.string, "text", required=False),
+                           ColSpec(DataType.string, "image", required=False)]),
+            outputs=Schema([ColSpec(Array(DataType.float), "text_embedding", required=False),
+                            ColSpec(Array(DataType.float), "image_embedding", required=False)]),
         )
-        try:
+        with tempfile.TemporaryDirectory(prefix="flava-pyfunc-") as tmp:
+            staging = Path(tmp)
+            (staging / "preprocess.json").write_text(json.dumps(dict(preprocess), indent=2))
+            artifacts = {"model": str(model_dir), "preprocess": str(staging / "preprocess.json")}
+            if tokenizer_dir is not None:
+                artifacts["tokenizer"] = str(tokenizer_dir)
             with warnings.catch_warnings():
                 # MLflow 3.17 compares an input example's columns with a range, which pandas deprecates (noise)
                 warnings.filterwarnings("ignore", message="Operation with range is deprecated")
                 info = mlflow.pyfunc.log_model(
                     name=name, python_model=str(PYFUNC_ENTRY), artifacts=artifacts, signature=signature,
                     input_example=_input_example(tokenizer_dir is not None, int(preprocess["image_size"])),
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "transformers", "safetensors",
-                                      "pillow", "flava"],
+                    code_paths=[str(_stage_serving_code(staging / "code"))],
+                    pip_requirements=serving_requirements(), metadata={"embedding_dim": int(embedding_dim)},
                 )
-        finally:
-            staging.unlink(missing_ok=True)
         self.set_tags({"model_uri": info.model_uri})
         return info.model_uri
 
 
 # ---------------------------------------------------------------------------------------------------- pyfunc
-try:
-    import pandas as pd  # noqa: F401  (resolves predict's type hint)
-    from mlflow.pyfunc import PythonModel as _PythonModel
-except ImportError:  # mlflow is a pipeline extra: the class is only needed when logging or loading a model
-    _PythonModel = object
+PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")  # builds a FlavaEmbedder (models from code, no pickle)
+PYFUNC_MODULE = "flava.tracking.pyfunc_entry"
+
+# The distributions the logged model imports when it loads and predicts (pyfunc_entry.py and the flava modules
+# it ships with): mlflow (the pyfunc and the scoring server), pandas (its input), torch, numpy, safetensors and
+# pydantic (flava.model), pillow (images), transformers and tokenizers (the tokenizer).
+SERVING_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "pydantic", "pillow",
+                         "transformers", "tokenizers")
+
+
+def serving_requirements() -> list[str]:
+    """``SERVING_DISTRIBUTIONS`` pinned to the versions installed here, the ones the model was logged and checked
+    with. torch loses its local label (``2.13.0+cpu`` -> ``2.13.0``) so a CUDA or CPU build of it both fit."""
+    return [f"{dist}=={importlib.metadata.version(dist).split('+')[0]}" for dist in SERVING_DISTRIBUTIONS]
+
+
+def serving_modules() -> list[str]:
+    """The ``flava`` modules the logged model imports: the import closure of ``pyfunc_entry.py`` (module-level
+    imports; by design nothing on its serving path imports a flava module inside a function)."""
+    # Imported here, not at the top: flava.stages imports the CLI package, whose stage commands import this module.
+    from flava.stages import import_closure
+
+    return sorted(import_closure([PYFUNC_MODULE], top_level=True) - {PYFUNC_MODULE})
+
+
+def _stage_serving_code(directory: Path) -> Path:
+    """Copy :func:`serving_modules`' files into ``directory/flava`` (their package layout kept); returns that
+    ``flava`` folder, the code path MLflow puts on ``sys.path`` (as ``code/flava``) before loading the model."""
+    root = Path(importlib.util.find_spec("flava").origin).parent.parent
+    for module in serving_modules():
+        source = Path(importlib.util.find_spec(module).origin)
+        target = directory / source.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return directory / "flava"
 
 
 def _input_example(has_tokenizer: bool, image_size: int):
-    """One row the logged model accepts (shown in the MLflow UI; MLflow also checks the model predicts on it): a
-    caption when the model has a tokenizer, else a grey PNG at the model's image size."""
-    import io
+    """The request the logged model shows in the MLflow UI (MLflow also checks the model serves it): a caption
+    row and an image row (a grey PNG at the model's size, base64 as JSON carries it) when the model has a
+    tokenizer, else the image row alone."""
+    import pandas as pd  # with mlflow, a pipeline extra: imported where a model is logged, like mlflow itself
 
-    import pandas as pd
-    from PIL import Image
-
-    if has_tokenizer:
-        return pd.DataFrame({"text": ["a photo of a red circle"]})
     png = io.BytesIO()
     Image.new("RGB", (image_size, image_size), (128, 128, 128)).save(png, format="PNG")
-    return pd.DataFrame({"image": [png.getvalue()]})
-
-
-PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")  # builds a FlavaEmbedder (models from code, no pickle)
-
-
-class FlavaEmbedder(_PythonModel):
-    """pyfunc: a DataFrame with a ``text`` (str) and/or ``image`` (encoded PNG/JPEG bytes) column per row ->
-    (N, projection_dim) float32 L2-normalised embeddings; each row uses its text if given, else its image."""
-
-    def load_context(self, context) -> None:
-        from flava.data.transforms import image_transform
-        from flava.model.io import load_model
-
-        self.model = load_model(context.artifacts["model"]).eval()
-        self.pre = json.loads(Path(context.artifacts["preprocess"]).read_text())
-        self.tokenizer = None
-        if "tokenizer" in context.artifacts:
-            from flava.data.tokenizer import load_tokenizer
-
-            self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
-        self.transform = image_transform(
-            self.pre["image_size"], train=False, mean=self.pre["mean"], std=self.pre["std"],
-            resample=self.pre["resample"],
-        )
-
-    # A DataFrame hint: MLflow then neither warns about a missing hint nor infers a schema from it (the logged
-    # signature is the explicit one).
-    def predict(self, context, model_input: "pd.DataFrame", params=None):
-        import numpy as np
-        import pandas as pd
-        import torch
-
-        from flava.data.transforms import decode_image
-
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        texts = frame["text"] if "text" in frame else pd.Series([None] * len(frame))
-        images = frame["image"] if "image" in frame else pd.Series([None] * len(frame))
-        out = np.zeros((len(frame), self.model.config.projection_dim), dtype=np.float32)
-        text_rows = [i for i, t in enumerate(texts) if isinstance(t, str)]
-        image_rows = [i for i, (t, im) in enumerate(zip(texts, images)) if i not in text_rows and im is not None]
-        missing = sorted(set(range(len(frame))) - set(text_rows) - set(image_rows))
-        if missing:
-            raise ValueError(f"rows {missing} have neither a 'text' nor an 'image' value")
-        with torch.no_grad():
-            if text_rows:
-                if self.tokenizer is None:
-                    raise ValueError("this model was logged without a tokenizer: it embeds images only")
-                enc = self.tokenizer([texts[i] for i in text_rows], padding=True, truncation=True,
-                                     max_length=self.pre["max_length"], return_tensors="pt")
-                emb = self.model.encode_text(enc["input_ids"], enc["attention_mask"])
-                out[text_rows] = emb.float().numpy()
-            if image_rows:
-                pixels = torch.stack([self.transform(decode_image(bytes(images[i]))) for i in image_rows])
-                out[image_rows] = self.model.encode_image(pixels).float().numpy()
-        return out
+    image = base64.b64encode(png.getvalue()).decode("ascii")
+    if has_tokenizer:
+        return pd.DataFrame({"text": ["a photo of a red circle", None], "image": [None, image]})
+    return pd.DataFrame({"image": [image]})
