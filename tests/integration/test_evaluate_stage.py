@@ -3,6 +3,7 @@
 and a sqlite-backed MLflow store with registry in a temporary directory."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from flava.data.synthetic import run_generate  # noqa: E402
 from flava.data.tokenizer import fit_wordpiece  # noqa: E402
 from flava.model import FlavaForPretraining  # noqa: E402
 from flava.model.io import save_model  # noqa: E402
+from flava.tracking.registry import version_details  # noqa: E402
 
 PARAMS = {
     "seed": 0,
@@ -62,7 +64,7 @@ def test_evaluate_then_promote_through_the_cli(tmp_path, monkeypatch):
 
     # Stage runs nest under the pipeline's parent run.
     client = MlflowClient("sqlite:///mlflow.db")
-    experiment = client.create_experiment("flava-test")
+    experiment = client.get_experiment_by_name("flava-test").experiment_id  # created by the prepare stage's run
     parent = client.create_run(experiment, tags={"flava.stage": "pipeline"}).info.run_id
     monkeypatch.setenv("FLAVA_PARENT_RUN_ID", parent)
 
@@ -91,16 +93,18 @@ def test_evaluate_then_promote_through_the_cli(tmp_path, monkeypatch):
     assert promotion["decision"] in ("champion", "challenger")  # an untrained model may not beat chance
     version = client.get_model_version("flava-e2e", "1")
     assert version.tags["promotion.decision"] == promotion["decision"]
-    assert version.tags["params_hash"] == cfg.digest()
-    assert version.tags["parent_run_ids"] == parent and version.tags["eval_run_id"] == run_id
+    lineage = version_details(client, version)["lineage"]
+    assert lineage["params_hash"] == cfg.digest() and lineage["parent_run_ids"] == parent
+    assert version.tags["eval_run_id"] == run_id
+    assert version.tags["weights_sha256"] == hashlib.sha256((best / "model.safetensors").read_bytes()).hexdigest()
     # The registered version is the evaluate run's pyfunc embedding model, loadable from the registry.
     import mlflow
 
     embedder = mlflow.pyfunc.load_model("models:/flava-e2e/1")
     import pandas as pd
 
-    emb = embedder.predict(pd.DataFrame({"text": ["a photo of a red circle."]}))
-    assert emb.shape == (1, model.config.projection_dim)
+    emb = embedder.predict(pd.DataFrame({"text": ["a photo of a red circle."]}))["text_embedding"][0]
+    assert emb.shape == (model.config.projection_dim,)
     assert abs(float((emb**2).sum()) - 1.0) < 1e-4
     # Promoting the same evaluation again changes nothing.
     assert main(["promote"]) == 0
