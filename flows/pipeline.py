@@ -86,8 +86,8 @@ def dvc_stage(stage: str, force: bool):
     return Completed(message=message, data=result)
 
 
-@task(name=pl.RAW_DATA_NODE, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30,
-      retry_condition_fn=transient)
+@task(name=pl.RAW_DATA_NODE, task_run_name=pl.RAW_DATA_NODE, cache_policy=NO_CACHE, retries=2,
+      retry_delay_seconds=30, retry_condition_fn=transient)
 def raw_data() -> dict[str, Any]:
     """``paths.raw`` in place: kept, pulled from the DVC remote (data.dvc), else the synthetic world."""
     cfg = load_config(pl.PARAMS_FILE)
@@ -97,7 +97,7 @@ def raw_data() -> dict[str, Any]:
 
 
 # Retried: the study resumes by name from its storage.
-@task(name="sweep", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient)
+@task(name="sweep", task_run_name="sweep", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient)
 def sweep_task() -> dict[str, Any]:
     """The Optuna study over the joint stage; its best params are then written to params.yaml (as `-S` would),
     so the joint stage that follows, run by DVC, trains with them and dvc.lock records them."""
@@ -108,7 +108,8 @@ def sweep_task() -> dict[str, Any]:
 
 
 # Retried: a new Job resumes from the checkpoints on the shared workspace.
-@task(name="joint-k8s", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=60, retry_condition_fn=transient)
+@task(name="joint-k8s", task_run_name="joint-k8s", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=60,
+      retry_condition_fn=transient)
 def joint_on_kubernetes() -> dict[str, Any]:
     """The joint stage as a Kubernetes Job on the shared workspace, then recorded in dvc.lock (`dvc commit`)."""
     root = Path.cwd()
