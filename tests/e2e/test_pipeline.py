@@ -1,7 +1,7 @@
-"""The main job end to end, for real: a fresh git repo holding the project's tracked files, `flava pipeline run`
-(synthetic raw data generated because no DVC remote holds it, then `dvc repro` of every stage under an MLflow
-parent run), then the checks a user would make: metrics, nested MLflow runs, the registry champion, and that
-a second run is a no-op.
+"""The main job end to end, for real (see conftest.py: a fresh git repo holding the project's files, byte-code
+writing on): `flava pipeline run` generates the synthetic raw data because no DVC remote holds it, then runs
+`dvc repro` of every stage under an MLflow parent run. Then the checks a user would make: metrics, nested MLflow
+runs, the registry champion, that every stage declared what it read, and that a second run is a no-op.
 
 The model is the `tiny` preset with short stages so this runs in a few minutes on 2 CPU cores; the raw data is the
 default synthetic world, so it matches the committed `data.dvc`.
@@ -9,90 +9,21 @@ default synthetic world, so it matches the committed `data.dvc`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
+from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-# Short stages: enough to exercise every path (checkpoints, zero-shot eval, best/last), not to learn much.
-E2E_PARAMS = {
-    ("model", "preset"): "tiny",
-    ("train", "text", "steps"): 12,
-    ("train", "image", "steps"): 12,
-    ("train", "joint", "steps"): 16,
-    ("train", "eval_every"): 8,
-    ("train", "checkpoint_every"): 8,
-    ("train", "log_every"): 4,
-}
-
-
-def _copy_tracked_tree(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        src = ROOT / name
-        if src.is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / name)
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    node = tree
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-    node[path[-1]] = value
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("e2e") / "project"
-    repo.mkdir()
-    _copy_tracked_tree(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for path, value in E2E_PARAMS.items():
-        _set(params, path, value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _git(repo, "init", "-q")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "e2e")
-    return repo
-
-
-def _run_pipeline(repo: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo / 'mlflow.db'}"
-    env.pop("FLAVA_PARENT_RUN_ID", None)
-    proc = subprocess.run(
-        [str(BIN / "flava"), "pipeline", "run"], cwd=repo, env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    # The stages print their own JSON results first (dvc passes their stdout through); ours is the last object.
-    return json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
+from flava import stages
+from tests.e2e.conftest import MainJob, dvc_status, run
 
 
 @pytest.mark.slow
-def test_main_job_end_to_end(project: Path):
-    first = _run_pipeline(project)
+def test_main_job_end_to_end(main_job: MainJob):
+    project, first = main_job.repo, main_job.result
     assert first["raw_data"] == "generated"
 
-    # The regenerated synthetic world is byte-identical to what data.dvc records.
-    status = subprocess.run(
-        [str(BIN / "dvc"), "status", "--json"], cwd=project, capture_output=True, text=True, check=True
-    )
-    assert json.loads(status.stdout) == {}, status.stdout
+    # The regenerated synthetic world is byte-identical to what data.dvc records; every stage is recorded.
+    assert dvc_status(project) == {}
 
     # Data stages: counts add up per corpus.
     data_metrics = json.loads((project / "data/validated/metrics.json").read_text())
@@ -108,16 +39,14 @@ def test_main_job_end_to_end(project: Path):
     assert list((project / "reports/eval/plots").glob("*.png"))
 
     # MLflow: stage runs nest under the pipeline run; the registry holds a champion or a reasoned challenger.
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     parent_id = first["parent_run_id"]
     experiment = client.get_experiment_by_name("flava")
     children = client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
     )
-    stages = {run.data.tags.get("flava.stage") or run.data.tags.get("stage") for run in children}
-    assert {"text", "image", "joint", "evaluate"} <= stages, stages
+    ran = {run.data.tags.get("flava.stage") for run in children}
+    assert {"text", "image", "joint", "evaluate"} <= ran, ran
     promotion = json.loads((project / "reports/promotion.json").read_text())
     assert promotion["decision"] in {"champion", "challenger"}
     if promotion["decision"] == "champion":
@@ -128,11 +57,31 @@ def test_main_job_end_to_end(project: Path):
         assert promotion["reasons"], "a challenger carries the reasons it was not promoted"
     assert {"vision", "language", "multimodal", "overall"} <= set(eval_metrics["macro"])
 
-    # A second run changes nothing: every stage is up to date and no output is rewritten.
-    lock_before = (project / "dvc.lock").read_text()
-    best_before = sorted(p.stat().st_mtime_ns for p in (project / "models/joint/best").rglob("*") if p.is_file())
-    second = _run_pipeline(project)
+
+@pytest.mark.slow
+def test_every_stage_declares_what_it_read(main_job: MainJob):
+    """Each stage command recorded the params keys it read and the project modules it loaded: all declared in the
+    registry (so in dvc.yaml), else a change to them would not re-run the stage."""
+    for stage in stages.STAGES:
+        record = main_job.reads / f"{'-'.join(stage.command)}{'-' if len(stage.command) == 1 else ''}.json"
+        assert record.exists(), f"{stage.name} did not run under the main job"
+        data = json.loads(record.read_text())
+        audit = stages.Audit(params=set(data["params"]), modules=set(data["modules"]))
+        assert stages.undeclared(stage, audit) == {"params": [], "modules": []}, stage.name
+
+
+@pytest.mark.slow
+def test_second_run_is_a_no_op(main_job: MainJob, workspace):
+    """With byte-code written by every command so far (and by `flava --help`), nothing is out of date, and a
+    second main job rewrites no output."""
+    run(workspace, "flava", "--help")
+    assert list(workspace.glob("flava/**/__pycache__")), "byte-code writing should be on in this test"
+    assert dvc_status(workspace) == {}
+    lock_before = (workspace / "dvc.lock").read_text()
+    best = workspace / "models/joint/best"
+    mtimes_before = sorted(p.stat().st_mtime_ns for p in best.rglob("*") if p.is_file())
+    proc = run(workspace, "flava", "pipeline", "run", "--json")
+    second = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
     assert second["raw_data"] == "present"
-    assert (project / "dvc.lock").read_text() == lock_before
-    best_after = sorted(p.stat().st_mtime_ns for p in (project / "models/joint/best").rglob("*") if p.is_file())
-    assert best_after == best_before
+    assert (workspace / "dvc.lock").read_text() == lock_before
+    assert sorted(p.stat().st_mtime_ns for p in best.rglob("*") if p.is_file()) == mtimes_before
