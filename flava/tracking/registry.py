@@ -235,7 +235,8 @@ def _description(details: dict[str, Any]) -> str:
     macro = _macro(metrics)
     head = f"**{details['decision']}**: overall macro {macro['overall']:.4f}"
     if details.get("compared_to"):
-        head += f", {details['deltas']['overall']:+.4f} vs champion v{details['compared_to']}"
+        delta = details["deltas"].get("overall")  # none when a crashed promotion is repaired
+        head += (f", {delta:+.4f}" if delta is not None else "") + f" vs champion v{details['compared_to']}"
     lines = [head, ""]
     chance = metrics.get("chance") or {}
     if metrics.get("tasks"):
@@ -446,10 +447,12 @@ def rollback(client, *, reason: str, rcfg: RegistryConfig, lock_file: Path) -> d
         if champion is None or previous is None:
             raise ValueError(f"nothing to roll back to: {name} has no @{rcfg.champion_alias} and "
                              f"@{rcfg.previous_alias} (aliases: {_aliases(client, name)})")
-        client.set_registered_model_alias(name, rcfg.champion_alias, previous.version)
         before = (previous.tags or {}).get(COMPARED_TAG)
-        older = _get_version(client, name, before) if before and before not in (previous.version, champion.version) \
-            else None
+        older = None
+        if before and before not in (str(previous.version), str(champion.version)):
+            with contextlib.suppress(MlflowException):  # a deleted version: no @previous then
+                older = client.get_model_version(name, before)
+        client.set_registered_model_alias(name, rcfg.champion_alias, previous.version)
         if older is not None:
             client.set_registered_model_alias(name, rcfg.previous_alias, older.version)
         else:
@@ -474,7 +477,8 @@ def _aliases(client, name: str) -> dict[str, int]:
 
 
 def status(client, rcfg: RegistryConfig) -> dict[str, Any]:
-    """Aliases and every version with its decision, overall macro, what it was compared with and the reason."""
+    """Aliases and every version with its decision, overall macro, what it was compared with, the reasons of its
+    gate and the reason of the last manual action."""
     name = rcfg.model_name
     try:
         aliases = _aliases(client, name)
@@ -492,6 +496,7 @@ def status(client, rcfg: RegistryConfig) -> dict[str, Any]:
             "compared_to": tags.get(COMPARED_TAG) or None, "reason": tags.get(REASON_TAG),
             "action": tags.get(ACTION_TAG), "weights_sha256": tags.get(WEIGHTS_TAG),
             "eval_run_id": tags.get(EVAL_RUN_TAG) or v.run_id,
+            "gate_reasons": version_details(client, v).get("reasons", []),
         })
     return {"model_name": name, "aliases": aliases, "versions": versions}
 

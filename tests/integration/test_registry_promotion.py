@@ -118,6 +118,14 @@ def test_crash_after_alias_move_is_repaired_without_self_comparison(tmp_path):
     again = _promote(uri, tmp_path, _metrics(0.4), run=run)
     assert again["decision"] == "champion" and again["changed"] is True
     assert _aliases(uri) == {"champion": "1"}
+    # The same after a champion that replaced another one (its description names what it was compared to).
+    second = _eval_run(uri, tmp_path)
+    _promote(uri, tmp_path, _metrics(0.5), run=second)
+    client.delete_model_version_tag(RCFG.model_name, "2", "promotion.decision")
+    repaired = _promote(uri, tmp_path, _metrics(0.5), run=second)
+    assert repaired["decision"] == "champion" and repaired["compared_to"] == "1"
+    assert client.get_model_version(RCFG.model_name, "2").description.startswith(
+        "**champion**: overall macro 0.5000 vs champion v1")
 
 
 def _check_serialisable(uri, scores):
@@ -346,6 +354,7 @@ def test_registry_commands_promote_rollback_and_status_by_hand(tmp_path, monkeyp
     rows = {row["version"]: row for row in status["versions"]}
     assert rows[2]["aliases"] == ["champion"] and rows[2]["reason"] == "serving errors"
     assert rows[3]["decision"] == "rolled_back" and rows[1]["overall_macro"] == "0.4000"
+    assert "not better than champion" in rows[3]["gate_reasons"][0] and rows[1]["gate_reasons"] == []
 
     # The same lock as `flava promote`: a held lock blocks a manual promotion.
     (tmp_path / "params.yaml").write_text(
