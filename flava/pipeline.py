@@ -338,7 +338,7 @@ def outcome(cfg: PipelineConfig, root: str | Path) -> dict[str, Any]:
         "best_zeroshot_top1": joint.get("best_zeroshot_top1"),
         "macro_overall": (evaluation.get("macro") or {}).get("overall"),
         "promotion": _read(reports / "promotion.json"),
-        "report": str(reports / "eval" / "report.md"),
+        "report": str(Path(cfg.paths.reports) / "eval" / "report.md"),  # as the user's shell sees it from root
     }
 
 
@@ -362,7 +362,7 @@ def decision_line(promotion: dict[str, Any], overall: Any, champion_overall: Any
     if promotion.get("compared_to"):
         line += f"; overall {fmt_number(overall)} vs {fmt_number(champion_overall)} (v{promotion['compared_to']})"
     else:
-        line += f"; overall {fmt_number(overall)}, first version gated"
+        line += f"; overall {fmt_number(overall)}, no earlier champion"
     reasons = promotion.get("reasons") or []
     return line + (f"; because: {'; '.join(map(str, reasons))}" if reasons and not promotion.get("promoted")
                    else "")
@@ -370,12 +370,12 @@ def decision_line(promotion: dict[str, Any], overall: Any, champion_overall: Any
 
 def outcome_lines(result: dict[str, Any], champion_overall: Any = None) -> list[str]:
     """The few lines ``flava pipeline run`` ends with (the full JSON stays in the reports)."""
-    losses = result["final_loss"]
+    loss = {k: fmt_number(v) for k, v in result["final_loss"].items()}
     url, command = result["mlflow_url"], result.get("mlflow_command")
     return [
         decision_line(result["promotion"], result["macro_overall"], champion_overall),
-        f"final loss text {fmt_number(losses['text'])}, image {fmt_number(losses['image'])}, joint {fmt_number(losses['joint'])}; "
-        f"best zero-shot top-1 {fmt_number(result['best_zeroshot_top1'])}; macro overall {fmt_number(result['macro_overall'])}",
+        f"final loss text {loss['text']}, image {loss['image']}, joint {loss['joint']}; best zero-shot top-1 "
+        f"{fmt_number(result['best_zeroshot_top1'])}; macro overall {fmt_number(result['macro_overall'])}",
         f"report: {result['report']}",
         f"MLflow: {command} then open {url}" if command else f"MLflow: {url}",
     ]

@@ -29,6 +29,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.futures import wait
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 from prefect.utilities.annotations import quote
@@ -117,7 +118,8 @@ def joint_on_kubernetes() -> dict[str, Any]:
     pl.commit_stage("joint", root)
     spec = pl.dvc_stages(root)["joint"]
     metrics = pl.read_metrics(root, spec)
-    return {"stage": "joint", "status": "ran", "metrics": metrics, "runs": pl.read_run_files(root, spec), "job": job}
+    return {"stage": "joint", "status": "ran", "metrics": metrics, "runs": pl.read_run_files(root, spec),
+            "job": job}
 
 
 @contextlib.contextmanager
@@ -144,19 +146,19 @@ def _submit_graph(sweep: bool, joint_on_k8s: bool, force: bool) -> dict[str, Any
     cfg = load_config(pl.PARAMS_FILE)
     futures: dict[str, Any] = {}
     for name, preds in pl.stage_graph(pl.dvc_stages(root), cfg.paths.raw).items():
-        wait = [futures[p] for p in preds]
+        upstream = [futures[p] for p in preds]
         if name == pl.RAW_DATA_NODE:
             futures[name] = raw_data.submit()
             continue
         if name == "joint" and sweep:
-            futures["sweep"] = sweep_task.submit(wait_for=wait)
-            wait = wait + [futures["sweep"]]
+            futures["sweep"] = sweep_task.submit(wait_for=upstream)
+            upstream = upstream + [futures["sweep"]]
         if name == "joint" and joint_on_k8s:
-            futures[name] = joint_on_kubernetes.submit(wait_for=wait)
+            futures[name] = joint_on_kubernetes.submit(wait_for=upstream)
             continue
         stage = dvc_stage.with_options(name=name, task_run_name=name, retries=RETRIES.get(name, 0))
         # quote: the arguments are plain values, not results of other tasks, so Prefect draws no edge from them.
-        futures[name] = stage.submit(quote(name), quote(force), wait_for=wait)
+        futures[name] = stage.submit(quote(name), quote(force), wait_for=upstream)
     return futures
 
 
@@ -248,6 +250,7 @@ def flava_pipeline(
         cfg = pl.set_params(root, changes)
         with parent_run(cfg, trigger="prefect", link=flow_run.ui_url, root=root) as parent_id:
             futures = _submit_graph(sweep, joint_on_k8s, force)
+            wait(list(futures.values()))  # every stage finished before the lock goes, even when one failed
             results = {name: future.result() for name, future in futures.items()}
         create_markdown_artifact(
             key="flava-pipeline-summary", markdown=summary_markdown(results, cfg, parent_id, root),

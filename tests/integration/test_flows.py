@@ -162,7 +162,7 @@ def test_run_logs_hold_the_stage_lines_and_the_decision(first_run):
     assert any(t == "promote" and "promotion: flava v1 is @champion" in m for t, _, m in lines)
     assert any(t == "shard" and m == "Running stage 'shard':" for t, _, m in lines)  # DVC's own lines too
     promote = next(t for t in first_run.tasks if t.name == "promote")
-    assert promote.state.message == "promote: ran; flava v1 is @champion; overall 0.52, first version gated"
+    assert promote.state.message == "promote: ran; flava v1 is @champion; overall 0.52, no earlier champion"
 
 
 def test_summary_artifact_is_a_table_with_links(first_run):
