@@ -56,11 +56,13 @@ class LoopSettings:
     @classmethod
     def from_config(cls, cfg: TrainConfig, stage: str, select_metric: str | None = None) -> "LoopSettings":
         st = cfg.stage(stage)
+        # Only a stage that selects a best model evaluates: the others do not read (depend on) eval_every.
+        evaluation = {"eval_every": cfg.eval_every} if select_metric is not None else {}
         return cls(
             stage=stage, steps=st.steps, global_batch=st.batch_size, accumulation=cfg.accumulation,
             grad_clip=cfg.grad_clip, precision=cfg.precision, on_nonfinite=cfg.on_nonfinite,
-            max_consecutive_skips=cfg.max_consecutive_skips, log_every=cfg.log_every, eval_every=cfg.eval_every,
-            checkpoint_every=cfg.checkpoint_every, select_metric=select_metric,
+            max_consecutive_skips=cfg.max_consecutive_skips, log_every=cfg.log_every,
+            checkpoint_every=cfg.checkpoint_every, select_metric=select_metric, **evaluation,
         )
 
     def micro_batch(self, world_size: int) -> int:
