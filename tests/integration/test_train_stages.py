@@ -136,8 +136,8 @@ def test_text_image_then_joint(world, tmp_path, clean_env):
     assert "model_code_path" in flavor and "python_model" not in flavor  # logged from code: no pickle inside
     png = io.BytesIO()
     Image.new("RGB", (40, 40), (200, 30, 30)).save(png, format="PNG")
-    emb = loaded.predict(pd.DataFrame({"text": ["a red circle", None], "image": [None, png.getvalue()]}))
-    emb = np.asarray(emb)
+    out = loaded.predict(pd.DataFrame({"text": ["a red circle", None], "image": [None, png.getvalue()]}))
+    emb = np.stack([out["text_embedding"][0], out["image_embedding"][1]])  # each row's one input
     assert emb.shape == (2, text_model.config.projection_dim)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
     run = mlflow.get_run(joint["mlflow_run_id"])

@@ -1,14 +1,17 @@
 """MLflow stage runs (sqlite store in tmp): params, tags, nesting, metrics, artifacts, rank gating."""
+import base64
+import io
 import json
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from flava.config import PipelineConfig
 from flava.distributed import ProcessInfo
 from flava.tracking.lineage import PARENT_RUN_ENV
-from flava.tracking.runs import StageRun, tracking_uri
+from flava.tracking.runs import StageRun, _input_example, tracking_uri
 
 
 @pytest.fixture
@@ -71,13 +74,9 @@ def test_environment_tracking_uri_wins(cfg, monkeypatch, tmp_path):
 
 
 def test_input_example_fits_what_the_logged_model_can_embed():
-    import io
-
-    from PIL import Image
-
-    from flava.tracking.runs import _input_example
-
-    assert list(_input_example(True, 32).columns) == ["text"]  # a caption when the model has a tokenizer
-    image_only = _input_example(False, 32)  # else an image at the model's size
-    assert list(image_only.columns) == ["image"]
-    assert Image.open(io.BytesIO(image_only["image"][0])).size == (32, 32)
+    mixed = _input_example(True, 32)  # a caption row and an image row when the model has a tokenizer
+    assert mixed["text"][0] == "a photo of a red circle"
+    assert mixed["text"].isna().tolist() == [False, True] and mixed["image"].isna().tolist() == [True, False]
+    image_only = _input_example(False, 32)  # else the image row alone, a PNG at the model's size in base64
+    assert list(image_only.columns) == ["image"] and image_only["image"][0] == mixed["image"][1]
+    assert Image.open(io.BytesIO(base64.b64decode(image_only["image"][0]))).size == (32, 32)
