@@ -34,6 +34,7 @@ from PIL import Image
 
 from flava.config import PipelineConfig, flatten
 from flava.distributed import ProcessInfo
+from flava.stages import import_closure
 from flava.tracking import lineage
 
 log = logging.getLogger(__name__)
@@ -436,9 +437,6 @@ def serving_requirements() -> list[str]:
 def serving_modules() -> list[str]:
     """The ``flava`` modules the logged model imports: the import closure of ``pyfunc_entry.py`` (module-level
     imports; by design nothing on its serving path imports a flava module inside a function)."""
-    # Imported here, not at the top: flava.stages imports the CLI package, whose stage commands import this module.
-    from flava.stages import import_closure
-
     return sorted(import_closure([PYFUNC_MODULE], top_level=True) - {PYFUNC_MODULE})
 
 
