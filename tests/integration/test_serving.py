@@ -114,7 +114,8 @@ print(json.dumps({{"flava": flava.model.io.__file__, "text": out["text_embedding
                           env={**os.environ, "MLFLOW_TRACKING_URI": store}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert "/code/flava/model/io.py" in got["flava"] and not got["flava"].startswith(str(Path.cwd() / "flava"))
+    project = Path(__file__).resolve().parents[2]
+    assert "/code/flava/model/io.py" in got["flava"] and not got["flava"].startswith(str(project / "flava"))
     text, image = _reference(model, tokenizer, [CAPTIONS[0]], [red])
     np.testing.assert_allclose(got["text"], text[0], atol=1e-5)
     np.testing.assert_allclose(got["image"], image[0], atol=1e-5)
