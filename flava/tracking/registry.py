@@ -530,8 +530,8 @@ def _eval_run(client, run_id: str, uri: str, run_file: Path):
         if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
         raise ValueError(
-            f"the evaluation run {run_id} named in {run_file} is not in the tracking store {uri}. The reports "
-            "came from another machine or clone (e.g. `dvc pull`), whose MLflow store this one does not have. "
+            f"the evaluation run {run_id} named in {run_file} was not found in the tracking store {uri}. The "
+            "reports came from another machine or clone (e.g. `dvc pull`), whose MLflow store this one does not have. "
             "Point MLFLOW_TRACKING_URI at the store that holds the run (the team's tracking server), or evaluate "
             "here: `dvc repro -f evaluate` (then `dvc repro promote`)."
         ) from None

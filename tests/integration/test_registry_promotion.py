@@ -294,7 +294,7 @@ def test_unknown_evaluation_run_explains_itself_and_keeps_promotion_json(tmp_pat
     with pytest.raises(ValueError) as err:
         run_promote(cfg)
     message = str(err.value)
-    assert "0123456789abcdef0123456789abcdef" in message and uri in message
+    assert "0123456789abcdef0123456789abcdef" in message and f"not found in the tracking store {uri}" in message
     assert "MLFLOW_TRACKING_URI" in message and "dvc repro -f evaluate" in message
     assert promotion.read_text() == '{"decision": "champion", "version": 3}\n'
     assert not list(promotion.parent.glob(".promotion.json*"))  # no half-written temporary left
