@@ -280,3 +280,33 @@ def test_a_resumed_stage_continues_its_mlflow_run(world, tmp_path, clean_env, mo
     fresh = run_pretrain(cfg, "text")
     assert fresh["resumed_from"] == 2 and fresh["mlflow_run_id"] != gone
     assert client.get_run(fresh["mlflow_run_id"]).data.tags["resumed_from_run"] == gone
+
+
+def test_stages_trained_concurrently_in_threads_equal_sequential_runs(world, tmp_path, clean_env):
+    """The Prefect route trains the text and image stages in two threads of one process: they must not perturb
+    each other (no global RNG in model init or ITM negatives), so the bytes equal those of one-by-one runs."""
+    import threading
+
+    from flava.train.stages import run_pretrain
+
+    sequential = _cfg(world, tmp_path / "sequential")
+    for stage in ("text", "image"):
+        run_pretrain(sequential, stage)
+    concurrent = _cfg(world, tmp_path / "concurrent")
+    errors: list[BaseException] = []
+
+    def train(stage: str) -> None:
+        try:
+            run_pretrain(concurrent, stage)
+        except BaseException as err:  # re-raised below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=train, args=(stage,)) for stage in ("text", "image")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for name in ("models/text/model.safetensors", "models/image/model.safetensors", "reports/pretrain_text.json",
+                 "reports/pretrain_image.json", "reports/curves/pretrain_text.csv"):
+        assert (tmp_path / "concurrent" / name).read_bytes() == (tmp_path / "sequential" / name).read_bytes(), name
