@@ -13,7 +13,7 @@ import torch
 from flava.model import FlavaForPretraining
 from flava.model.config import preset
 from flava.model.io import load_model, save_model, save_tensors
-from flava.train.checkpoint import load_weights, save_weights
+from flava.train.checkpoint import load_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 METADATA = {"format": "x", "format_version": "1", "zz": "2", "aliases": "{}", "b": "é"}
