@@ -78,3 +78,20 @@ def test_fresh_processes_with_different_hash_seeds_write_the_same_bytes(tmp_path
     # and the header really carries the metadata keys in sorted order
     header = (tmp_path / "0" / "t.safetensors").read_bytes()[8:400].decode("utf-8", "replace")
     assert header.index('"aliases"') < header.index('"b"') < header.index('"format"') < header.index('"zz"')
+
+
+def test_a_longer_canonical_header_moves_the_data_behind_it(tmp_path, monkeypatch):
+    """Should the re-serialised header come out longer than safetensors' own (other JSON escaping), the file is
+    rewritten with the data behind the new header, and still loads."""
+    import json
+
+    from flava.model import io as model_io
+
+    dumps = json.dumps
+    monkeypatch.setattr(model_io.json, "dumps", lambda obj, **kw: dumps(obj, indent=1))  # a longer header
+    state = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "i": torch.arange(3)}
+    save_tensors(state, tmp_path / "long.safetensors", metadata={"b": "1", "a": "2"})
+    back = load_weights(tmp_path / "long.safetensors")
+    assert torch.equal(back["w"], state["w"]) and torch.equal(back["i"], state["i"])
+    size = int.from_bytes((tmp_path / "long.safetensors").read_bytes()[:8], "little")
+    assert size % 8 == 0 and '\n "__metadata__": {\n  "a"' in (tmp_path / "long.safetensors").read_text("latin-1")
