@@ -72,11 +72,13 @@ def _dvc(args: Sequence[str], root: Path, env: dict[str, str] | None = None, che
 
 # ---------------------------------------------------------------------------------------------- raw data
 def default_remote(root: Path) -> str:
-    """``name (url)`` of the default DVC remote, or a sentence saying there is none."""
-    listed = _dvc(["remote", "list"], root, check=False, capture=True).stdout.splitlines()
-    remotes = [line.split() for line in listed if line.strip()]
-    chosen = [r for r in remotes if "(default)" in r] or remotes[:1]
-    return f"{chosen[0][0]} ({chosen[0][1]})" if chosen else "no DVC remote configured"
+    """``name (url)`` of the default DVC remote, or a sentence saying there is none (read with `dvc config`:
+    `dvc remote list` wraps long URLs at the terminal width)."""
+    name = _dvc(["config", "core.remote"], root, check=False, capture=True).stdout.strip()
+    if not name:
+        return "(none: no default DVC remote is configured)"
+    url = _dvc(["config", f"remote.{name}.url"], root, check=False, capture=True).stdout.strip()
+    return f"{name} ({url})"
 
 
 def ensure_raw_data(cfg: PipelineConfig, root: str | Path) -> str:
