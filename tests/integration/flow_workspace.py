@@ -4,7 +4,7 @@ outputs and metrics, and records when it ran. The Prefect flow and ``flava pipel
 real ``dvc repro`` in seconds.
 
 Knobs (environment, passed through DVC to the stage): ``FAKE_FAIL=<stage>`` and ``FAKE_FAIL_CODE`` make a stage
-fail; ``FAKE_BARRIER=<dir>`` makes pretrain_text and pretrain_image wait for each other (they must overlap);
+fail (``FAKE_FAIL_ONCE=1``: only the first time); ``FAKE_BARRIER=<dir>`` makes pretrain_text and pretrain_image wait for each other (they must overlap);
 ``FAKE_SLEEP`` seconds every stage sleeps.
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ spec = json.loads(Path("fake_stages.json").read_text())[stage]
 start = time.time()
 say = lambda level, text: print(f"2026-12-03 09:00:00,000 {level} flava.fake: {text}", flush=True)
 say("INFO", f"{stage}: starting")
-if os.environ.get("FAKE_FAIL") == stage:
+once = Path(f"failed-once-{stage}")
+if os.environ.get("FAKE_FAIL") == stage and not (os.environ.get("FAKE_FAIL_ONCE") and once.exists()):
+    once.touch()
     say("ERROR", f"{stage}: exploded on purpose")
     sys.exit(int(os.environ.get("FAKE_FAIL_CODE", "1")))
 barrier = os.environ.get("FAKE_BARRIER")

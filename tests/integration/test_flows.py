@@ -59,7 +59,7 @@ def _use(ws: Path, mp: pytest.MonkeyPatch) -> None:
     mp.chdir(ws)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")
     mp.delenv(PARENT_RUN_ENV, raising=False)
-    for knob in ("FAKE_FAIL", "FAKE_FAIL_CODE", "FAKE_SLEEP"):
+    for knob in ("FAKE_FAIL", "FAKE_FAIL_CODE", "FAKE_FAIL_ONCE", "FAKE_SLEEP"):
         mp.delenv(knob, raising=False)
 
 
@@ -250,6 +250,19 @@ def test_failed_stage_fails_the_run_and_notifies_through_a_webhook_block(prefect
     (message,) = _Hook.received
     assert message["text"].startswith(f"flava-pipeline run {run.name} failed | ")
     assert "stage shard failed" in message["text"]
+
+
+def test_a_stage_failing_for_a_passing_reason_is_retried(prefect_server, tmp_path, monkeypatch):
+    ws = make_workspace(tmp_path / "ws")
+    _use(ws, monkeypatch)
+    monkeypatch.setattr(pipe, "dvc_stage", pipe.dvc_stage.with_options(retry_delay_seconds=0))
+    monkeypatch.setenv("FAKE_FAIL", "shard")  # exits 1: not a bad-input exit, and shard may retry (S3)
+    monkeypatch.setenv("FAKE_FAIL_ONCE", "1")
+    state = pipe.flava_pipeline(return_state=True)
+    assert state.is_completed(), state
+    run, tasks = server_view(state.state_details.flow_run_id, ("shard", "promote"))
+    shard = next(t for t in tasks if t.name == "shard")
+    assert shard.state.type.value == "COMPLETED" and shard.run_count == 2
 
 
 def test_two_triggers_on_one_workspace_never_run_at_once(prefect_server, tmp_path, monkeypatch):
