@@ -239,12 +239,14 @@ class StageFailed(RuntimeError):
                          + "\n".join(tail[-15:]))
 
 
-_LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
+# A level where log formats put it: first (DVC's "ERROR: ...", logging's "WARNING:root:...") or after the date and
+# time (flava's "%(asctime)s %(levelname)s %(name)s: ...").
+_LEVEL = re.compile(r"^(?:\d{4}-\d\d-\d\d \S+ )?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
 
 
 def line_level(line: str) -> int:
     """The logging level a stage's output line carries (``... WARNING flava.x: ...``, DVC's ``ERROR: ...``)."""
-    match = _LEVEL.search(line[:64])
+    match = _LEVEL.match(line)
     return logging.getLevelName(match.group(1)) if match else logging.INFO
 
 

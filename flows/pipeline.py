@@ -135,7 +135,7 @@ def _workspace_slot(name: str) -> Iterator[None]:
         except ObjectNotFound:
             with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    get_run_logger().info("waiting for a slot of the global concurrency limit %r", name)
+    get_run_logger().info("taking the slot of global concurrency limit %r (waits while another run holds it)", name)
     with concurrency(name, occupy=1):
         yield
 
