@@ -246,6 +246,11 @@ def _imports(path: Path, module: str, top_level: bool = False) -> set[str]:
     return modules
 
 
+# Modules a module runs without importing them: the logged MLflow model's entry file, which runs.py hands to MLflow
+# by path ("model from code") and which decides what the logged model computes.
+LOADED_BY_PATH: dict[str, tuple[str, ...]] = {"flava.tracking.runs": ("flava.tracking.pyfunc_entry",)}
+
+
 def import_closure(roots: Iterable[str], top_level: bool = False) -> set[str]:
     """Every project module reachable from ``roots`` by imports (module-level ones only if ``top_level``)."""
     todo, seen = list(roots), set()
@@ -258,6 +263,7 @@ def import_closure(roots: Iterable[str], top_level: bool = False) -> set[str]:
             continue
         seen.add(module)
         todo.extend(_imports(path, module, top_level) - seen)
+        todo.extend(LOADED_BY_PATH.get(module, ()))
     return seen
 
 

@@ -64,6 +64,8 @@ def user_env(repo: Path) -> dict[str, str]:
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.pop("FLAVA_PARENT_RUN_ID", None)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    # The project's own code, as in a user's clone with its editable install (not this checkout's).
+    env["PYTHONPATH"] = str(repo)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo / 'mlflow.db'}"
     return env
 

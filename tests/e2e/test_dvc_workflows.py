@@ -102,7 +102,7 @@ def test_second_clone_pulls_and_is_up_to_date(main_job: MainJob, workspace: Path
 
 @pytest.mark.slow
 def test_experiments_compare_side_by_side(workspace: Path, tmp_path: Path):
-    """`dvc exp run --temp -S` twice, with the default (relative) tracking URI: each run logs to the project's
+    """`dvc exp run --temp -S` twice (`+key` adds a key params.yaml leaves to its preset), with the default (relative) tracking URI: each run logs to the project's
     MLflow store (not one inside .dvc/tmp), leaves the registry alone and params.yaml as it was, and
     `dvc plots diff` draws both runs' training curves in one file; `exp show --only-changed` and `metrics diff`
     compare them."""
@@ -116,7 +116,7 @@ def test_experiments_compare_side_by_side(workspace: Path, tmp_path: Path):
     versions_before = len(client.search_model_versions("name='flava'"))
     params_before = (workspace / "params.yaml").read_text()
     for name, lr in (("lr-low", 2e-4), ("lr-high", 2e-3)):
-        run(workspace, "dvc", "exp", "run", "--temp", "-n", name, "-S", f"train.joint.lr={lr}", env=dict(env))
+        run(workspace, "dvc", "exp", "run", "--temp", "-n", name, "-S", f"+train.joint.lr={lr}", env=dict(env))
     assert (workspace / "params.yaml").read_text() == params_before
     assert not list((workspace / ".dvc").rglob("mlflow.db")), "an experiment logged to a throwaway store"
     assert len(client.search_runs([experiment], max_results=1000)) > runs_before

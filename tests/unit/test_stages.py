@@ -57,6 +57,14 @@ def test_code_deps_follow_function_level_imports():
     assert "flava/train/loop.py" not in prepare and "flava/eval/run.py" not in prepare
 
 
+def test_the_logged_model_entry_is_code_of_the_stages_that_log_models():
+    from flava.tracking import runs
+
+    assert runs.PYFUNC_MODULE in stages.LOADED_BY_PATH["flava.tracking.runs"]
+    for name in ("evaluate", "joint"):
+        assert "flava/tracking/pyfunc_entry.py" in stages.code_files(stages.get(name)), name
+
+
 def test_params_yaml_survives_dvc_set_param_round_trip(tmp_path):
     """`dvc exp run -S key=value` rewrites params.yaml through this same function: nothing else may change."""
     copy = tmp_path / "params.yaml"
