@@ -196,8 +196,11 @@ def dvc_stages(root: str | Path) -> dict[str, DvcStage]:
             raise ValueError(f"dvc.yaml stage {name!r}: foreach/matrix stages are not supported by the flow")
         paths = {key: tuple(_resolve(p, values, f"{name}.{key}") for p in _entries(body.get(key)))
                  for key in ("deps", "outs", "metrics", "plots")}
-        stages[name] = DvcStage(name, paths["deps"], paths["outs"] + paths["metrics"] + paths["plots"],
-                                paths["metrics"])
+        # A params file other than params.yaml is read like a dep (the resolved config another stage writes).
+        params_files = tuple(_resolve(p, values, f"{name}.params") for p in _entries(
+            [item for item in body.get("params") or [] if isinstance(item, dict)]) if p != PARAMS_FILE)
+        stages[name] = DvcStage(name, paths["deps"] + params_files,
+                                paths["outs"] + paths["metrics"] + paths["plots"], paths["metrics"])
     return stages
 
 

@@ -42,7 +42,7 @@ from tests.integration.flow_workspace import ROOT, calls, make_workspace
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PIPELINE_EDGES = {
-    ("raw_data", "prepare"), ("prepare", "validate"), ("validate", "shard"), ("validate", "fit"),
+    ("raw_data", "prepare"), ("params", "prepare"), ("prepare", "validate"), ("validate", "shard"), ("validate", "fit"),
     ("shard", "pretrain_text"), ("fit", "pretrain_text"), ("shard", "pretrain_image"), ("fit", "pretrain_image"),
     ("pretrain_text", "joint"), ("pretrain_image", "joint"), ("joint", "evaluate"), ("evaluate", "promote"),
 }
