@@ -338,7 +338,9 @@ def promote(
             return _recorded(client, version, rcfg)
         if version is None:
             client.log_dict(eval_run_id, metrics, METRICS_ARTIFACT)  # before the version exists: never without it
-            version = client.create_model_version(name, model_source, run_id=eval_run_id, tags={
+            # A tracking server (REST store) refuses a `models:/m-...` source without the logged model's id.
+            model_id = model_source.removeprefix("models:/") if model_source.startswith("models:/m-") else None
+            version = client.create_model_version(name, model_source, run_id=eval_run_id, model_id=model_id, tags={
                 EVAL_RUN_TAG: eval_run_id, WEIGHTS_TAG: weights_sha256 or "unknown",
                 OVERALL_TAG: f"{_macro(metrics)['overall']:.4f}",
             })
