@@ -264,9 +264,10 @@ def read_metrics(root: str | Path, stage: DvcStage) -> dict[str, Any]:
 
 
 def read_run_files(root: str | Path, stage: DvcStage) -> dict[str, Any]:
-    """The stage's run files (outputs named ``*run.json``: MLflow run ids, model URIs), those that exist."""
+    """The stage's JSON records that are not metrics (``*run.json``: MLflow run ids, model URIs;
+    ``promotion.json``: the registry decision), those that exist."""
     return {rel: json.loads((Path(root) / rel).read_text()) for rel in stage.outs
-            if rel.endswith("run.json") and (Path(root) / rel).is_file()}
+            if rel.endswith(".json") and rel not in stage.metrics and (Path(root) / rel).is_file()}
 
 
 def run_stage(stage: str, root: str | Path, *, force: bool = False, env: dict[str, str] | None = None,

@@ -185,7 +185,8 @@ STAGES: tuple[Stage, ...] = (
         name="promote", command=("promote",), entry="flava.tracking.registry:run_promote",
         deps=(f"{_REPORTS}/eval/metrics.json", f"{_REPORTS}/eval/run.json", f"{_MODELS}/joint"),
         params=("eval.registry",),
-        metrics=(Out(f"{_REPORTS}/promotion.json", cache=False, persist=True),),
+        # the decision record (version, run ids, reasons), not a metric: outside `dvc metrics`
+        outs=(Out(f"{_REPORTS}/promotion.json", cache=False, persist=True),),
         help="register the evaluated model and gate it against @champion",
     ),
 )

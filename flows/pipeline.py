@@ -67,7 +67,7 @@ def transient(task, task_run, state) -> bool:
 def _stage_message(result: dict[str, Any], root: Path) -> str:
     """The task's state message: DVC's verdict, and for promote the decision."""
     text = f"{result['stage']}: {result['status']}"
-    promotion = next((m for p, m in result["metrics"].items() if p.endswith("promotion.json")), None)
+    promotion = next((m for p, m in result["runs"].items() if p.endswith("promotion.json")), None)
     if promotion:
         cfg = load_config(root / pl.PARAMS_FILE)
         evaluation = pl.outcome(cfg, root)

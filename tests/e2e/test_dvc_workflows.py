@@ -126,7 +126,8 @@ def test_experiments_compare_side_by_side(workspace: Path, tmp_path: Path):
     run(workspace, "dvc", "plots", "diff", "lr-low", "lr-high", "-o", str(out), env=dict(env))
     html = (out / "index.html").read_text()
     assert "lr-low" in html and "lr-high" in html and "joint.csv" in html
-    table = run(workspace, "dvc", "exp", "show", "--only-changed", "--no-pager", env=dict(env)).stdout
+    # --md: the whole table (a terminal table cuts the columns past its width)
+    table = run(workspace, "dvc", "exp", "show", "--only-changed", "--md", env=dict(env)).stdout
     assert "train.joint.lr" in table and "lr-high" in table
     metrics = json.loads(run(workspace, "dvc", "metrics", "diff", "lr-low", "lr-high", "--json", env=dict(env)).stdout)
     assert "reports/joint.json" in metrics

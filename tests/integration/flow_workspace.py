@@ -57,10 +57,7 @@ for out in spec["outs"]:
         path.mkdir(parents=True, exist_ok=True)
         (path / "part-0").write_text(f"{stage}\n")
 for metrics in spec["metrics"]:
-    if stage == "promote":
-        content = {"model_name": "flava", "version": 1, "decision": "champion", "promoted": True,
-                   "reasons": [], "compared_to": None}
-    elif stage == "evaluate":
+    if stage == "evaluate":
         content = {"macro": {"overall": 0.52, "vision": 0.5, "language": 0.5, "multimodal": 0.56}}
     elif stage.startswith("pretrain") or stage == "joint":
         content = {"steps": 4, "final_loss": 2.5 if stage == "joint" else 1.25}
@@ -73,6 +70,9 @@ for metrics in spec["metrics"]:
 for out in spec["outs"]:
     if out.endswith("run.json"):
         Path(out).write_text(json.dumps({"run_id": f"fake-run-{stage}"}))
+    elif out.endswith("promotion.json"):
+        Path(out).write_text(json.dumps({"model_name": "flava", "version": 1, "decision": "champion",
+                                         "promoted": True, "reasons": [], "compared_to": None}))
 say("INFO", f"{stage}: step 4 loss 1.25")
 say("WARNING", f"{stage}: a warning the stage logged")
 if stage == "promote":
