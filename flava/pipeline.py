@@ -36,13 +36,13 @@ from flava.launch.config import launch_section
 from flava.tracking import lineage
 from flava.tracking.registry import metrics_from_tags
 from flava.tracking.runs import parent_run, tracking_uri
+from flava.workspace import LOCK_FILE, WorkspaceBusy, workspace_lock  # noqa: F401 - this module's API too
 
 log = logging.getLogger(__name__)
 
 # The md5 DVC records for the default synthetic world (seed and data.generate as shipped): `data.dvc` as
 # committed. Generating is a stand-in for pulling only when data.dvc records exactly this world.
 SYNTHETIC_WORLD_MD5 = "1508cf2e4d3f268df1609b8d49dc63f7.dir"
-LOCK_FILE = ".dvc/tmp/flava-pipeline.lock"  # under .dvc/tmp: untracked, and where DVC keeps its own lock
 PARAMS_FILE = "params.yaml"  # the file DVC's params deps and `dvc exp run -S` read and write
 RAW_DATA_NODE = "raw_data"  # the graph node that puts paths.raw in place before the first stage
 
@@ -107,51 +107,6 @@ def ensure_raw_data(cfg: PipelineConfig, root: str | Path) -> str:
         log.info("no DVC remote holds %s; data.dvc records the synthetic world: generating it", cfg.paths.raw)
     generate(cfg.data.generate, cfg.seed, raw)
     return "generated"
-
-
-# -------------------------------------------------------------------------------------- the workspace lock
-class WorkspaceBusy(RuntimeError):
-    """Another pipeline run holds this workspace."""
-
-
-@contextmanager
-def workspace_lock(root: str | Path, holder: str, timeout_s: float | None = 0.0) -> Iterator[Path]:
-    """One pipeline at a time per workspace, whichever route runs it (``flava pipeline run``, the Prefect flow).
-
-    An ``fcntl`` lock on ``.dvc/tmp/flava-pipeline.lock``, released by the kernel if the holder dies. Waits up
-    to ``timeout_s`` seconds (None: forever, 0: not at all), then raises WorkspaceBusy naming the holder."""
-    path = Path(root) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        announced = False
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                handle.seek(0)
-                current = handle.read().strip() or "another process"
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise WorkspaceBusy(
-                        f"workspace {Path(root).resolve()} is busy: {current} holds {LOCK_FILE}; waited "
-                        f"{timeout_s:g}s (launch.schedule.lock_timeout_s). Wait for it to finish or stop it."
-                    ) from None
-                if not announced:
-                    log.info("waiting for the workspace lock held by %s", current)
-                    announced = True
-                time.sleep(0.5)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since "
-                     f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC)\n")
-        handle.flush()
-        try:
-            yield path
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -------------------------------------------------------------------------------------- dvc.yaml, resolved

@@ -24,12 +24,14 @@ from typing import Any, Iterable
 
 import yaml
 
-from flava.cli import GROUPS
 from flava.config import PipelineConfig, dump_config
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # .../flava
 PROJECT_ROOT = PACKAGE_ROOT.parent
 CLI_MODULE = "flava.cli"
+# The `flava` command-group modules, in the order they appear in `flava --help` (flava.cli imports them by name).
+CLI_GROUPS = ("flava.cli.pipeline", "flava.cli.data", "flava.cli.pretrain", "flava.cli.evaluate", "flava.cli.launch",
+              "flava.cli.stages", "flava.cli.registry")
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,7 @@ def import_closure(roots: Iterable[str], top_level: bool = False) -> set[str]:
 
 # The CLI package and its command-group modules (imported by name when the parser is built): every command loads
 # them and what they import at module level; a handler's function-level imports run only for its own command.
-CLI_ROOTS = (CLI_MODULE, "flava.__main__", *GROUPS)
+CLI_ROOTS = (CLI_MODULE, "flava.__main__", *CLI_GROUPS)
 
 
 @lru_cache(maxsize=None)

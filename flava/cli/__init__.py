@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from flava.config import PipelineConfig, ReadRecorder, load_config
+from flava.launch.config import launch_section
+from flava.stages import CLI_GROUPS as GROUPS
+from flava.stages import by_command
+from flava.workspace import WorkspaceBusy, stage_lock
 
-# Command-group modules, in the order they appear in ``flava --help``.
-GROUPS = ("flava.cli.pipeline", "flava.cli.data", "flava.cli.pretrain", "flava.cli.evaluate", "flava.cli.launch",
-          "flava.cli.stages", "flava.cli.registry")
 # A directory: each command records the params keys it read and the project modules it loaded there
 # (``<command words>.json``), for the test that checks every stage declares them (``flava.stages``).
 RECORD_ENV = "FLAVA_RECORD_READS"
@@ -80,9 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    stage = by_command((args.group, getattr(args, "command", None)) if getattr(args, "command", None)
+                       else (args.group,))
     try:
-        result = args.handler(args)
-    except (ValueError, FileNotFoundError) as err:
+        if stage is None:
+            result = args.handler(args)
+        else:  # a stage command holds the workspace unless the pipeline run that started it does
+            timeout = launch_section(load_config(args.params, args.overrides)).schedule.lock_timeout_s
+            with stage_lock(".", stage.name, timeout):
+                result = args.handler(args)
+    except (ValueError, FileNotFoundError, WorkspaceBusy) as err:
         print(f"flava: error: {err}", file=sys.stderr)
         return 2
     if result is not None:
