@@ -53,7 +53,7 @@ SUMMARY_KEY = "flava-pipeline-summary"
 MODEL = "flava"
 # A single-page UI renders after its API calls: Chromium's virtual time budget (ms) lets them finish. A page whose
 # rendered DOM lacks the text it must show (still a spinner, an error page) is taken again with a longer budget.
-BUDGETS_MS = (15000, 30000, 60000)
+BUDGETS_MS = (30000, 60000, 90000)
 MIN_COLOURS = 300  # rendered pages have about 800-5000; a spinner on a plain background or one line of text fewer
 
 
