@@ -14,11 +14,12 @@ fitted tokenizer's vocabulary, the fitted codebook's size). Every validation err
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flava.configbase import deep_merge
 
 
 class _Strict(BaseModel):
@@ -178,17 +179,6 @@ _BASE: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "small": _SMALL, "base": _BASE}
 
 
-def merge(base: dict[str, Any], overrides: dict[str, Any], path: str = "") -> dict[str, Any]:
-    """Nested dict merge (a copy); a dict value merges into a dict, anything else replaces."""
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value, f"{path}{key}.")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _validate(tree: dict[str, Any], name: str) -> FlavaConfig:
     try:
         return FlavaConfig.model_validate(tree)
@@ -203,7 +193,7 @@ def preset(name: str, overrides: dict[str, Any] | None = None) -> FlavaConfig:
     """A named preset (``tiny``, ``small``, ``base``), optionally with nested overrides applied."""
     if name not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return _validate(merge(PRESETS[name], overrides or {}), name)
+    return _validate(deep_merge(PRESETS[name], overrides or {}), name)
 
 
 class ModelSection(_Strict):
@@ -221,9 +211,9 @@ class ModelSection(_Strict):
     def build(self, vocab_size: int | None = None, codebook_size: int | None = None) -> FlavaConfig:
         """The effective ``FlavaConfig``: preset, then overrides, then the values fixed by earlier stages
         (``vocab_size`` from the fitted tokenizer, ``codebook_size`` from the fitted codebook)."""
-        tree = merge(PRESETS[self.preset], self.overrides)
+        tree = deep_merge(PRESETS[self.preset], self.overrides)
         if vocab_size is not None:
-            tree = merge(tree, {"text": {"vocab_size": int(vocab_size)}})
+            tree = deep_merge(tree, {"text": {"vocab_size": int(vocab_size)}})
         if codebook_size is not None:
             tree["codebook_size"] = int(codebook_size)
         return _validate(tree, self.preset)

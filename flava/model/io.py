@@ -14,8 +14,9 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from flava.configbase import deep_merge
 from flava.model.codebook import load_codebook
-from flava.model.config import FlavaConfig, merge
+from flava.model.config import FlavaConfig
 from flava.model.pretraining import FlavaForPretraining
 
 FORMAT = "flava-pretraining"
@@ -102,7 +103,7 @@ def load_model(
     directory = Path(directory)
     config = load_config_file(directory)
     if config_overrides:
-        config = FlavaConfig.model_validate(merge(config.model_dump(), config_overrides))
+        config = FlavaConfig.model_validate(deep_merge(config.model_dump(), config_overrides))
     codebook = None
     if with_codebook and (directory / CODEBOOK_DIR).exists():
         codebook = load_codebook(directory / CODEBOOK_DIR)

@@ -12,10 +12,11 @@ spells out every value and re-parses to the same object.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from flava.configbase import deep_merge
 
 Stage = Literal["text", "image", "joint"]
 STAGES: tuple[str, ...] = ("text", "image", "joint")
@@ -139,14 +140,3 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "joint": {"steps": 450_000, "batch_size": 8192},
     },
 }
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``top`` laid over it, recursively for nested mappings (inputs are not modified)."""
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from flava.configbase import deep_merge
 from flava.train.checkpoint import Checkpointer, load_weights, step_name
 from flava.train.loop import LoopSettings, NonFiniteLossError
 from flava.train.parallel import UnusedGrads, probe_unused
@@ -16,10 +17,7 @@ FAST = {"joint": {"steps": 40, "batch_size": 16}, "optimizer": {"lr": 3e-2}, "sc
 
 
 def _cfg(**over):
-    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in FAST.items()}
-    for k, v in over.items():
-        tree[k] = {**tree[k], **v} if isinstance(v, dict) and isinstance(tree.get(k), dict) else v
-    return tree
+    return deep_merge(FAST, over)
 
 
 def test_loss_goes_down_and_lr_follows_the_schedule():

@@ -1,0 +1,21 @@
+"""What every typed config section shares: the deep merge of nested dicts that lays presets and overrides.
+
+It sits below ``flava.config`` and every stage's config module (the model library's included) and imports no
+project module, so each of them can import it without an import cycle.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top`` laid over it (a copy; inputs are not modified): a dict value merges into a dict,
+    anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
