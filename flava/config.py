@@ -13,17 +13,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from flava.configbase import StrictModel
 from flava.data.config import DataConfig
 from flava.eval.config import EvalConfig
 from flava.launch.config import LaunchConfig
 from flava.model.config import ModelSection
 from flava.train.config import TrainConfig
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class PathsConfig(StrictModel):

@@ -1,4 +1,5 @@
-"""What every typed config section shares: the deep merge of nested dicts that lays presets and overrides.
+"""What every typed config section shares: the strict pydantic base and the deep merge that lays presets and
+overrides.
 
 It sits below ``flava.config`` and every stage's config module (the model library's included) and imports no
 project module, so each of them can import it without an import cycle.
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import copy
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -19,3 +22,10 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: an unknown key is an error naming it (a typo never silently falls back to
+    a default)."""
+
+    model_config = ConfigDict(extra="forbid")

@@ -6,8 +6,9 @@ the streaming side (shards, tokenizer and codebook fitting, transforms, masking,
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from flava.configbase import StrictModel
 from flava.data.prep_config import GenerateConfig, IngestConfig, ValidateConfig
 from flava.data.stream_config import (
     CodebookFitConfig,
@@ -19,9 +20,7 @@ from flava.data.stream_config import (
 )
 
 
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DataConfig(StrictModel):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     validation: ValidateConfig = Field(default_factory=ValidateConfig)

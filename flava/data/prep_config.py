@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from flava.configbase import StrictModel
 from flava.data.stream_config import S3Config
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 # --------------------------------------------------------------------------------------------- generate
-class GenerateConfig(_Section):
+class GenerateConfig(StrictModel):
     """The embedded synthetic world (``flava data generate``): shapes with colours, sizes, positions and
     background textures, captioned in varied phrasings. Zero-shot classes are ``"<colour> <shape>"``, so chance
     level is ``1 / (len(colours) * len(shapes))`` (1/24 with the defaults)."""
@@ -78,7 +75,7 @@ class GenerateConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- ingest
-class ManifestPairs(_Section):
+class ManifestPairs(StrictModel):
     """Image-text pairs from a CSV / JSONL / Parquet manifest. ``image`` is a path relative to the manifest's
     directory, an absolute path, or an ``s3://bucket/key`` URI."""
 
@@ -101,7 +98,7 @@ class ManifestPairs(_Section):
         return self
 
 
-class WebdatasetPairs(_Section):
+class WebdatasetPairs(StrictModel):
     """Image-text pairs from existing webdataset tar shards (LAION/PMD style ``jpg`` + ``txt`` members; with
     ``caption_filter`` the ``json`` member's title/description fields are used instead). Images are extracted
     to ``paths.prepared/extracted/<name>/``."""
@@ -120,7 +117,7 @@ class WebdatasetPairs(_Section):
 PairSource = Annotated[Union[ManifestPairs, WebdatasetPairs], Field(discriminator="kind")]
 
 
-class ClassFolderImages(_Section):
+class ClassFolderImages(StrictModel):
     """Unpaired images in the ImageNet layout: ``<path>/<class>/<image>``; the label is the folder name."""
 
     path: str = "images"
@@ -128,7 +125,7 @@ class ClassFolderImages(_Section):
     name: str | None = None
 
 
-class TextFiles(_Section):
+class TextFiles(StrictModel):
     """Unpaired text (CCNews/BookCorpus style): ``.txt`` files (paragraphs separated by blank lines) and
     ``.jsonl`` files (one document per line, in ``jsonl_field``), split into passages."""
 
@@ -138,7 +135,7 @@ class TextFiles(_Section):
     name: str | None = None
 
 
-class CaptionFilterConfig(_Section):
+class CaptionFilterConfig(StrictModel):
     """The PMD/YFCC caption filter: English (heuristic) and more than two words."""
 
     min_words: int = Field(3, ge=1)  # "more than two words"
@@ -146,7 +143,7 @@ class CaptionFilterConfig(_Section):
     min_stopwords: int = Field(1, ge=0)  # common English function words the caption must contain
 
 
-class IngestConfig(_Section):
+class IngestConfig(StrictModel):
     """Ingestion of raw corpora into per-corpus manifests (``flava data prepare``)."""
 
     pairs: list[PairSource] = Field(default_factory=lambda: [ManifestPairs()])
@@ -168,7 +165,7 @@ class IngestConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- validate
-class ValidateConfig(_Section):
+class ValidateConfig(StrictModel):
     """Great Expectations validation (``flava data validate``). Rows failing a check are quarantined with the
     reason; images in convertible modes (CMYK, L, P, RGBA, 16-bit, ...) are normalised to RGB, EXIF-rotated,
     and written under ``paths.validated/images/<corpus>/``."""

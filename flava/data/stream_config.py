@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from flava.configbase import StrictModel
 
 Corpus = Literal["pairs", "images", "text"]
 Kind = Literal["pair", "image", "text"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class S3Config(_Section):
+class S3Config(StrictModel):
     """S3 access for shard roots and image URIs (``s3://bucket/key``). Credentials come from the usual AWS
     environment/config chain; ``endpoint_url`` (else ``$AWS_ENDPOINT_URL``) points at MinIO/moto/etc."""
 
@@ -29,7 +27,7 @@ class S3Config(_Section):
     retry_backoff_s: float = Field(0.2, ge=0)  # first back-off of our own retry loop; doubles per attempt
 
 
-class ShardConfig(_Section):
+class ShardConfig(StrictModel):
     """webdataset shards (``flava data shard``)."""
 
     corpora: list[Corpus] = Field(default_factory=lambda: ["pairs", "images", "text"])
@@ -50,7 +48,7 @@ class ShardConfig(_Section):
         return value
 
 
-class TokenizerConfig(_Section):
+class TokenizerConfig(StrictModel):
     """WordPiece fitting or a local pretrained tokenizer (``flava data fit``), and tokenisation in the loader."""
 
     vocab_size: int = Field(2048, ge=16)
@@ -63,7 +61,7 @@ class TokenizerConfig(_Section):
     max_length: int = Field(32, ge=4)  # tokens per text, incl. [CLS]/[SEP]; longer texts are truncated
 
 
-class CodebookFitConfig(_Section):
+class CodebookFitConfig(StrictModel):
     """Image codebook for MIM targets (``flava data fit``)."""
 
     kind: Literal["kmeans", "dalle"] = "kmeans"
@@ -80,7 +78,7 @@ class CodebookFitConfig(_Section):
         return self
 
 
-class MaskingConfig(_Section):
+class MaskingConfig(StrictModel):
     """Image block masking (BEiT) and BERT masking."""
 
     image_mask_ratio: float = Field(0.4, gt=0, lt=1)  # FLAVA masks 40 % of patches in rectangular blocks
@@ -101,7 +99,7 @@ class MaskingConfig(_Section):
         return self
 
 
-class LoaderConfig(_Section):
+class LoaderConfig(StrictModel):
     """Transforms, batching, workers."""
 
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes per rank; 0 = decode in the training process
@@ -145,7 +143,7 @@ class LoaderConfig(_Section):
         return value
 
 
-class MixingConfig(_Section):
+class MixingConfig(StrictModel):
     """Sampling ratios of the corpora in joint training: each step draws one whole batch from one corpus."""
 
     ratios: dict[Kind, float] = Field(default_factory=lambda: {"pair": 0.5, "image": 0.25, "text": 0.25})

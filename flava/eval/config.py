@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from flava.configbase import StrictModel
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ZeroShotConfig(_Section):
+class ZeroShotConfig(StrictModel):
     """CLIP-style zero-shot classification; prompt templates come from ``zeroshot/classes.json``."""
 
     enabled: bool = True
@@ -29,7 +27,7 @@ class ZeroShotConfig(_Section):
         return sorted(set(value))
 
 
-class RetrievalConfig(_Section):
+class RetrievalConfig(StrictModel):
     """Zero-shot image<->text retrieval, Recall@K with several captions per image (Flickr30K/COCO protocol)."""
 
     enabled: bool = True
@@ -49,7 +47,7 @@ class RetrievalConfig(_Section):
         return sorted(set(value))
 
 
-class ProbeConfig(_Section):
+class ProbeConfig(StrictModel):
     """Linear probe on frozen image features: L-BFGS logistic regression, C swept on val (paper, Sec. 5)."""
 
     enabled: bool = True
@@ -70,7 +68,7 @@ class ProbeConfig(_Section):
         return value
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(StrictModel):
     """A head fine-tuned together with a copy of the encoder; the best epoch on val is tested."""
 
     enabled: bool = True
@@ -92,7 +90,7 @@ class MultimodalFinetuneConfig(FinetuneConfig):
     """VQA-style closed-answer classification on the multimodal CLS."""
 
 
-class RegistryConfig(_Section):
+class RegistryConfig(StrictModel):
     """MLflow Model Registry and the promotion gate against ``@champion``."""
 
     model_name: str = "flava"
@@ -127,7 +125,7 @@ class RegistryConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(StrictModel):
     """The ``eval:`` section: shared knobs plus one section per task and the registry gate."""
 
     device: str = "auto"  # "auto" = cuda when available, else cpu

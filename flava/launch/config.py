@@ -9,17 +9,15 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from flava.configbase import StrictModel
 
 # RFC 1123 label (names of Services, Jobs, ConfigMaps; pod hostnames), at most 63 characters.
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Toleration(_Section):
+class Toleration(StrictModel):
     """A pod toleration (GPU nodes are usually tainted, e.g. ``nvidia.com/gpu=present:NoSchedule``)."""
 
     key: str
@@ -34,7 +32,7 @@ class Toleration(_Section):
         return self
 
 
-class K8sConfig(_Section):
+class K8sConfig(StrictModel):
     """One Indexed Job (one pod per node) + a headless Service for the torchrun rendezvous."""
 
     namespace: str = "flava"
@@ -101,7 +99,7 @@ class K8sConfig(_Section):
         return self.nproc_per_node or max(1, self.gpus_per_node)
 
 
-class SearchParam(_Section):
+class SearchParam(StrictModel):
     """One dimension of the sweep: a params key (``data.mixing....``, ``train....warmup...``) and its range."""
 
     key: str
@@ -131,7 +129,7 @@ def _default_space() -> list[SearchParam]:
     ]
 
 
-class SweepConfig(_Section):
+class SweepConfig(StrictModel):
     """Optuna study over the joint stage. Each trial is a short joint run (``trial_overrides``)."""
 
     study_name: str = "flava-joint"
@@ -160,7 +158,7 @@ class SweepConfig(_Section):
         return self
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(StrictModel):
     """How the pipeline is operated: the deployment ``python -m flows.serve`` serves (infra/prefect.yaml holds the
     worker deployments, under other names), the workspace-wide concurrency limit and the failure notification."""
 
@@ -187,7 +185,7 @@ class ScheduleConfig(_Section):
         return value
 
 
-class LaunchConfig(_Section):
+class LaunchConfig(StrictModel):
     k8s: K8sConfig = Field(default_factory=K8sConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

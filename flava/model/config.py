@@ -17,16 +17,12 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from flava.configbase import deep_merge
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from flava.configbase import StrictModel, deep_merge
 
 
-class TransformerConfig(_Strict):
+class TransformerConfig(StrictModel):
     """The pre-norm transformer stack shared by all three towers."""
 
     hidden_size: int = Field(192, ge=1)
@@ -100,7 +96,7 @@ class MultimodalEncoderConfig(TransformerConfig):
     fusion_input: Literal["pre_norm", "post_norm"] = "pre_norm"
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     """Weight per objective; 0 disables it (e.g. only ``contrastive`` > 0 is the paper's contrastive ablation)."""
 
     mim: float = Field(1.0, ge=0.0)
@@ -120,7 +116,7 @@ class LossConfig(_Strict):
 OBJECTIVES = ("mim", "mlm", "mmm_image", "mmm_text", "itm", "contrastive")
 
 
-class FlavaConfig(_Strict):
+class FlavaConfig(StrictModel):
     image: ImageEncoderConfig = Field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     multimodal: MultimodalEncoderConfig = Field(default_factory=MultimodalEncoderConfig)
@@ -196,7 +192,7 @@ def preset(name: str, overrides: dict[str, Any] | None = None) -> FlavaConfig:
     return _validate(deep_merge(PRESETS[name], overrides or {}), name)
 
 
-class ModelSection(_Strict):
+class ModelSection(StrictModel):
     """The ``model:`` section of params.yaml: a named preset plus nested field overrides, e.g.
     ``overrides: {image: {num_layers: 6}, loss: {itm: 0}}``."""
 

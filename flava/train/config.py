@@ -14,19 +14,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from flava.configbase import deep_merge
+from flava.configbase import StrictModel, deep_merge
 
 Stage = Literal["text", "image", "joint"]
 STAGES: tuple[str, ...] = ("text", "image", "joint")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class OptimizerConfig(_Section):
+class OptimizerConfig(StrictModel):
     """AdamW. Parameters whose name contains one of ``no_decay`` (or that are 1-D: biases, norm scales) get no
     weight decay."""
 
@@ -47,7 +43,7 @@ class OptimizerConfig(_Section):
         return value
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(StrictModel):
     """Linear warm-up from ~0 to the peak lr, then decay to ``min_lr_ratio * lr`` at the stage's last step."""
 
     warmup_steps: int = Field(20, ge=0)
@@ -55,7 +51,7 @@ class ScheduleConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
 
 
-class StageSettings(_Section):
+class StageSettings(StrictModel):
     """Per-stage length and batch. ``batch_size`` is global: split over ranks and accumulation micro-steps."""
 
     steps: int = Field(gt=0)
@@ -68,7 +64,7 @@ class JointSettings(StageSettings):
     init_from_unimodal: bool = True  # False: the whole model from scratch (an ablation of the paper's recipe)
 
 
-class TrainConfig(_Section):
+class TrainConfig(StrictModel):
     preset: Literal["small", "base"] = "small"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
