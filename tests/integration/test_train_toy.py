@@ -72,7 +72,8 @@ class ToyModel(nn.Module):
 
 def toy_args(**kw) -> argparse.Namespace:
     """The arguments of ``main`` as a namespace, for building a toy run in-process."""
-    base = dict(ckpt="", train="{}", seed=0, dropout=0.0, nan_at=None, nan_until=None, step_sleep=0.0, out="")
+    base = dict(ckpt="", train="{}", seed=0, dropout=0.0, nan_at=None, nan_until=None, step_sleep=0.0, out="",
+                select_metric=None)
     base.update(kw)
     if isinstance(base["train"], dict):
         base["train"] = json.dumps(base["train"])
@@ -101,7 +102,7 @@ def build(args, info: ProcessInfo = ProcessInfo()):
     wrapped = parallelize(model, cfg, info, device)
     opt = build_optimizer(model, cfg.optimizer, cfg.stage_lr("joint"), device)
     sched = build_scheduler(opt, cfg.schedule, total_steps=cfg.joint.steps, warmup_steps=cfg.stage_warmup("joint"))
-    settings = LoopSettings.from_config(cfg, "joint")
+    settings = LoopSettings.from_config(cfg, "joint", select_metric=getattr(args, "select_metric", None))
     ckpt = Checkpointer(args.ckpt, info=info, keep_last=cfg.keep_last) if args.ckpt else None
     trainer = Trainer(model=wrapped, optimizer=opt, scheduler=sched, stream=stream, settings=settings, device=device,
                       info=info, scaler=grad_scaler(device, cfg.precision), checkpointer=ckpt,

@@ -119,9 +119,9 @@ def test_too_many_consecutive_skips_stop(tmp_path):
 def test_evaluation_tracks_best_and_keeps_its_checkpoint(tmp_path):
     scores = iter([0.2, 0.6, 0.4, 0.5])
     bests = []
-    _, trainer = build(toy_args(train=_cfg(eval_every=10, checkpoint_every=10, keep_last=1), ckpt=tmp_path))
+    train = _cfg(eval_every=10, checkpoint_every=10, keep_last=1)
+    _, trainer = build(toy_args(train=train, ckpt=tmp_path, select_metric="top1"))
     trainer.evaluate = lambda: {"top1": next(scores), "top5": 1.0}
-    trainer.settings = LoopSettings(**{**trainer.settings.__dict__, "select_metric": "top1"})
     trainer.on_best = lambda step, metrics: bests.append((step, metrics["top1"]))
     summary = trainer.fit()
     assert bests == [(10, 0.2), (20, 0.6)]
@@ -131,9 +131,8 @@ def test_evaluation_tracks_best_and_keeps_its_checkpoint(tmp_path):
 
 
 def test_evaluation_without_the_selection_metric_is_an_error():
-    _, trainer = build(toy_args(train=_cfg(eval_every=10)))
+    _, trainer = build(toy_args(train=_cfg(eval_every=10), select_metric="top1"))
     trainer.evaluate = lambda: {"top5": 1.0}
-    trainer.settings = LoopSettings(**{**trainer.settings.__dict__, "select_metric": "top1"})
     with pytest.raises(ValueError, match="top1"):
         trainer.fit()
 
@@ -163,11 +162,10 @@ class _Stop(Exception):
 def _run_with_records(ckpt, stop_after=None):
     """A toy run with evaluation drawing from a checkpointed generator; optionally interrupted after a step."""
     train = _cfg(log_every=4, checkpoint_every=6, eval_every=7)  # checkpoints fall inside logging windows
-    _, trainer = build(toy_args(train=train, ckpt=ckpt))
+    _, trainer = build(toy_args(train=train, ckpt=ckpt, select_metric="top1"))
     gen = torch.Generator().manual_seed(7)
     trainer.generators = {"eval": gen}
     trainer.evaluate = lambda: {"top1": float(torch.rand((), generator=gen))}
-    trainer.settings = LoopSettings(**{**trainer.settings.__dict__, "select_metric": "top1"})
     trainer.resume()
     if stop_after is not None:
         inner = trainer._train_step
