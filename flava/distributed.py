@@ -127,6 +127,23 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start:start + ctx.batch], None, None
 
 
+def per_rank_share(count: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The denominator that turns this rank's loss sum into its share of the global mean: the item count summed
+    over every rank, divided by the world size (at least 1 item in all).
+
+    DDP and FSDP average the ranks' gradients, so with per-rank means a rank with few masked positions weighs its
+    positions more than one with many; dividing each rank's sum by this share makes the averaged gradient the
+    single-process gradient of the mean over the global batch. One all-reduce of a scalar, not differentiated:
+    every rank of the group must call it for the same objectives in the same order. At world size 1 it returns
+    ``count`` (clamped to 1) and does not touch ``torch.distributed``."""
+    total = count.detach().to(torch.float32)
+    if world_size > 1:
+        total = total.clone()
+        dist.all_reduce(total)
+        return total.clamp(min=1) / world_size
+    return total.clamp(min=1)
+
+
 def gather_features(features: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Concatenate ``features`` (B, D) from every rank into (world_size * B, D) in rank order, differentiably.
 

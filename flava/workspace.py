@@ -75,9 +75,11 @@ def workspace_lock(root: str | Path, holder: str, timeout_s: float | None = 0.0)
 @contextmanager
 def stage_lock(root: str | Path, stage: str, timeout_s: float | None) -> Iterator[None]:
     """Around one stage command: nothing when a pipeline run that holds this workspace started it (or there is no
-    DVC workspace here), else the workspace lock for the command's duration."""
+    DVC workspace here), else the workspace lock for the command's duration. Under a distributed launcher
+    (torchrun sets ``$RANK``) only rank 0 takes it: the group is one stage command."""
     path = Path(root) / LOCK_FILE
-    if not (Path(root) / ".dvc").is_dir() or os.environ.get(HELD_ENV) == str(path.resolve()):
+    held = os.environ.get(HELD_ENV) == str(path.resolve())
+    if not (Path(root) / ".dvc").is_dir() or held or os.environ.get("RANK", "0") != "0":
         yield
         return
     with workspace_lock(root, f"stage command {stage}", timeout_s):

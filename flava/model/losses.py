@@ -1,7 +1,9 @@
 """FLAVA's objectives as plain functions on tensors, and the weighted combination of them.
 
-Every masked-prediction loss is the mean cross-entropy over the masked positions only. When a batch has no
-masked position the loss is an exact 0 that still has a gradient path (transformers' FLAVA returns NaN there).
+Every masked-prediction loss is the mean cross-entropy over the masked positions only, over the global batch:
+with ``world_size`` > 1 each rank divides its sum by its share of the global count (``per_rank_share``), so the
+gradient DDP averages equals the single-process one however the masked positions fall on the ranks. When a batch
+has no masked position the loss is an exact 0 that still has a gradient path (transformers' FLAVA returns NaN).
 The global contrastive loss gathers the embeddings of every rank through ``flava.distributed.gather_features``
 (gradients flow into this rank's slice) and never touches ``torch.distributed`` at world size 1.
 """
@@ -12,23 +14,24 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from flava.distributed import gather_features
+from flava.distributed import gather_features, per_rank_share
 
 IGNORE_INDEX = -100  # label value of positions that carry no target (BERT / transformers convention)
 
 
 def masked_prediction_loss(
-    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor, *, world_size: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``head`` at the positions where ``labels`` != -100.
 
     hidden (B, T, H), labels (B, T) -> (loss, accuracy), both scalars; loss = 0 (with a grad path) if nothing is
-    masked. Only the masked positions go through the head, so a 30k-word decoder runs on ~15 % of the tokens."""
+    masked. Only the masked positions go through the head, so a 30k-word decoder runs on ~15 % of the tokens.
+    The loss is this rank's share of the global mean (see the module doc); the accuracy is this rank's."""
     selected = labels != IGNORE_INDEX  # (B, T)
     targets = labels[selected]  # (N,)
     logits = head(hidden[selected])  # (N, V)
     count = selected.sum().clamp(min=1).to(torch.float32)  # not the logits dtype: bf16 rounds counts > 256
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / count
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / per_rank_share(selected.sum(), world_size)
     with torch.no_grad():
         accuracy = (logits.argmax(dim=-1) == targets).sum().to(torch.float32) / count
     return loss, accuracy
@@ -58,9 +61,13 @@ def contrastive_loss(
         logits_per_image = scale * image_embeddings.float() @ all_texts.float().t()  # (B, W*B)
         logits_per_text = scale * text_embeddings.float() @ all_images.float().t()
     labels = torch.arange(batch, device=image_embeddings.device) + rank * batch
-    if rows is not None:
+    share = float(batch)  # every rank scores B rows
+    if rows is not None:  # the matched rows differ in number per rank: their global mean (see the module doc)
         logits_per_image, logits_per_text, labels = logits_per_image[rows], logits_per_text[rows], labels[rows]
-    loss = (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels)) / 2
+        share = per_rank_share(rows.sum(), world_size)
+    summed = F.cross_entropy(logits_per_image.float(), labels, reduction="sum") + F.cross_entropy(
+        logits_per_text.float(), labels, reduction="sum")
+    loss = summed / (2 * share)
     with torch.no_grad():
         accuracy = (logits_per_image.argmax(dim=-1) == labels).float().mean()
     return loss, accuracy

@@ -239,13 +239,18 @@ class FlavaForPretraining(nn.Module):
     def _weight(self, name: str) -> bool:
         return self.objective.enabled(name)
 
+    def _world_size(self) -> int:
+        return (self.process_group_info or _process_group())[1]
+
     def _image_objectives(self, batch, losses, metrics) -> None:
         if not self._weight("mim"):
             return
         mask = batch["image_mask"].to(torch.bool)
         labels = self.mim_targets(batch).masked_fill(~mask, IGNORE_INDEX)  # (B, P)
         out = self.image_encoder(batch["pixel_values"], mask)
-        losses["mim"], metrics["mim_acc"] = masked_prediction_loss(self.mim_head, out.hidden[:, 1:], labels)
+        losses["mim"], metrics["mim_acc"] = masked_prediction_loss(
+            self.mim_head, out.hidden[:, 1:], labels, world_size=self._world_size()
+        )
 
     def _text_objectives(self, batch, losses, metrics) -> None:
         if not self._weight("mlm"):
@@ -254,7 +259,9 @@ class FlavaForPretraining(nn.Module):
         out = self.text_encoder(
             batch["input_ids_masked"], batch.get("attention_mask"), skip_padding=True, needed=labels != IGNORE_INDEX
         )
-        losses["mlm"], metrics["mlm_acc"] = masked_prediction_loss(self.mlm_head, out.hidden, labels)
+        losses["mlm"], metrics["mlm_acc"] = masked_prediction_loss(
+            self.mlm_head, out.hidden, labels, world_size=self._world_size()
+        )
 
     def _pair_objectives(self, batch, losses, metrics, generator) -> None:
         pixel_values, attention_mask = batch["pixel_values"], batch.get("attention_mask")
@@ -327,11 +334,11 @@ class FlavaForPretraining(nn.Module):
             losses["itm"], metrics["itm_acc"] = itm_loss(self.itm_head(fused.cls), itm_labels)
         if image_labels is not None:
             losses["mmm_image"], metrics["mmm_image_acc"] = masked_prediction_loss(
-                self.mmm_image_head, fused.hidden, image_labels
+                self.mmm_image_head, fused.hidden, image_labels, world_size=self._world_size()
             )
         if text_labels is not None:
             losses["mmm_text"], metrics["mmm_text_acc"] = masked_prediction_loss(
-                self.mmm_text_head, fused.hidden, text_labels
+                self.mmm_text_head, fused.hidden, text_labels, world_size=self._world_size()
             )
 
     @staticmethod

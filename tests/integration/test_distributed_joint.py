@@ -96,9 +96,10 @@ GRAD_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("losses", ["contrastive", "all"])
 def test_ddp_pair_gradient_equals_one_process(tmp_path, losses):
-    """2 ranks x half the batch under DDP give the gradient of 1 process on the whole batch: exactly for the
-    global contrastive loss (the autograd all-gather returns the negatives' gradient terms to their rank); within
-    1 % with every objective on (MMM-image averages over each rank's own masked patches)."""
+    """2 ranks x half the batch under DDP give the gradient of 1 process on the whole batch, up to float rounding:
+    for the global contrastive loss (the autograd all-gather returns the negatives' gradient terms to their rank)
+    and with every objective on (the masked-prediction losses divide by the global count of masked positions, and
+    the random image mask gives the two ranks different counts)."""
     import json
 
     script = tmp_path / "grad.py"
@@ -111,6 +112,6 @@ def test_ddp_pair_gradient_equals_one_process(tmp_path, losses):
                        check=True, timeout=300, capture_output=True)
         out[ranks] = json.loads(path.read_text())
     assert out[1].keys() == out[2].keys()
-    tolerance = 1e-4 if losses == "contrastive" else 1e-2
+    tolerance = 1e-4
     for name, value in out[1].items():
         assert abs(value - out[2][name]) <= tolerance * max(1.0, value), (name, value, out[2][name])

@@ -35,3 +35,15 @@ def test_stage_command_respects_the_pipeline_holding_the_workspace(tmp_path):
     assert HELD_ENV not in os.environ
     alone = _resolve(ws, outsider)  # nobody holds it: the command takes it for itself
     assert alone.returncode == 0, alone.stderr
+
+
+def test_a_torchrun_group_is_one_stage_command(tmp_path):
+    """Under torchrun every rank runs the stage command; rank 0 holds the workspace for the group and the other
+    ranks do not queue behind it (they would fail as 'busy' and take the group down)."""
+    ws = tmp_path / "ws"
+    (ws / ".dvc").mkdir(parents=True)
+    shutil.copy(ROOT / "params.yaml", ws / "params.yaml")
+    outsider = {k: v for k, v in os.environ.items() if k not in (HELD_ENV, "RANK")}
+    with workspace_lock(ws, "rank 0 of the group", timeout_s=0.0):
+        assert _resolve(ws, {**outsider, "RANK": "1"}).returncode == 0
+        assert _resolve(ws, {**outsider, "RANK": "0"}).returncode == 2
