@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import math
+import sys
 from pathlib import Path
 
 import mlflow
@@ -121,4 +122,28 @@ class FlavaEmbedder(PythonModel):
             raise MlflowException.invalid_parameter_value(f"row {row}: {err}") from err
 
 
+def unshadow_running_flava() -> list[str]:
+    """Drop the ``sys.path`` entries of MLflow model code directories that hold another ``flava`` than the one
+    this process runs; returns them.
+
+    MLflow puts the model's code directory (``<model>/code``: a copy of the serving modules only) first on
+    ``sys.path`` before loading this file. Where the copy is what this process imported (a serving environment)
+    it stays. In a process that already runs the project's own ``flava`` the copy is unused here, but every
+    process started from this one with the spawn method (DataLoader workers, multiprocessing) would import the
+    partial copy first and fail on the modules it leaves out."""
+    import flava
+
+    in_use = Path(flava.__file__).resolve().parent
+    dropped = []
+    for entry in list(sys.path):
+        code = Path(entry or ".")
+        copy = code / "flava" / "__init__.py"
+        if (code.name == "code" and (code.parent / "MLmodel").is_file() and copy.is_file()
+                and copy.resolve().parent != in_use):
+            sys.path.remove(entry)
+            dropped.append(entry)
+    return dropped
+
+
+unshadow_running_flava()
 mlflow.models.set_model(FlavaEmbedder())

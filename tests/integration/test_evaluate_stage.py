@@ -101,6 +101,14 @@ def test_evaluate_then_promote_through_the_cli(tmp_path, monkeypatch):
     import mlflow
 
     embedder = mlflow.pyfunc.load_model("models:/flava-e2e/1")
+    # The model's code copy (serving modules only) must not shadow this process's flava in spawned children
+    # (DataLoader workers): a child imports the full package.
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_import_pipeline_config)
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
     import pandas as pd
 
     emb = embedder.predict(pd.DataFrame({"text": ["a photo of a red circle."]}))["text_embedding"][0]
@@ -110,3 +118,8 @@ def test_evaluate_then_promote_through_the_cli(tmp_path, monkeypatch):
     assert main(["promote"]) == 0
     again = json.loads((tmp_path / cfg.paths.reports / "promotion.json").read_text())
     assert again["changed"] is False and again["version"] == 1
+
+
+def _import_pipeline_config() -> None:
+    """Run in a spawned child: the pipeline side of flava (never shipped with a logged model) imports."""
+    import flava.config  # noqa: F401
