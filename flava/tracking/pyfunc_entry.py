@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
