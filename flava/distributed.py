@@ -97,14 +97,6 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather whose backward sums every rank's gradient of the gathered tensor and keeps this rank's slice.
 

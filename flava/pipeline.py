@@ -11,20 +11,15 @@ No Prefect here.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 from dvc.utils.hydra import apply_overrides

@@ -17,7 +17,10 @@ from flava.data.stream_config import MaskingConfig
 from flava.data.transforms import ImageTransform, decode_image
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
+# The corpora (prepared files, shard folders, sampling ratios) and the batch kind each one yields; one table,
+# read both ways.
 KIND_OF_CORPUS = {"pairs": "pair", "images": "image", "text": "text"}
+CORPUS_OF_KIND = {kind: corpus for corpus, kind in KIND_OF_CORPUS.items()}
 
 
 @dataclass

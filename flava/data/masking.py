@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from flava.model.losses import IGNORE_INDEX
 # Tries per block before concluding that no block of the remaining size fits (BEiT uses the same idea).
 _BLOCK_ATTEMPTS = 10
 

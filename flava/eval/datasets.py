@@ -195,12 +195,6 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image)
 
 
-def load_images(paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    """Stack the transformed images ``(N, 3, H, W)``; for the small sets the fine-tuners iterate several times."""
-    dataset = ImageDataset(paths, transform)
-    return torch.stack([dataset[i] for i in range(len(dataset))])
-
-
 def load_closed_set(eval_root: str | Path, task: str) -> list[str] | None:
     """The closed label/answer set a task declares beside its splits (``text_cls/labels.json`` ``{"labels"}``,
     ``vqa/answers.json`` ``{"answers"}``), or None when the file is absent (then the train split defines it)."""

@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from flava.config import PipelineConfig, flatten
 from flava.eval import plots
 from flava.eval.aggregate import macro_averages, majority_rate
 from flava.eval.config import EvalConfig
-from flava.eval.datasets import load_closed_set, load_text_cls, load_vqa, load_zeroshot
+from flava.eval.datasets import load_closed_set, load_retrieval, load_text_cls, load_vqa, load_zeroshot
 from flava.eval.features import pick_device
 from flava.eval.finetune import finetune_multimodal, finetune_text
 from flava.eval.probe import evaluate_linear_probe
@@ -35,6 +36,98 @@ from flava.eval.zeroshot import confusion_matrix, topk_accuracy, zeroshot_logits
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class _Context:
+    """What every task needs: the model under evaluation and how to feed it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    eval_root: str | Path
+    ecfg: EvalConfig
+    transform: Callable[[Image.Image], torch.Tensor]
+    device: torch.device
+    max_length: int
+    seed: int
+
+    @property
+    def common(self) -> dict[str, Any]:
+        return {"batch_size": self.ecfg.batch_size, "device": self.device}
+
+
+@dataclass
+class _Outcome:
+    """One task's results: its metrics block, its scores and chance levels (by task name) and plot extras."""
+
+    metrics: dict[str, Any]
+    scores: dict[str, float]
+    chance: dict[str, float]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _zeroshot(ctx: _Context) -> _Outcome:
+    logits, labels, classnames = zeroshot_logits(
+        ctx.model, ctx.tokenizer, ctx.eval_root, ctx.ecfg.zeroshot.split, transform=ctx.transform,
+        max_length=ctx.max_length, **ctx.common,
+    )
+    metrics = topk_accuracy(logits, labels, ctx.ecfg.zeroshot.top_k)
+    extras = {"confusion": confusion_matrix(logits, labels, len(classnames)).tolist(), "classnames": classnames}
+    return _Outcome(metrics, {"zeroshot": metrics["top1"]}, {"zeroshot": majority_rate(labels.tolist())}, extras)
+
+
+def _retrieval(ctx: _Context) -> _Outcome:
+    recall, curves, base = evaluate_retrieval(
+        ctx.model, ctx.tokenizer, ctx.eval_root, ctx.ecfg.retrieval, transform=ctx.transform,
+        max_length=ctx.max_length, **ctx.common,
+    )
+    ks = ctx.ecfg.retrieval.ks
+    scores = {f"retrieval_{d}": sum(recall[f"{d}_r{k}"] for k in ks) / len(ks) for d in ("i2t", "t2i")}
+    chance = {f"retrieval_{d}": sum(base[f"{d}_r{k}"] for k in ks) / len(ks) for d in ("i2t", "t2i")}
+    data = load_retrieval(ctx.eval_root)
+    depth = {d: list(range(1, len(curves[d]) + 1)) for d in ("i2t", "t2i")}
+    full = chance_recall(len(data.images), [len(c) for c in data.captions], depth["i2t"])
+    extras = {"recall_curves": curves,
+              "chance_curves": {d: [full[f"{d}_r{k}"] for k in depth[d]] for d in ("i2t", "t2i")}}
+    return _Outcome(recall, scores, chance, extras)
+
+
+def _linear_probe(ctx: _Context) -> _Outcome:
+    metrics = evaluate_linear_probe(
+        ctx.model, ctx.eval_root, ctx.ecfg.probe, transform=ctx.transform, seed=ctx.seed, **ctx.common
+    )
+    chance = majority_rate(load_zeroshot(ctx.eval_root, "test").labels)
+    return _Outcome(metrics, {"linear_probe": metrics["accuracy"]}, {"linear_probe": chance})
+
+
+def _text_cls(ctx: _Context) -> _Outcome:
+    data = {split: load_text_cls(ctx.eval_root, split) for split in SPLITS}
+    out = finetune_text(
+        ctx.model, ctx.tokenizer, data, ctx.ecfg.text_finetune, device=ctx.device, max_length=ctx.max_length,
+        classes=load_closed_set(ctx.eval_root, "text_cls"), seed=ctx.seed,
+    )
+    if "pearson" in out:  # a regression task: correlation, whose chance level is 0
+        return _Outcome(out, {"text_cls": out["pearson"]}, {"text_cls": 0.0})
+    return _Outcome(out, {"text_cls": out["accuracy"]}, {"text_cls": majority_rate(data["test"].labels)})
+
+
+def _vqa(ctx: _Context) -> _Outcome:
+    data = {split: load_vqa(ctx.eval_root, split) for split in SPLITS}
+    metrics = finetune_multimodal(
+        ctx.model, ctx.tokenizer, data, ctx.ecfg.multimodal_finetune, transform=ctx.transform, device=ctx.device,
+        max_length=ctx.max_length, answers=load_closed_set(ctx.eval_root, "vqa"), seed=ctx.seed,
+    )
+    return _Outcome(metrics, {"vqa": metrics["accuracy"]}, {"vqa": majority_rate(data["test"].answers)})
+
+
+# The tasks in the order they run: (metrics and timing key, the EvalConfig section that enables it, the task).
+TASKS: tuple[tuple[str, str, Callable[[_Context], _Outcome]], ...] = (
+    ("zeroshot", "zeroshot", _zeroshot),
+    ("retrieval", "retrieval", _retrieval),
+    ("linear_probe", "probe", _linear_probe),
+    ("text_cls", "text_finetune", _text_cls),
+    ("vqa", "multimodal_finetune", _vqa),
+)
 
 
 def evaluate_model(
@@ -49,86 +142,22 @@ def evaluate_model(
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the enabled tasks -> (metrics, extras for plots: confusion matrix, classnames, recall curves)."""
-    device = torch.device(device)
-    common = {"batch_size": ecfg.batch_size, "device": device}
+    ctx = _Context(model, tokenizer, eval_root, ecfg, transform, torch.device(device), max_length, seed)
     metrics: dict[str, Any] = {}
     tasks: dict[str, float] = {}
     chance: dict[str, float] = {}
     extras: dict[str, Any] = {}
     timings: dict[str, float] = {}
-
-    if ecfg.zeroshot.enabled:
+    for key, section, task in TASKS:
+        if not getattr(ecfg, section).enabled:
+            continue
         start = time.perf_counter()
-        logits, labels, classnames = zeroshot_logits(
-            model, tokenizer, eval_root, ecfg.zeroshot.split, transform=transform,
-            max_length=max_length, **common,
-        )
-        metrics["zeroshot"] = topk_accuracy(logits, labels, ecfg.zeroshot.top_k)
-        tasks["zeroshot"] = metrics["zeroshot"]["top1"]
-        chance["zeroshot"] = majority_rate(labels.tolist())
-        extras["confusion"] = confusion_matrix(logits, labels, len(classnames)).tolist()
-        extras["classnames"] = classnames
-        timings["zeroshot"] = time.perf_counter() - start
-
-    if ecfg.retrieval.enabled:
-        start = time.perf_counter()
-        recall, curves, base = evaluate_retrieval(
-            model, tokenizer, eval_root, ecfg.retrieval, transform=transform, max_length=max_length,
-            **common,
-        )
-        metrics["retrieval"] = recall
-        ks = ecfg.retrieval.ks
-        tasks["retrieval_i2t"] = sum(recall[f"i2t_r{k}"] for k in ks) / len(ks)
-        tasks["retrieval_t2i"] = sum(recall[f"t2i_r{k}"] for k in ks) / len(ks)
-        chance["retrieval_i2t"] = sum(base[f"i2t_r{k}"] for k in ks) / len(ks)
-        chance["retrieval_t2i"] = sum(base[f"t2i_r{k}"] for k in ks) / len(ks)
-        extras["recall_curves"] = curves
-        from flava.eval.datasets import load_retrieval
-
-        data = load_retrieval(eval_root)
-        n_caps = [len(c) for c in data.captions]
-        curve_ks = list(range(1, len(curves["i2t"]) + 1))
-        full = chance_recall(len(data.images), n_caps, curve_ks)
-        extras["chance_curves"] = {
-            "i2t": [full[f"i2t_r{k}"] for k in curve_ks],
-            "t2i": [full[f"t2i_r{k}"] for k in range(1, len(curves["t2i"]) + 1)],
-        }
-        timings["retrieval"] = time.perf_counter() - start
-
-    if ecfg.probe.enabled:
-        start = time.perf_counter()
-        metrics["linear_probe"] = evaluate_linear_probe(
-            model, eval_root, ecfg.probe, transform=transform, seed=seed, **common
-        )
-        tasks["linear_probe"] = metrics["linear_probe"]["accuracy"]
-        chance["linear_probe"] = majority_rate(load_zeroshot(eval_root, "test").labels)
-        timings["linear_probe"] = time.perf_counter() - start
-
-    if ecfg.text_finetune.enabled:
-        start = time.perf_counter()
-        data = {split: load_text_cls(eval_root, split) for split in SPLITS}
-        out = finetune_text(
-            model, tokenizer, data, ecfg.text_finetune, device=device, max_length=max_length,
-            classes=load_closed_set(eval_root, "text_cls"), seed=seed,
-        )
-        metrics["text_cls"] = out
-        if "pearson" in out:
-            tasks["text_cls"], chance["text_cls"] = out["pearson"], 0.0
-        else:
-            tasks["text_cls"], chance["text_cls"] = out["accuracy"], majority_rate(data["test"].labels)
-        timings["text_cls"] = time.perf_counter() - start
-
-    if ecfg.multimodal_finetune.enabled:
-        start = time.perf_counter()
-        data = {split: load_vqa(eval_root, split) for split in SPLITS}
-        metrics["vqa"] = finetune_multimodal(
-            model, tokenizer, data, ecfg.multimodal_finetune, transform=transform, device=device,
-            max_length=max_length, answers=load_closed_set(eval_root, "vqa"), seed=seed,
-        )
-        tasks["vqa"] = metrics["vqa"]["accuracy"]
-        chance["vqa"] = majority_rate(data["test"].answers)
-        timings["vqa"] = time.perf_counter() - start
-
+        outcome = task(ctx)
+        metrics[key] = outcome.metrics
+        tasks.update(outcome.scores)
+        chance.update(outcome.chance)
+        extras.update(outcome.extras)
+        timings[key] = time.perf_counter() - start
     if not tasks:
         raise ValueError("every evaluation task is disabled (eval.*.enabled); nothing to evaluate")
     metrics["tasks"] = tasks

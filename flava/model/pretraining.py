@@ -16,8 +16,8 @@ with a text padding mask skips the padded positions in the text and multimodal b
 batch carries no ``itm_labels``) re-pair the already computed text states with other images of the batch, so they
 cost no extra text-encoder pass.
 
-Weight decay: ``param_groups_for_weight_decay(wd)`` (or ``is_no_decay(name, param)``) exempts biases, norms,
-CLS/mask tokens, position embeddings and the logit scale.
+Weight decay is the optimizer's business: ``flava.train.optim.param_groups`` (the rule, with
+``train.optimizer.no_decay``).
 
 DDP and per-kind heads: each batch kind leaves some parameters without a gradient (the text tower on an image
 batch, the MIM head on a pair batch, ...). Either wrap the model with ``find_unused_parameters=True`` or set
@@ -48,9 +48,6 @@ from flava.model.losses import (
 )
 
 BATCH_KINDS = ("image", "text", "pair")
-
-# Parameter names (suffixes) that weight decay must not touch, besides every bias and normalisation weight.
-NO_DECAY_SUFFIXES = ("cls_token", "mask_token", "position_embeddings", "position_embeddings.weight", "logit_scale")
 
 
 @dataclass
@@ -148,22 +145,6 @@ class FlavaForPretraining(nn.Module):
         for module in self.modules():
             if isinstance(module, TransformerStack):
                 module.activation_checkpointing = bool(enabled)
-
-    @staticmethod
-    def is_no_decay(name: str, param: torch.Tensor) -> bool:
-        """Biases, normalisation weights, CLS/mask tokens, position embeddings and the logit scale."""
-        return param.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES)
-
-    def param_groups_for_weight_decay(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Two AdamW parameter groups: ``weight_decay`` on matrices (linear, conv, word embeddings), 0 elsewhere."""
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if self.is_no_decay(name, param) else decay).append(param)
-        return [
-            {"params": decay, "weight_decay": float(weight_decay)},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
 
     # -------------------------------------------------------------------------------------- feature API
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException

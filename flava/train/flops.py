@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-IGNORE_INDEX = -100
+from flava.model.losses import IGNORE_INDEX
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), matched by substring of the CUDA device name,
 # more specific names first. The MFU denominator is the bf16 peak whatever the training precision (convention).

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from flava.config import PipelineConfig
-from flava.data.collate import KIND_OF_CORPUS
+from flava.data.collate import CORPUS_OF_KIND
 from flava.data.loader import build_stream
 from flava.data.mixing import CorpusMixer
 from flava.data.storage import join, s3_client
@@ -72,7 +72,6 @@ from flava.train.progress import Progress
 
 log = logging.getLogger(__name__)
 
-CORPUS_OF_KIND = {kind: corpus for corpus, kind in KIND_OF_CORPUS.items()}
 # What each unimodal stage trains and hands to the joint stage: its tower and the head of its objective.
 UNIMODAL_PARTS = {"text": ("text_encoder", "mlm_head"), "image": ("image_encoder", "mim_head")}
 SELECT_METRIC = "top1"  # the paper selects checkpoints by zero-shot accuracy

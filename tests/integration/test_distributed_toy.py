@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def _run(tmp_path: Path, ranks: int, name: str, **train) -> dict:
     out = tmp_path / f"{name}.safetensors"
-    args = ["-m", "tests.integration.test_train_toy", "--ckpt", str(tmp_path / f"ckpt-{name}"), "--out", str(out),
+    args = ["-m", "tests.toy", "--ckpt", str(tmp_path / f"ckpt-{name}"), "--out", str(out),
             "--train", json.dumps({**TRAIN, **train})]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *args]

@@ -17,7 +17,7 @@ TRAIN = {"joint": {"steps": 60, "batch_size": 16}, "optimizer": {"lr": 1e-2}, "s
 
 
 def _cmd(ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "tests.integration.test_train_toy", "--ckpt", str(ckpt), "--out", str(out),
+    return [sys.executable, "-m", "tests.toy", "--ckpt", str(ckpt), "--out", str(out),
             "--train", json.dumps(TRAIN), "--dropout", "0.2", *extra]
 
 

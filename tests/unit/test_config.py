@@ -1,8 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flava.config import PipelineConfig, apply_overrides, load_config, parse_override
+from flava.model.config import preset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -11,6 +14,24 @@ def test_params_yaml_validates():
     cfg = load_config(ROOT / "params.yaml")
     assert isinstance(cfg, PipelineConfig)
     assert cfg.flat()["tracking.experiment"] == cfg.tracking.experiment
+
+
+def test_params_yaml_states_the_code_defaults():
+    """params.yaml (what DVC tracks and users edit) and the typed defaults hold the same values: a default changed
+    on one side only fails here, naming the keys."""
+    stated, defaults = load_config(ROOT / "params.yaml").flat(), PipelineConfig().flat()
+    drift = {k: (stated.get(k), defaults.get(k)) for k in stated.keys() | defaults.keys()
+             if stated.get(k) != defaults.get(k)}
+    assert not drift, f"params.yaml vs code defaults (key: (params.yaml, code)): {drift}"
+
+
+def test_params_yaml_comment_example_validates():
+    """The model-overrides example in params.yaml's comments is a valid config."""
+    text = (ROOT / "params.yaml").read_text()
+    example = re.search(r"# e\.g\. overrides: (\{.*\})\.", text)
+    assert example, "params.yaml lost its model-overrides example"
+    cfg = PipelineConfig.model_validate({"model": {"preset": "tiny", "overrides": yaml.safe_load(example.group(1))}})
+    preset(cfg.model.preset, cfg.model.overrides)
 
 
 def test_override_parses_yaml_values():

@@ -10,6 +10,8 @@ import torch
 
 from flava.model import FlavaForPretraining, preset
 from flava.model.losses import contrastive_loss
+from flava.train.config import OptimizerConfig
+from flava.train.optim import param_groups
 
 
 def make_batch(cfg, kind: str, batch_size: int = 4, length: int = 12, seed: int = 0) -> dict:
@@ -68,7 +70,7 @@ def test_unimodal_batches_leave_the_other_towers_untouched(model, cfg):
 
 
 def test_a_tiny_training_step_is_fast(model, cfg):
-    optimizer = torch.optim.AdamW(model.param_groups_for_weight_decay(0.01), lr=1e-3)
+    optimizer = torch.optim.AdamW(param_groups(model, OptimizerConfig(weight_decay=0.01)), lr=1e-3)
     batch = make_batch(cfg, "pair", batch_size=8)
     model(batch).loss.backward()  # warm-up
     timings = []
@@ -206,23 +208,6 @@ def test_touch_unused_parameters_gives_every_parameter_a_gradient(model, cfg):
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.text_encoder.parameters())
 
 
-def test_weight_decay_groups(model):
-    decay, no_decay = model.param_groups_for_weight_decay(0.05)
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    names = {id(p): n for n, p in model.named_parameters()}
-    skipped = {names[id(p)] for p in no_decay["params"]}
-    decayed = {names[id(p)] for p in decay["params"]}
-    for name in ("logit_scale", "image_encoder.cls_token", "image_encoder.mask_token",
-                 "image_encoder.position_embeddings", "text_encoder.position_embeddings.weight",
-                 "multimodal_encoder.cls_token", "text_encoder.embed_norm.weight",
-                 "image_encoder.encoder.blocks.0.attn.qkv.bias"):
-        assert name in skipped, name
-    for name in ("image_encoder.encoder.blocks.0.attn.qkv.weight", "text_encoder.word_embeddings.weight",
-                 "mlm_head.decoder.weight", "image_encoder.patch_embed.weight"):
-        assert name in decayed, name
-    assert len(skipped) + len(decayed) == len(list(model.parameters()))
-
-
 def test_logit_scale_is_clamped_in_training(model, cfg):
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
@@ -340,7 +325,7 @@ def test_every_objective_learns_on_a_fixed_batch():
     torch.manual_seed(0)
     cfg = preset("tiny")
     model = FlavaForPretraining(cfg)
-    optimizer = torch.optim.AdamW(model.param_groups_for_weight_decay(0.0), lr=5e-3)
+    optimizer = torch.optim.AdamW(param_groups(model, OptimizerConfig(weight_decay=0.0)), lr=5e-3)
     batches = [make_batch(cfg, kind, batch_size=8, seed=3) for kind in ("pair", "image", "text")]
     batches[0]["itm_labels"] = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1])
     first: dict[str, float] = {}

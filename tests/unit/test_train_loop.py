@@ -10,7 +10,7 @@ from flava.train.checkpoint import Checkpointer, load_weights, step_name
 from flava.train.loop import LoopSettings, NonFiniteLossError
 from flava.train.parallel import UnusedGrads, probe_unused
 from flava.train.progress import Progress
-from tests.integration.test_train_toy import ToyModel, build, toy_args
+from tests.toy import ToyModel, build, toy_args
 
 FAST = {"joint": {"steps": 40, "batch_size": 16}, "optimizer": {"lr": 3e-2}, "schedule": {"warmup_steps": 5},
         "log_every": 5, "checkpoint_every": 10, "keep_last": 2}

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from flava.model import FlavaForPretraining, preset
 from flava.train.config import OptimizerConfig, ScheduleConfig
 from flava.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
@@ -118,3 +119,22 @@ def test_scheduler_drives_optimizer_lr_and_state_round_trips():
     sched2.load_state_dict(state)
     assert sched2.get_last_lr() == sched.get_last_lr()
     assert math.isclose(sched2.get_last_lr()[0], lr_factor(6, warmup=4, total=20, decay="cosine", min_ratio=0.0))
+
+
+def test_flava_weight_decay_groups():
+    """The rule on the real model: every token, position, norm and bias and the logit scale are exempt."""
+    model = FlavaForPretraining(preset("tiny"))
+    decay, no_decay = param_groups(model, OptimizerConfig(weight_decay=0.05))
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    for name in ("logit_scale", "image_encoder.cls_token", "image_encoder.mask_token",
+                 "image_encoder.position_embeddings", "text_encoder.position_embeddings.weight",
+                 "multimodal_encoder.cls_token", "text_encoder.embed_norm.weight",
+                 "image_encoder.encoder.blocks.0.attn.qkv.bias"):
+        assert name in skipped, name
+    for name in ("image_encoder.encoder.blocks.0.attn.qkv.weight", "text_encoder.word_embeddings.weight",
+                 "mlm_head.decoder.weight", "image_encoder.patch_embed.weight"):
+        assert name in decayed, name
+    assert len(skipped) + len(decayed) == len(list(model.parameters()))

@@ -4,7 +4,8 @@
 slice, so 1 process with global batch B and 2 ranks with B/2 each see exactly the same samples. ``ToyModel`` has a
 shared trunk and one head per batch kind, like FLAVA's per-kind heads.
 
-Run as ``python -m tests.integration.test_train_toy --ckpt DIR --out FILE [...]`` (also under torchrun).
+Run as ``python -m tests.toy --ckpt DIR --out FILE [...]`` (also under torchrun). Its own tests:
+``tests/unit/test_toy.py``.
 """
 from __future__ import annotations
 
@@ -145,26 +146,6 @@ def main(argv=None) -> int:
     del model, trainer  # the DDP wrapper must die before the process group (see flava.distributed.shutdown)
     shutdown()
     return 0
-
-
-# ------------------------------------------------------------------------------------- tests of the fixture
-def test_stream_is_deterministic_and_resumable():
-    a = ToyStream(batch_size=4, seed=3)
-    first = [next(a) for _ in range(3)]
-    state = a.state_dict()
-    nxt = next(a)
-    b = ToyStream(batch_size=4, seed=3)
-    b.load_state_dict(state)
-    assert torch.equal(next(b)["x"], nxt["x"])
-    c = ToyStream(batch_size=4, seed=3)
-    assert torch.equal(next(c)["x"], first[0]["x"])
-
-
-def test_rank_slices_tile_the_global_batch():
-    whole = next(ToyStream(batch_size=4, seed=1))
-    parts = [next(ToyStream(batch_size=2, seed=1, rank=r, world_size=2)) for r in range(2)]
-    assert torch.equal(torch.cat([p["x"] for p in parts]), whole["x"])
-    assert all(p["kind"] == whole["kind"] for p in parts)
 
 
 if __name__ == "__main__":
