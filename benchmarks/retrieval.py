@@ -9,19 +9,7 @@ For small N it also runs the dense reference (full similarity matrix + argsort-f
     python benchmarks/retrieval.py                       # N = 1k, 10k, 100k, projection dim of model.preset
     python benchmarks/retrieval.py --sizes 1000 5000 --dense-max-n 5000 --threads 2
 
-Recorded (2026-11-23, CPU only, 2 torch threads on a 2-core VM shared with other jobs, so times are pessimistic;
-dim 128 = the ``small`` preset's projection, noise 3.0; ``--sizes 1000 10000 30000 100000 --dense-max-n 10000``):
-
-| N       | captions | chunked s | chunked peak | embeddings | full matrix would be | dense s | dense peak |
-|---------|----------|-----------|--------------|------------|----------------------|---------|------------|
-| 1,000   | 5,000    | 0.45      | 24 MiB       | 3 MiB      | 19 MiB               | 0.25    | 12 MiB     |
-| 10,000  | 50,000   | 35.3      | 84 MiB       | 29 MiB     | 1,907 MiB            | 72.9    | 1,920 MiB  |
-| 30,000  | 150,000  | 222.9     | 74 MiB       | 88 MiB     | 17,166 MiB           | -       | -          |
-| 100,000 | 500,000  | 1,617.9   | 163 MiB      | 293 MiB    | 190,735 MiB (186 GiB)| -       | -          |
-
-Chunked and dense recalls agree exactly where both ran. Time grows as N^2 (two passes of N x 5N dot products of
-dim 128 plus a top-k per block); memory above the embeddings stays bounded by the block size
-(query_chunk x key_chunk floats = 64 MiB) plus the running (5N, K) indices.
+Recorded results (command, machine, date): benchmarks/README.md, "Retrieval at scale".
 """
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ process per implementation with identical imports: max RSS on CPU, ``torch.cuda.
     python benchmarks/train_step.py --preset base --device cuda --dtype bf16 --batch-size 64
 
 On a CPU shared with other jobs, wall times absorb their load, and with more torch threads than idle cores the
-OpenMP threads spin at barriers (CPU time per step grew ~5x at 2 threads under a load of 10 on 2 cores). The
-table therefore also gives this process's CPU seconds per step and their ratio, which other processes barely
-affect; prefer ``--threads 1`` there.
+OpenMP threads spin at barriers and CPU time per step grows several-fold (figures: benchmarks/README.md, "Figures
+cited by the code"). The table therefore also gives this process's CPU seconds per step and their ratio, which
+other processes barely affect; prefer ``--threads 1`` there.
 
 FLOP count (for MFU and GFLOP/s): matmul FLOPs only, 2 per multiply-accumulate, counted analytically per layer,
 training = 3 x forward (backward = 2 x forward; no recomputation counted). Per pair sample, the paper's algorithm

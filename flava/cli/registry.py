@@ -7,7 +7,7 @@ from flava.cli import config_from, stage_command
 
 
 def _promote(args: argparse.Namespace):
-    from flava.tracking.registry import run_registry_promote  # mlflow + torch: ~5 s, paid only when run
+    from flava.tracking.registry import run_registry_promote  # mlflow + torch import slowly: paid only when run
 
     return run_registry_promote(config_from(args), args.version, args.reason, force=args.force)
 

@@ -104,11 +104,12 @@ class LoaderConfig(StrictModel):
 
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes per rank; 0 = decode in the training process
     prefetch_factor: int = Field(2, ge=1)
-    # How workers start. "spawn" (default) gives each worker a fresh interpreter with the current environment
-    # (~4 s per pool of workers here, once per stream start). "fork" copies the training process, threads' locks and
-    # exit hooks included: under an in-process Prefect flow, Prefect 3.8's services fail an assertion as each worker
-    # exits ("DataLoader worker exited unexpectedly", workers left unjoined). "forkserver" workers are fresh too
-    # but inherit the environment of the moment its server started (credentials set later are missing).
+    # How workers start. "spawn" (default) gives each worker a fresh interpreter with the current environment, at
+    # a start-up cost paid once per stream start (figures: benchmarks/README.md, "Figures cited by the code").
+    # "fork" copies the training process, threads' locks and exit hooks included: under an in-process Prefect flow,
+    # Prefect 3.8's services fail an assertion as each worker exits ("DataLoader worker exited unexpectedly",
+    # workers left unjoined). "forkserver" workers are fresh too but inherit the environment of the moment its
+    # server started (credentials set later are missing).
     start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
     verify_checksums: bool = True  # check each shard's sha256 against the index on its first read per process
     # Image normalisation (CLIP/FLAVA statistics).

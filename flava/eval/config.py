@@ -56,8 +56,9 @@ class ProbeConfig(StrictModel):
     max_iter: int = Field(default=1000, ge=1)
     standardize: bool = True  # z-score features with train statistics (helps L-BFGS converge)
     refit_on_train_val: bool = True  # after the sweep, refit the chosen C on train+val before testing
-    # BLAS threads for the L-BFGS fits. The probe's matrices are small: one thread avoids oversubscription that
-    # made the default sweep ~60x slower on a busy 2-core machine (0.5 s vs 29 s for C=100).
+    # BLAS threads for the L-BFGS fits. The probe's matrices are too small to gain from more threads, and on a busy
+    # machine extra threads oversubscribe the cores and slow the sweep down many times over (figures:
+    # benchmarks/README.md, "Figures cited by the code").
     blas_threads: int = Field(default=1, ge=1)
 
     @field_validator("c_grid")

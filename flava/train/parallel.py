@@ -155,8 +155,8 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: ProcessInfo, device: t
     ``torch.compile`` is regional: each transformer block is compiled in place (``Module.compile``; parameter
     names and state dicts are unchanged) and the code around the blocks -- input checks, the padding packing with
     its data-dependent shapes, heads and losses -- stays eager. The blocks are where the time is, and blocks of the
-    same shape reuse one compilation, so this compiles about 3x faster than the whole model, which breaks into many
-    graphs at the packing's host syncs (tiny preset on CPU: 54 s vs 171 s for the first step). A model without
+    same shape reuse one compilation, so this compiles much faster than the whole model, which breaks into many
+    graphs at the packing's host syncs (figures: benchmarks/README.md, "Figures cited by the code"). A model without
     repeated blocks is compiled whole. Under FSDP each block is also its own shard unit (as torchtitan does)."""
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
