@@ -108,21 +108,22 @@ def run_fit(cfg: "PipelineConfig") -> dict[str, Any]:
     """Stage function: fit (or copy) the tokenizer and the codebook; write and return ``fit.json`` (also the
     metrics and an artifact of its MLflow run)."""
     with stage_run(cfg, "fit") as run:
-        metrics = _fit(cfg)
-        run.log_metrics(metrics)
+        metrics, seconds = _fit(cfg)
+        run.log_metrics({**metrics, **seconds})
         run.log_artifact(Path(cfg.paths.artifacts) / "fit.json")
     return metrics
 
 
-def _fit(cfg: "PipelineConfig") -> dict[str, Any]:
+def _fit(cfg: "PipelineConfig") -> tuple[dict[str, Any], dict[str, float]]:
+    """-> (what was fitted, written to ``fit.json``; how long each part took, for MLflow only: a metrics file
+    holds deterministic numbers, so a re-run with the same inputs writes the same bytes)."""
     artifacts = Path(cfg.paths.artifacts)
-    start = time.perf_counter()
     metrics: dict[str, Any] = {}
-    metrics.update(fit_tokenizer(cfg, artifacts / "tokenizer"))
-    metrics["tokenizer_seconds"] = round(time.perf_counter() - start, 3)
-    start = time.perf_counter()
-    metrics.update(fit_codebook(cfg, artifacts / "codebook"))
-    metrics["codebook_seconds"] = round(time.perf_counter() - start, 3)
+    seconds: dict[str, float] = {}
+    for part, fit in (("tokenizer", fit_tokenizer), ("codebook", fit_codebook)):
+        start = time.perf_counter()
+        metrics.update(fit(cfg, artifacts / part))
+        seconds[f"{part}_seconds"] = round(time.perf_counter() - start, 3)
     (artifacts / "fit.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     log.info("fit: vocab %d, codebook %d codes", metrics["vocab_size"], metrics["codebook_size"])
-    return metrics
+    return metrics, seconds
