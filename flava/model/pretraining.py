@@ -287,7 +287,11 @@ class FlavaForPretraining(nn.Module):
         itm_labels = given_itm
         if itm_labels is None and self._weight("itm"):
             itm_labels, text_index = self._itm_negatives(pixel_values.shape[0], generator, pixel_values.device)
-            text_states = text_states[text_index]  # row i now holds caption text_index[i]
+            # Row i now holds caption text_index[i]. index_select, not text_states[text_index]: a caption appears
+            # twice (its own row and a negative), and the backward of advanced indexing with repeated indices on
+            # CPU adds with parallel atomics in thread-timing order (different bits each run); index_select's
+            # backward adds row by row.
+            text_states = text_states.index_select(0, text_index)
             text_mask = text_mask[text_index] if text_mask is not None else None
             matched = itm_labels.bool()
         # Labels first: they decide which fused positions the heads read. Positions of the fused sequence:
