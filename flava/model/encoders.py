@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flava.model.config import ImageEncoderConfig, MultimodalEncoderConfig, TextEncoderConfig
-from flava.model.layers import LayerNorm, TransformerStack, attention_bias
+from flava.model.layers import LayerNorm, Positions, TransformerStack
 
 
 @dataclass
@@ -65,7 +65,8 @@ class ImageEncoder(nn.Module):
     ) -> EncoderOutput:
         """-> states (B, 1 + P, H), or (B, 1, H) with ``cls_only`` (see ``TransformerStack``); ``patches`` as in
         ``embed``."""
-        pre, post = self.encoder(self.embed(pixel_values, image_mask, patches), cls_only=cls_only)
+        positions = Positions(select=1 if cls_only else None)
+        pre, post = self.encoder(self.embed(pixel_values, image_mask, patches), positions)
         return EncoderOutput(hidden=post, pre_norm=pre)
 
 
@@ -100,13 +101,10 @@ class TextEncoder(nn.Module):
         """-> states (B, T, H), or (B, 1, H) with ``cls_only``. ``skip_padding``: the blocks skip the padded
         positions except the ``needed`` ones ((B, T) bool), whose states then pass the embeddings through
         (see ``flava.model.layers``); the training forward uses it, the feature API does not."""
-        pre, post = self.encoder(
-            self.embed(input_ids),
-            attention_bias(attention_mask),
-            cls_only=cls_only,
-            skip_padding=skip_padding,
-            needed=needed,
+        positions = Positions.plan(
+            attention_mask, select=1 if cls_only else None, skip_padding=skip_padding, needed=needed
         )
+        pre, post = self.encoder(self.embed(input_ids), positions)
         return EncoderOutput(hidden=post, pre_norm=pre, mask=attention_mask)
 
 
@@ -151,5 +149,5 @@ class MultimodalEncoder(nn.Module):
             # Every image position (and the mm CLS) is real; text positions follow the padding mask.
             ones = torch.ones(batch, 1 + image.shape[1], dtype=text_mask.dtype, device=text_mask.device)
             mask = torch.cat([ones, text_mask], dim=1)
-        pre, post = self.encoder(x, attention_bias(mask), last_select=select, skip_padding=skip_padding)
+        pre, post = self.encoder(x, Positions.plan(mask, select=select, skip_padding=skip_padding))
         return EncoderOutput(hidden=post, pre_norm=pre, mask=mask)

@@ -7,19 +7,21 @@ default: flash / memory-efficient kernels where the device has them) or the expl
 under activation checkpointing, and returns the last hidden state both before and after its final LayerNorm:
 FLAVA feeds the former to the multimodal encoder and the latter to the heads.
 
-Skipping padding (``skip_padding=True``, what the training forward uses): with a key-padding mask the stack runs the
-per-token work (LayerNorms, the qkv/output projections, the MLP) on the real tokens only, held packed as one (N, H)
-tensor between blocks; they are scattered to (B, S, ...) only for the attention product itself, where the mask hides
-the padded keys (S <= T: columns that are padding in every row drop out). Padded positions cannot influence real
-ones (they are masked keys), so outputs at every computed position -- the unmasked ones, plus any the caller asks
-for (the CLS with ``cls_only``, the ``last_select`` positions, ``needed``) -- equal those of the full computation.
-At every other position the blocks are skipped: the stack's ``pre_norm`` output there is its input, passed through
-unchanged (and ``post_norm`` its LayerNorm). Without ``skip_padding`` every position is computed (the feature API,
-so embeddings match transformers' FLAVA at padded positions too).
+Which positions the blocks compute is planned once per forward pass, in one ``Positions`` object that the stack
+hands to every block. Skipping padding (``Positions.plan(mask, skip_padding=True)``, what the training forward
+uses): with a key-padding mask the blocks run the per-token work (LayerNorms, the qkv/output projections, the MLP)
+on the real tokens only, held packed as one (N, H) tensor between blocks; they are scattered to (B, S, ...) only
+for the attention product itself, where the mask hides the padded keys (S <= T: columns that are padding in every
+row drop out). Padded positions cannot influence real ones (they are masked keys), so outputs at every computed
+position -- the unmasked ones, plus any the caller reads (``select``, ``needed``) -- equal those of the full
+computation. At every other position the blocks are skipped: the stack's ``pre_norm`` output there is its input,
+passed through unchanged (and ``post_norm`` its LayerNorm). Without ``skip_padding`` every position is computed
+(the feature API, so embeddings match transformers' FLAVA at padded positions too).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -46,9 +48,6 @@ class LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
-
-
-Select = "int | torch.Tensor | None"  # query positions: None = all, k = the first k, (B, Q) tensor = gathered
 
 
 def take(x: torch.Tensor, select: int | torch.Tensor | None) -> torch.Tensor:
@@ -128,11 +127,90 @@ class Packing:
         return x.index_select(0, index.reshape(-1)).view(*index.shape, x.shape[-1])
 
 
-def key_mask(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """The (B, 1, 1, T) attention mask of ``attention_bias`` -> (B, T) bool, True = real key."""
-    if tuple(mask.shape) != (batch, 1, 1, length):
-        raise ValueError(f"the attention mask has shape {tuple(mask.shape)}; expected ({batch}, 1, 1, {length})")
-    return mask.reshape(batch, length).to(torch.bool)
+@dataclass(frozen=True)
+class Positions:
+    """Which positions a ``TransformerStack`` computes, planned once per forward pass (``Positions.plan``).
+
+    ``mask``: the (B, 1, 1, S) boolean key mask of the attention product (None = attend to all); ``packing``: the
+    positions every block computes when padding is skipped (None = all of them); ``select``: the positions the
+    last block returns (None = all, k = the first k, a (B, Q) tensor = those indices per row). The stack hands the
+    last block this plan and the other blocks its copy without ``select``; a block and its attention read
+    the plan only through the moves below, which are identities on the padded (B, T, H) layout."""
+
+    mask: torch.Tensor | None = None
+    packing: Packing | None = None
+    select: int | torch.Tensor | None = None
+
+    @classmethod
+    def plan(
+        cls,
+        mask: torch.Tensor | None,
+        *,
+        select: int | torch.Tensor | None = None,
+        skip_padding: bool = False,
+        needed: torch.Tensor | None = None,
+    ) -> Positions:
+        """``mask`` (B, T) key mask, 1/True = real token (None = all real). With ``skip_padding`` the blocks compute
+        only the real positions plus those whose output is read: ``select`` and ``needed`` ((B, T) bool, e.g.
+        labelled positions). Costs a few host syncs when there is padding to skip (see ``Packing``)."""
+        bias = attention_bias(mask)
+        if not skip_padding or mask is None:
+            return cls(mask=bias, select=select)
+        compute = mask.to(torch.bool)
+        if needed is not None:
+            if needed.shape != mask.shape:
+                raise ValueError(f"needed has shape {tuple(needed.shape)}; expected {tuple(mask.shape)}")
+            compute = compute | needed.to(torch.bool)
+        if isinstance(select, int):
+            compute = compute.clone()
+            compute[:, :select] = True
+        elif select is not None:
+            compute = compute.scatter(1, select, True)
+        packing = Packing(compute)
+        if not 0 < packing.num_rows < compute.numel():  # no padding: nothing to skip
+            return cls(mask=bias, select=select)
+        return cls(mask=packing.attention_mask(bias), packing=packing, select=select)
+
+    def every(self) -> Positions:
+        """The plan of a block that returns every position it computes (all but the last)."""
+        return replace(self, select=None)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """The stack's input (B, T, H) -> what the blocks compute: (N, H) packed rows, or x itself."""
+        if self.packing is None:
+            return x
+        if tuple(x.shape[:2]) != (self.packing.batch, self.packing.length):
+            raise ValueError(
+                f"the mask covers {(self.packing.batch, self.packing.length)} positions; the input is {tuple(x.shape)}"
+            )
+        return self.packing.pack(x)
+
+    def unpack(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The last block's output -> (B, T, H), or (B, Q, H) with ``select``; skipped positions pass ``inputs``."""
+        if self.packing is None or self.select is not None:
+            return x
+        return self.packing.unpack(x, fill=inputs)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """Computed rows -> (B, Q, H) at the ``select``-ed positions (x itself without ``select``)."""
+        if self.select is None:
+            return x
+        return take(x, self.select) if self.packing is None else self.packing.take(x, self.select)
+
+    def attention_shape(self, x: torch.Tensor) -> tuple[int, int]:
+        """(B, S) of the attention layout: x's (B, T), or the packing's (B, span)."""
+        return (x.shape[0], x.shape[1]) if self.packing is None else (self.packing.batch, self.packing.span)
+
+    def to_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Computed rows (N, C) -> (B, S, C), zeros at skipped positions (x itself when nothing is skipped)."""
+        return x if self.packing is None else self.packing.scatter(x)
+
+    def from_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, C) -> the computed rows (N, C) (x itself when nothing is skipped)."""
+        return x if self.packing is None else self.packing.gather(x)
+
+
+EVERY = Positions()  # every position computed and returned, no mask
 
 
 class Attention(nn.Module):
@@ -145,42 +223,23 @@ class Attention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.implementation = implementation
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        select: Select = None,
-        packing: Packing | None = None,
-    ) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H); with ``select`` (see ``take``) only those Q positions attend (keys and
-        values still come from all T), giving (B, Q, H). With ``packing``, x is the packed (N, H) computed rows
-        and the result is (N, H) (or (B, Q, H) with ``select``); keys/values of the other positions are zeros,
-        which the mask must hide."""
+    def forward(self, x: torch.Tensor, positions: Positions = EVERY) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H), or the packed (N, H) rows -> (N, H) (see ``Positions``). With
+        ``positions.select`` only those Q positions attend (keys and values still come from every computed
+        position), giving (B, Q, H)."""
         width = self.qkv.in_features
-        if packing is None:
-            batch, length = x.shape[0], x.shape[1]
-        else:  # attention runs in the packing's (B, S, ...) layout; ``mask`` is cut to it
-            batch, length = packing.batch, packing.span
-        if select is None:
-            qkv = self.qkv(x)
-            if packing is not None:
-                qkv = packing.scatter(qkv)
-            q, k, v = self._heads(qkv, batch, length, 3)
-            queries = length
-        else:
-            weight, bias = self.qkv.weight, self.qkv.bias
-            q_bias, kv_bias = (None, None) if bias is None else (bias[:width], bias[width:])
-            rows = take(x, select) if packing is None else packing.take(x, select)
-            q = F.linear(rows, weight[:width], q_bias)  # (B, Q, H)
-            kv = F.linear(x, weight[width:], kv_bias)
-            if packing is not None:
-                kv = packing.scatter(kv)
-            k, v = self._heads(kv, batch, length, 2)
-            queries = q.shape[1]
-            q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
-        out = self._attend(q, k, v, mask).transpose(1, 2).reshape(batch, queries, width)
-        if packing is not None and select is None:
-            out = packing.gather(out)
+        batch, length = positions.attention_shape(x)
+        if positions.select is None:
+            q, k, v = self._heads(positions.to_attention(self.qkv(x)), batch, length, 3)
+            out = self._attend(q, k, v, positions.mask).transpose(1, 2).reshape(batch, length, width)
+            return self.proj(positions.from_attention(out))
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q_bias, kv_bias = (None, None) if bias is None else (bias[:width], bias[width:])
+        q = F.linear(positions.take(x), weight[:width], q_bias)  # (B, Q, H)
+        k, v = self._heads(positions.to_attention(F.linear(x, weight[width:], kv_bias)), batch, length, 2)
+        queries = q.shape[1]
+        q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
+        out = self._attend(q, k, v, positions.mask).transpose(1, 2).reshape(batch, queries, width)
         return self.proj(out)
 
     def _heads(self, fused: torch.Tensor, batch: int, length: int, parts: int) -> tuple[torch.Tensor, ...]:
@@ -226,28 +285,19 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        select: Select = None,
-        packing: Packing | None = None,
-    ) -> torch.Tensor:
-        """(B, T, H) -> (B, T, H), or (B, Q, H): the block's output at the ``select``-ed positions only. With
-        ``packing``: packed (N, H) -> (N, H), or (B, Q, H) with ``select`` (positions ``packing`` computes)."""
-        attended = self.attn(self.norm1(x), mask, select, packing)
-        if select is not None:
-            x = take(x, select) if packing is None else packing.take(x, select)
-        x = x + self.dropout(attended)
+    def forward(self, x: torch.Tensor, positions: Positions = EVERY) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H), or packed (N, H) -> (N, H); (B, Q, H) with ``positions.select``."""
+        attended = self.attn(self.norm1(x), positions)
+        x = positions.take(x) + self.dropout(attended)
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
 class TransformerStack(nn.Module):
     """``num_layers`` blocks and a final LayerNorm. ``forward`` returns ``(pre_norm, post_norm)`` hidden states,
-    both (B, T, H) -- or (B, Q, H) when the last block computes some positions only: the first (CLS) one with
-    ``cls_only`` (all the contrastive loss and the feature API read) or the (B, Q) indices ``last_select`` (the
-    positions the fusion heads read). The other positions of the last block would be discarded; skipping them
-    saves most of that block. ``skip_padding`` skips the padded positions in every block (module docstring)."""
+    both (B, T, H) -- or (B, Q, H) when the last block computes some positions only (``Positions.select``): the
+    first (CLS) one (all the contrastive loss and the feature API read) or the positions the fusion heads read.
+    The other positions of the last block would be discarded; skipping them saves most of that block. With a
+    ``Positions.packing`` every block skips the padded positions (module docstring)."""
 
     def __init__(self, cfg: TransformerConfig, implementation: str = "sdpa") -> None:
         super().__init__()
@@ -255,59 +305,17 @@ class TransformerStack(nn.Module):
         self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.activation_checkpointing = False
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        cls_only: bool = False,
-        last_select: torch.Tensor | None = None,
-        skip_padding: bool = False,
-        needed: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mask`` (B, 1, 1, T) bool from ``attention_bias``; with ``skip_padding`` the blocks compute only its
-        real positions plus those whose output is read: the CLS (``cls_only``), ``last_select`` and ``needed``
-        ((B, T) bool, e.g. labelled positions)."""
+    def forward(self, x: torch.Tensor, positions: Positions = EVERY) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, H); ``positions`` from ``Positions.plan`` (default: every position, no mask)."""
+        if not len(self.blocks):  # nothing computed: the selected inputs themselves
+            x = take(x, positions.select)
+            return x, self.norm(x)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        packing = self._packing(x, mask, cls_only, last_select, needed) if skip_padding else None
-        inputs = x
-        if packing is not None:
-            x = packing.pack(x)  # (N, H) from here on
-            mask = packing.attention_mask(mask)
-        last = len(self.blocks) - 1
+        inputs, x = x, positions.pack(x)  # (N, H) from here on when padding is skipped
+        every, last = positions.every(), len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            select = (1 if cls_only else last_select) if i == last else None
+            plan = positions if i == last else every
             # Recompute each block's activations in backward instead of storing them (saves memory, ~1/3 compute).
-            if recompute:
-                x = checkpoint(block, x, mask, select, packing, use_reentrant=False)
-            else:
-                x = block(x, mask, select, packing)
-        if not len(self.blocks):
-            x = take(x, 1 if cls_only else last_select)
-        elif packing is not None and not cls_only and last_select is None:
-            x = packing.unpack(x, fill=inputs)  # skipped positions pass their input through
+            x = checkpoint(block, x, plan, use_reentrant=False) if recompute else block(x, plan)
+        x = positions.unpack(x, inputs)  # skipped positions pass their input through
         return x, self.norm(x)
-
-    def _packing(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        cls_only: bool,
-        last_select: torch.Tensor | None,
-        needed: torch.Tensor | None,
-    ) -> Packing | None:
-        """The positions to compute, or None when that is every position (no padding: nothing to skip)."""
-        if mask is None or not len(self.blocks):
-            return None
-        batch, length = x.shape[0], x.shape[1]
-        compute = key_mask(mask, batch, length)
-        if needed is not None:
-            if tuple(needed.shape) != (batch, length):
-                raise ValueError(f"needed has shape {tuple(needed.shape)}; expected ({batch}, {length})")
-            compute = compute | needed.to(torch.bool)
-        if cls_only:
-            compute = compute.clone()
-            compute[:, 0] = True
-        elif last_select is not None:
-            compute = compute.scatter(1, last_select, True)
-        packing = Packing(compute)
-        return packing if 0 < packing.num_rows < batch * length else None

@@ -1,12 +1,12 @@
 """The model's compute-saving paths against the full computation they replace: skipping padded positions in the
-transformer blocks (``skip_padding``) must leave every read output and every gradient unchanged."""
+transformer blocks (``Positions.plan(..., skip_padding=True)``) must leave every read output and every gradient unchanged."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from flava.model import FlavaForPretraining, preset
-from flava.model.layers import Packing, TransformerStack, attention_bias
+from flava.model.layers import Packing, Positions, TransformerStack
 
 ATOL = 1e-5
 
@@ -38,7 +38,7 @@ def test_skipping_padding_keeps_real_outputs_and_gradients(attention, lengths):
     for skip in (False, True):
         stack.zero_grad()
         x.grad = None
-        pre, post = stack(x, attention_bias(mask), skip_padding=skip)
+        pre, post = stack(x, Positions.plan(mask, skip_padding=skip))
         assert pre.shape == x.shape and post.shape == x.shape
         # a loss that reads the real positions only, as MLM/MMM/ITM/contrastive do
         (post[real] * torch.linspace(-1, 1, post.shape[-1])).sum().backward()
@@ -56,35 +56,37 @@ def test_skipping_padding_keeps_real_outputs_and_gradients(attention, lengths):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_selected_positions_are_computed_even_where_padded(attention):
-    """cls_only with a padded CLS, last_select and ``needed`` at padded positions: exact, not passed through."""
+    """The CLS selected with a padded CLS, selected indices and ``needed`` at padded positions: exact, not passed
+    through."""
     stack, x, mask = stack_and_inputs(attention, seed=1)
     mask[2, 0] = 0  # a row whose CLS is masked as a key
-    bias = attention_bias(mask)
     with torch.no_grad():
-        full_pre, full_post = stack(x, bias)
-        _, cls = stack(x, bias, cls_only=True, skip_padding=True)
+        full_pre, full_post = stack(x, Positions.plan(mask))
+        _, cls = stack(x, Positions.plan(mask, select=1, skip_padding=True))
         assert cls.shape == (4, 1, x.shape[-1])
         assert torch.allclose(cls[:, 0], full_post[:, 0], atol=ATOL)
         select = torch.tensor([[0, 2, 8], [1, 4, 7], [0, 5, 6], [0, 3, 8]])  # includes padded positions
-        _, picked = stack(x, bias, last_select=select, skip_padding=True)
+        _, picked = stack(x, Positions.plan(mask, select=select, skip_padding=True))
         expected = torch.gather(full_post, 1, select[..., None].expand(-1, -1, x.shape[-1]))
         assert torch.allclose(picked, expected, atol=ATOL)
         needed = torch.zeros(4, 9, dtype=torch.bool)
         needed[1, 7] = True  # padded, but read by the caller
-        pre, _ = stack(x, bias, skip_padding=True, needed=needed)
+        pre, _ = stack(x, Positions.plan(mask, skip_padding=True, needed=needed))
         assert torch.allclose(pre[1, 7], full_pre[1, 7], atol=ATOL)
         assert torch.equal(pre[1, 8], x[1, 8])  # padded and not needed: passed through
 
 
 def test_no_padding_means_no_packing_and_bad_needed_shape_is_rejected():
     stack, x, _ = stack_and_inputs("sdpa")
-    ones = attention_bias(torch.ones(4, 9, dtype=torch.long))
-    assert stack._packing(x, ones, False, None, None) is None
-    assert stack._packing(x, None, False, None, None) is None
-    packing = stack._packing(x, attention_bias(padded_mask(4, 9, [9, 3, 6, 1])), False, None, None)
+    ones = torch.ones(4, 9, dtype=torch.long)
+    assert Positions.plan(ones, skip_padding=True).packing is None
+    assert Positions.plan(None, skip_padding=True).packing is None
+    packing = Positions.plan(padded_mask(4, 9, [9, 3, 6, 1]), skip_padding=True).packing
     assert isinstance(packing, Packing) and packing.num_rows == 9 + 3 + 6 + 1
     with pytest.raises(ValueError, match="needed has shape"):
-        stack(x, ones, skip_padding=True, needed=torch.ones(4, 8, dtype=torch.bool))
+        stack(x, Positions.plan(ones, skip_padding=True, needed=torch.ones(4, 8, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="the mask covers"):
+        stack(x[:, :8], Positions.plan(padded_mask(4, 9, [9, 3, 6, 1]), skip_padding=True))
 
 
 def test_packing_round_trip_take_and_attention_layout():
@@ -142,12 +144,12 @@ def test_training_losses_and_gradients_match_the_full_computation(monkeypatch):
         return {k: v.detach() for k, v in out.losses.items()}, grads
 
     fast = [run(pair), run(text)]
-    original = TransformerStack.forward
+    plan = Positions.plan
 
-    def full(self, x, mask=None, cls_only=False, last_select=None, skip_padding=False, needed=None):
-        return original(self, x, mask, cls_only, last_select)  # every position of every block
+    def full(mask, *, select=None, skip_padding=False, needed=None):
+        return plan(mask, select=select)  # every position of every block but the last
 
-    monkeypatch.setattr(TransformerStack, "forward", full)
+    monkeypatch.setattr(Positions, "plan", staticmethod(full))
     slow = [run(pair), run(text)]
     for (fast_losses, fast_grads), (slow_losses, slow_grads) in zip(fast, slow):
         assert fast_losses.keys() == slow_losses.keys()
