@@ -129,7 +129,9 @@ class FlavaConfig(StrictModel):
     attention: Literal["sdpa", "eager"] = "sdpa"
     initializer_range: float = Field(0.02, gt=0.0)
     activation_checkpointing: bool = False
-    # Check every batch (shapes, id ranges, labels) before compute; costs one host sync per step on a GPU.
+    # Check every batch (presence, shapes, dtypes, id and label ranges) before compute, raising a ValueError that
+    # names the problem. Checked on the host, so it costs no device sync: the model's forward checks batches on the
+    # CPU, the trainer checks each batch before its copy to an accelerator (flava.model.batch).
     validate_inputs: bool = True
     # Add 0 * sum(params) to the loss so every parameter gets a gradient for every batch kind: DDP then works
     # without find_unused_parameters. Leave off in one process (AdamW would keep moving idle towers by momentum).

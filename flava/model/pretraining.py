@@ -23,18 +23,29 @@ DDP and per-kind heads: each batch kind leaves some parameters without a gradien
 batch, the MIM head on a pair batch, ...). Either wrap the model with ``find_unused_parameters=True`` or set
 ``config.touch_unused_parameters`` (``model.touch_unused_parameters = True``), which adds ``0 * sum(p)`` over all
 parameters to the loss so every parameter receives a (zero) gradient on every step and DDP's reducer sees a
-fixed set.
+fixed set (the trainer's way, ``flava.train.unused``).
+
+Batch checks (``config.validate_inputs``, ``flava.model.batch``): ``forward`` checks a batch whose tensors are on
+the CPU; a batch on an accelerator is the caller's to check before its copy there (the trainer does).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flava.distributed import process_info
+from flava.model.batch import (
+    BATCH_KINDS,
+    check_batch_sizes,
+    check_images,
+    check_text,
+    on_host,
+    validate_batch,
+)
 from flava.model.config import OBJECTIVES, FlavaConfig
 from flava.model.encoders import EncoderOutput, ImageEncoder, MultimodalEncoder, TextEncoder
 from flava.model.heads import ITMHead, MaskedPredictionHead
@@ -46,8 +57,6 @@ from flava.model.losses import (
     itm_loss,
     masked_prediction_loss,
 )
-
-BATCH_KINDS = ("image", "text", "pair")
 
 
 @dataclass
@@ -149,12 +158,12 @@ class FlavaForPretraining(nn.Module):
     # -------------------------------------------------------------------------------------- feature API
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, H_img) image CLS hidden state (after the final LayerNorm)."""
-        self._check_images(pixel_values, "pixel_values")
+        check_images(self.config.image, pixel_values, "pixel_values")
         return self.image_encoder(pixel_values, cls_only=True).cls
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, H_txt) text CLS hidden state."""
-        self._check_text(input_ids, attention_mask)
+        check_text(self.config.text, input_ids, attention_mask)
         return self.text_encoder(input_ids, attention_mask, cls_only=True).cls
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -169,9 +178,9 @@ class FlavaForPretraining(nn.Module):
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> EncoderOutput:
         """The multimodal encoder's output over (image, text) pairs (unmasked inputs)."""
-        self._check_images(pixel_values, "pixel_values")
-        self._check_text(input_ids, attention_mask)
-        self._check_batch_sizes({"pixel_values": pixel_values, "input_ids": input_ids})
+        check_images(self.config.image, pixel_values, "pixel_values")
+        check_text(self.config.text, input_ids, attention_mask)
+        check_batch_sizes({"pixel_values": pixel_values, "input_ids": input_ids})
         image = self.image_encoder(pixel_values)
         text = self.text_encoder(input_ids, attention_mask)
         mm = self.multimodal_encoder
@@ -198,8 +207,8 @@ class FlavaForPretraining(nn.Module):
         kind = batch.get("kind")
         if kind not in BATCH_KINDS:
             raise ValueError(f"batch['kind'] must be one of {BATCH_KINDS}, got {kind!r}")
-        if self.validate_inputs:
-            self.validate_batch(batch)
+        if self.validate_inputs and on_host(batch):  # a device batch was checked before its copy (flava.model.batch)
+            validate_batch(self.config, batch, has_codebook=self.codebook is not None)
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
         if kind == "image":
@@ -245,7 +254,7 @@ class FlavaForPretraining(nn.Module):
         )
 
     def _pair_objectives(self, batch, losses, metrics, generator) -> None:
-        pixel_values, attention_mask = batch["pixel_values"], batch.get("attention_mask")
+        pixel_values = batch["pixel_values"]
         given_itm = batch.get("itm_labels")
         # Rows known to be matched pairs. With given ITM labels and no positive at all, every row counts
         # (transformers' convention, kept for parity).
@@ -253,24 +262,30 @@ class FlavaForPretraining(nn.Module):
         if given_itm is not None:
             positives = given_itm.ne(0)
             matched = positives | ~positives.any()
-
         fused_pass = self._weight("itm") or self._weight("mmm_image") or self._weight("mmm_text")
         # Both image passes embed the same pixels: the patch embedding (a conv) runs once for the two.
         patches = self.image_encoder.patchify(pixel_values) if self._weight("contrastive") and fused_pass else None
         if self._weight("contrastive"):
-            # Only the CLS states are needed: the last block of each tower runs for that one position.
-            image = self.image_encoder(pixel_values, cls_only=True, patches=patches)
-            text = self.text_encoder(batch["input_ids"], attention_mask, cls_only=True, skip_padding=True)
-            image_emb = F.normalize(self.image_projection(image.cls), dim=-1)
-            text_emb = F.normalize(self.text_projection(text.cls), dim=-1)
-            rank, world_size = self.process_group_info or _process_group()
-            losses["contrastive"], metrics["contrastive_acc"] = contrastive_loss(
-                image_emb, text_emb, self._clamped_logit_scale(), rank=rank, world_size=world_size, rows=matched
-            )
-            metrics["logit_scale"] = self.logit_scale.detach().clone()
+            self._contrastive_objective(batch, patches, matched, losses, metrics)
+        if fused_pass:
+            self._fused_objectives(batch, patches, matched, generator, losses, metrics)
 
-        if not fused_pass:
-            return
+    def _contrastive_objective(self, batch, patches, matched, losses, metrics) -> None:
+        """The unmasked image and text passes -> the global contrastive loss over the ``matched`` rows."""
+        # Only the CLS states are needed: the last block of each tower runs for that one position.
+        image = self.image_encoder(batch["pixel_values"], cls_only=True, patches=patches)
+        text = self.text_encoder(batch["input_ids"], batch.get("attention_mask"), cls_only=True, skip_padding=True)
+        image_emb = F.normalize(self.image_projection(image.cls), dim=-1)
+        text_emb = F.normalize(self.text_projection(text.cls), dim=-1)
+        rank, world_size = self.process_group_info or _process_group()
+        losses["contrastive"], metrics["contrastive_acc"] = contrastive_loss(
+            image_emb, text_emb, self._clamped_logit_scale(), rank=rank, world_size=world_size, rows=matched
+        )
+        metrics["logit_scale"] = self.logit_scale.detach().clone()
+
+    def _fused_objectives(self, batch, patches, matched, generator, losses, metrics) -> None:
+        """The masked image and text passes fused by the multimodal encoder -> ITM, MMM-image, MMM-text."""
+        pixel_values, attention_mask = batch["pixel_values"], batch.get("attention_mask")
         image_mask = batch.get("image_mask")
         image_mask = image_mask.to(torch.bool) if image_mask is not None else None
         masked_ids = batch.get("input_ids_masked", batch["input_ids"])
@@ -284,7 +299,7 @@ class FlavaForPretraining(nn.Module):
         )
         mm = self.multimodal_encoder
         text_states, text_mask = mm.fusion_states(text), attention_mask
-        itm_labels = given_itm
+        itm_labels = batch.get("itm_labels")
         if itm_labels is None and self._weight("itm"):
             itm_labels, text_index = self._itm_negatives(pixel_values.shape[0], generator, pixel_values.device)
             # Row i now holds caption text_index[i]. index_select, not text_states[text_index]: a caption appears
@@ -294,22 +309,10 @@ class FlavaForPretraining(nn.Module):
             text_states = text_states.index_select(0, text_index)
             text_mask = text_mask[text_index] if text_mask is not None else None
             matched = itm_labels.bool()
-        # Labels first: they decide which fused positions the heads read. Positions of the fused sequence:
-        # 0 = mm CLS (ITM), 1 = image CLS, 2 .. 1 + P = patches (MMM-image), then the T text tokens (MMM-text).
-        batch_size, num_patches, length = pixel_values.shape[0], self.config.image.num_patches, masked_ids.shape[1]
-        full = 2 + num_patches + length
-        image_labels = text_labels = None
-        if self._weight("mmm_image"):
-            image_labels = self.mim_targets(batch).masked_fill(~image_mask, IGNORE_INDEX)  # (B, P)
-            if matched is not None:
-                image_labels = image_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
-            image_labels = F.pad(image_labels, (2, length), value=IGNORE_INDEX)  # (B, S) over fused positions
-        if self._weight("mmm_text"):
-            text_labels = batch["mlm_labels"]  # matched rows keep their own caption: row i's labels still apply
-            if matched is not None:
-                text_labels = text_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
-            text_labels = F.pad(text_labels, (2 + num_patches, 0), value=IGNORE_INDEX)  # (B, S)
-        select = self._fused_positions(batch_size, full, image_labels, text_labels, pixel_values.device)
+        # Labels first: they decide which fused positions the heads read.
+        image_labels, text_labels = self._fused_labels(batch, image_mask, matched, masked_ids.shape[1])
+        full = 2 + self.config.image.num_patches + masked_ids.shape[1]
+        select = self._fused_positions(pixel_values.shape[0], full, image_labels, text_labels, pixel_values.device)
         fused = mm(mm.fusion_states(image), text_states, text_mask, select=select, skip_padding=True)  # (B, S|Q, H)
         if select is not None:
             image_labels = torch.gather(image_labels, 1, select) if image_labels is not None else None
@@ -325,6 +328,26 @@ class FlavaForPretraining(nn.Module):
             losses["mmm_text"], metrics["mmm_text_acc"] = masked_prediction_loss(
                 self.mmm_text_head, fused.hidden, text_labels, world_size=self._world_size()
             )
+
+    def _fused_labels(
+        self, batch, image_mask: torch.Tensor | None, matched: torch.Tensor | None, length: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The MMM-image and MMM-text labels (None when that loss is off), each (B, S) over the fused positions:
+        0 = mm CLS (ITM), 1 = image CLS, 2 .. 1 + P = patches (MMM-image), then the T text tokens (MMM-text).
+        Only ``matched`` rows (None = all) keep labels."""
+        num_patches = self.config.image.num_patches
+        image_labels = text_labels = None
+        if self._weight("mmm_image"):
+            image_labels = self.mim_targets(batch).masked_fill(~image_mask, IGNORE_INDEX)  # (B, P)
+            if matched is not None:
+                image_labels = image_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
+            image_labels = F.pad(image_labels, (2, length), value=IGNORE_INDEX)
+        if self._weight("mmm_text"):
+            text_labels = batch["mlm_labels"]  # matched rows keep their own caption: row i's labels still apply
+            if matched is not None:
+                text_labels = text_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
+            text_labels = F.pad(text_labels, (2 + num_patches, 0), value=IGNORE_INDEX)
+        return image_labels, text_labels
 
     @staticmethod
     def _fused_positions(
@@ -395,169 +418,10 @@ class FlavaForPretraining(nn.Module):
             )
         return ids
 
-    # -------------------------------------------------------------------------------------- validation
-    def validate_batch(self, batch: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` naming the tensor and the expected shape before any compute.
-
-        Shapes, dtypes and presence are checked on the host; all value ranges (token ids, labels) are reduced
-        on the tensors' device and read back with a single sync."""
-        kind = batch.get("kind")
-        needs_images = kind in ("image", "pair")
-        needs_text = kind in ("text", "pair")
-        img, vocab, codes = self.config.image, self.config.text.vocab_size, self.config.codebook_size
-        tensors: dict[str, torch.Tensor] = {}
-        for name, value in batch.items():
-            if name != "kind" and value is not None and not isinstance(value, torch.Tensor):
-                raise ValueError(f"batch[{name!r}] must be a torch.Tensor, got {type(value).__name__}")
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value
-        ranges = _RangeChecks()
-        if needs_images:
-            self._check_images(_require(batch, "pixel_values", kind), "pixel_values")
-            if batch.get("image_mask") is not None:
-                _check_shape(batch["image_mask"], "image_mask", ("B", img.num_patches))
-        if needs_text:
-            self._check_text(_require(batch, "input_ids", kind), batch.get("attention_mask"), ranges)
-            for name in ("input_ids_masked", "mlm_labels"):
-                if batch.get(name) is not None:
-                    _check_shape(batch[name], name, ("B", tuple(batch["input_ids"].shape)[1]))
-                    _check_integer(batch[name], name)
-            if batch.get("input_ids_masked") is not None:
-                ranges.add("input_ids_masked", batch["input_ids_masked"], vocab, "vocab_size")
-            if batch.get("mlm_labels") is not None:
-                ranges.add("mlm_labels", batch["mlm_labels"], vocab, "vocab_size", ignore=IGNORE_INDEX)
-        if batch.get("itm_labels") is not None:
-            _check_shape(batch["itm_labels"], "itm_labels", ("B",))
-            _check_integer(batch["itm_labels"], "itm_labels")
-            ranges.add("itm_labels", batch["itm_labels"], 2, "2 (0 = not matched, 1 = matched)")
-        if batch.get("mim_labels") is not None:
-            labels = batch["mim_labels"].reshape(batch["mim_labels"].shape[0], -1)
-            _check_shape(labels, "mim_labels", ("B", img.num_patches))
-            _check_integer(labels, "mim_labels")
-            ranges.add("mim_labels", labels, codes, "codebook_size")
-        if batch.get("codebook_pixel_values") is not None:
-            _check_shape(batch["codebook_pixel_values"], "codebook_pixel_values", ("B", img.num_channels, "H", "W"))
-
-        # Labels every enabled objective of this kind needs.
-        required: list[str] = []
-        if kind == "image" and self._weight("mim"):
-            required += ["image_mask"]
-        if kind == "text" and self._weight("mlm"):
-            required += ["input_ids_masked", "mlm_labels"]
-        if kind == "pair":
-            if self._weight("mmm_image"):
-                required += ["image_mask"]
-            if self._weight("mmm_text"):
-                required += ["input_ids_masked", "mlm_labels"]
-        for name in required:
-            _require(batch, name, kind)
-        if ((kind == "image" and self._weight("mim")) or (kind == "pair" and self._weight("mmm_image"))) and (
-            self.codebook is None and batch.get("mim_labels") is None
-        ):
-            raise ValueError(
-                f"a {kind!r} batch with the {'mim' if kind == 'image' else 'mmm_image'} loss on needs MIM targets: "
-                "pass a codebook to FlavaForPretraining or batch['mim_labels'] (B, num_patches)"
-            )
-        self._check_batch_sizes(tensors)
-        ranges.raise_if_violated()
-
-    def _check_images(self, pixel_values: torch.Tensor, name: str) -> None:
-        img = self.config.image
-        expected = ("B", img.num_channels, img.image_size, img.image_size)
-        _check_shape(pixel_values, name, expected)
-        if not pixel_values.is_floating_point():
-            raise ValueError(
-                f"{name} must be a floating-point tensor of shape {_fmt(expected)}, got {pixel_values.dtype}"
-            )
-
-    def _check_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, ranges: "_RangeChecks | None" = None
-    ) -> None:
-        txt = self.config.text
-        _check_shape(input_ids, "input_ids", ("B", "T"))
-        _check_integer(input_ids, "input_ids")
-        if input_ids.shape[1] > txt.max_position_embeddings:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[1]} tokens per row; expected at most max_position_embeddings="
-                f"{txt.max_position_embeddings}"
-            )
-        if attention_mask is not None:
-            _check_shape(attention_mask, "attention_mask", (input_ids.shape[0], input_ids.shape[1]))
-        own = ranges is None
-        ranges = _RangeChecks() if own else ranges
-        ranges.add("input_ids", input_ids, txt.vocab_size, "vocab_size")
-        if own:
-            ranges.raise_if_violated()
-
-    @staticmethod
-    def _check_batch_sizes(tensors: Mapping[str, torch.Tensor]) -> None:
-        sizes = {name: int(t.shape[0]) for name, t in tensors.items() if t.ndim > 0}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sizes}")
-
-
-class _RangeChecks:
-    """Integer tensors that must lie in [0, high) (ignoring one sentinel value), verified with one device sync."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, torch.Tensor, int, str, int | None]] = []
-
-    def add(self, name: str, values: torch.Tensor, high: int, high_name: str, ignore: int | None = None) -> None:
-        if values.numel():
-            self.items.append((name, values, high, high_name, ignore))
-
-    @staticmethod
-    def _bad(values: torch.Tensor, high: int, ignore: int | None) -> torch.Tensor:
-        bad = (values < 0) | (values >= high)
-        if ignore is not None:
-            bad &= values != ignore
-        return bad.any()
-
-    def raise_if_violated(self) -> None:
-        if not self.items:
-            return
-        flags = torch.stack([self._bad(v, h, i).to(self.items[0][1].device) for _, v, h, _, i in self.items])
-        if not bool(flags.any()):  # the one host sync
-            return
-        for (name, values, high, high_name, ignore), bad in zip(self.items, flags.tolist()):
-            if bad:
-                kept = values[values != ignore] if ignore is not None else values
-                what = f"{name} (where != {ignore})" if ignore is not None else name
-                raise ValueError(
-                    f"{what} holds values in [{int(kept.min())}, {int(kept.max())}]; expected [0, {high_name}="
-                    f"{high})" + (" (does the tokenizer match the model?)" if high_name == "vocab_size" else "")
-                )
-
-
-def _check_integer(tensor: torch.Tensor, name: str) -> None:
-    if tensor.is_floating_point() or tensor.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
-
 
 def _process_group() -> tuple[int, int]:
     info = process_info()
     return info.rank, info.world_size
-
-
-def _fmt(shape: Iterable[Any]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
-
-
-def _check_shape(tensor: torch.Tensor, name: str, expected: tuple[Any, ...]) -> None:
-    """``expected`` holds ints (must match) and strings (any size)."""
-    shape = tuple(tensor.shape)
-    ok = len(shape) == len(expected) and all(
-        isinstance(want, str) or got == want for got, want in zip(shape, expected)
-    )
-    if not ok:
-        raise ValueError(f"{name} has shape {shape}; expected {_fmt(expected)}")
-
-
-def _require(batch: Mapping[str, Any], name: str, kind: str) -> torch.Tensor:
-    value = batch.get(name)
-    if value is None:
-        raise ValueError(f"a {kind!r} batch needs batch[{name!r}] for the objectives enabled in the config")
-    return value
 
 
 def count_parameters(module: nn.Module) -> int:

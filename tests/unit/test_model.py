@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flava.model import FlavaForPretraining, preset
+from flava.model.batch import on_host, validate_batch
 from flava.model.losses import contrastive_loss
 from flava.train.config import OptimizerConfig
 from flava.train.optim import param_groups
@@ -263,6 +264,14 @@ def test_bad_input_raises_naming_the_tensor(model, cfg, change, message):
     change(batch)
     with pytest.raises(ValueError, match=message):
         model(batch)
+    with pytest.raises(ValueError, match=message):  # the trainer's check, before a batch leaves the host
+        validate_batch(cfg, batch, has_codebook=False)
+
+
+def test_the_forward_checks_host_batches_only():
+    batch = make_batch(preset("tiny"), "pair")
+    assert on_host(batch)
+    assert not on_host({**batch, "input_ids": batch["input_ids"].to("meta")})  # a device batch: checked before
 
 
 def test_codebook_must_match_config(cfg):
