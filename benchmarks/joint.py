@@ -106,7 +106,8 @@ def _measure(args: argparse.Namespace, info) -> dict[str, Any]:
     from flava.train.flops import peak_flops, step_flops
     from flava.train.loop import LoopSettings, Trainer
     from flava.train.optim import build_optimizer, build_scheduler
-    from flava.train.parallel import UnusedGrads, grad_scaler, parallelize, probe_unused, resolve_device
+    from flava.train.parallel import grad_scaler, parallelize, resolve_device
+    from flava.train.unused import UnusedParameters
 
     batch, length = args.batch_size, args.text_length
     tc = TrainConfig.model_validate({
@@ -124,10 +125,8 @@ def _measure(args: argparse.Namespace, info) -> dict[str, Any]:
     ratios = MixingConfig().ratios
     streams = {k: CycleStream([make_batch(cfg, k, batch, length, gen) for _ in range(DISTINCT_BATCHES)])
                for k in ratios}
-    unused = probe_unused(model, {k: s.batches[0] for k, s in streams.items()}, device)
-    guard = UnusedGrads(model, unused)
-    if info.distributed and guard.any:
-        model.touch_unused_parameters = True
+    guard = UnusedParameters.setup(model, {k: s.batches[0] for k, s in streams.items()}, device,
+                                   distributed=info.distributed)
     wrapped = parallelize(model, tc, info, device)
     opt = build_optimizer(model, tc.optimizer, tc.optimizer.lr, device)
     sched = build_scheduler(opt, tc.schedule, total_steps=tc.joint.steps, warmup_steps=args.warmup)

@@ -87,7 +87,8 @@ def build(args, info: ProcessInfo = ProcessInfo()):
     from flava.train.config import TrainConfig
     from flava.train.loop import LoopSettings, Trainer
     from flava.train.optim import build_optimizer, build_scheduler
-    from flava.train.parallel import UnusedGrads, grad_scaler, parallelize, probe_unused
+    from flava.train.parallel import grad_scaler, parallelize
+    from flava.train.unused import UnusedParameters
 
     cfg = TrainConfig.model_validate(json.loads(args.train or "{}"))
     device = torch.device("cpu")
@@ -96,9 +97,7 @@ def build(args, info: ProcessInfo = ProcessInfo()):
     stream = ToyStream(batch_size=cfg.joint.batch_size // info.world_size // cfg.accumulation, seed=args.seed,
                        rank=info.rank, world_size=info.world_size, nan_at=args.nan_at, nan_until=args.nan_until)
     probes = {k: {"kind": k, "x": torch.randn(2, 8), "y": torch.randn(2)} for k in ("a", "b")}
-    unused = probe_unused(model, probes, device)
-    if info.distributed:
-        model.touch_unused_parameters = True
+    unused = UnusedParameters.setup(model, probes, device, distributed=info.distributed)
     torch.manual_seed(args.seed + 1000 * info.rank)  # per-rank streams (dropout) from here on
     wrapped = parallelize(model, cfg, info, device)
     opt = build_optimizer(model, cfg.optimizer, cfg.stage_lr("joint"), device)
@@ -107,7 +106,7 @@ def build(args, info: ProcessInfo = ProcessInfo()):
     ckpt = Checkpointer(args.ckpt, info=info, keep_last=cfg.keep_last) if args.ckpt else None
     trainer = Trainer(model=wrapped, optimizer=opt, scheduler=sched, stream=stream, settings=settings, device=device,
                       info=info, scaler=grad_scaler(device, cfg.precision), checkpointer=ckpt,
-                      unused=UnusedGrads(model, unused))
+                      unused=unused)
     return model, trainer
 
 

@@ -2,8 +2,8 @@
 logging, evaluation and checkpoints, and exact resume.
 
 The loop owns none of the model, data, logging or evaluation: it is handed a built (and parallelised) model, an
-optimizer and scheduler, an endless batch stream, and plain callables for metrics (``sink``), evaluation and the
-best-model export. Everything a resumed run needs to end exactly as an uninterrupted one goes into its checkpoints:
+optimizer and scheduler, an endless batch stream, and plain callables for metrics (``sink``), evaluation, the
+best-model export and the batch check (``check_batch``, run on the host before a batch is copied to the device). Everything a resumed run needs to end exactly as an uninterrupted one goes into its checkpoints:
 the counters and best-model selection (``LoopState``), the logged rows and evaluations (``history``, ``evals``: what
 reports and training curves are written from), the partial logging window and the state of the generators it is
 handed (e.g. the model's ITM-negative generator).
@@ -26,8 +26,9 @@ from torch import nn
 from flava.distributed import ProcessInfo, broadcast_object
 from flava.train.checkpoint import Checkpointer, capture_rng, restore_rng
 from flava.train.config import TrainConfig
-from flava.train.parallel import UnusedGrads, as_output, autocast, move_batch, no_sync
+from flava.train.parallel import as_output, autocast, move_batch, no_sync
 from flava.train.progress import Progress
+from flava.train.unused import UnusedParameters
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ class Trainer:
         info: ProcessInfo = ProcessInfo(),
         scaler: torch.amp.GradScaler | None = None,
         checkpointer: Checkpointer | None = None,
-        unused: UnusedGrads | None = None,
+        unused: UnusedParameters | None = None,
+        check_batch: Callable[[Mapping[str, Any]], None] | None = None,
         evaluate: Callable[[], Mapping[str, float]] | None = None,
         evaluate_on_all_ranks: bool = False,
         on_best: Callable[[int, Mapping[str, float]], None] | None = None,
@@ -119,7 +121,7 @@ class Trainer:
     ):
         self.model, self.optimizer, self.scheduler, self.stream = model, optimizer, scheduler, stream
         self.settings, self.device, self.info, self.scaler = settings, device, info, scaler
-        self.checkpointer, self.unused = checkpointer, unused
+        self.checkpointer, self.unused, self.check_batch = checkpointer, unused, check_batch
         self.evaluate, self.evaluate_on_all_ranks, self.on_best = evaluate, evaluate_on_all_ranks, on_best
         self.sink, self.flops_per_batch, self.peak_flops = sink, flops_per_batch, peak_flops
         self.progress = progress or Progress(settings.stage, settings.steps, enabled=False)
@@ -219,6 +221,8 @@ class Trainer:
             kinds.append(kind)
             if self.flops_per_batch is not None:
                 flops += self.flops_per_batch(batch)
+            if self.check_batch is not None:  # on the host, before the copy: no device sync
+                self.check_batch(batch)
             batch = move_batch(batch, self.device)
             with no_sync(self.model, micro < s.accumulation - 1):
                 with autocast(self.device, s.precision):

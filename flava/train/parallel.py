@@ -3,26 +3,23 @@
 ``parallelize`` applies (1) activation checkpointing, (2) ``torch.compile`` and (3) DDP or FSDP, as torchtitan
 does: checkpointing wraps the blocks that compile then traces, and the data-parallel wrapper sees the final graph.
 
-Per-kind heads under DDP: a text batch leaves the image tower and the MIM head without a gradient. Instead of
-``find_unused_parameters=True`` (a graph traversal on every step), ``probe_unused`` finds, once before training,
-which trainable parameters each batch kind leaves unused. Parameters no kind of the stage uses are frozen (the text
-stage never trains the image tower, and neither the optimizer nor DDP holds them). For the others the model adds
-an exact-zero term over its parameters (``touch_unused_parameters``) so DDP's reducer sees a fixed set, and the
-trainer drops those zero gradients (``grad = None``) before the optimizer step, so AdamW skips them exactly as in a
-single process.
+Batch kinds that leave parameters unused under DDP: ``flava.train.unused``.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from types import SimpleNamespace
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing as wrap_blocks
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from flava.distributed import ProcessInfo
-from flava.train.checkpoint import capture_rng, restore_rng
 from flava.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -42,8 +39,6 @@ def set_determinism(enabled: bool) -> None:
     """Deterministic kernels (CUDA needs ``CUBLAS_WORKSPACE_CONFIG``; set it before the first cuBLAS call)."""
     if not enabled:
         return
-    import os
-
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
@@ -59,72 +54,6 @@ def autocast(device: torch.device, precision: str):
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-
-# --------------------------------------------------------------------------------------------- unused params
-def _move(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def probe_unused(
-    model: nn.Module, batches: Mapping[str, Mapping[str, Any]], device: torch.device
-) -> dict[str, set[str]]:
-    """For each batch kind, the names of trainable parameters that receive no gradient from one forward/backward.
-
-    Runs on the unwrapped model before training; RNG states and gradients are left as they were found, so the
-    probe does not change the training trajectory."""
-    rng = capture_rng()
-    touch = getattr(model, "touch_unused_parameters", None)
-    if touch is not None:
-        model.touch_unused_parameters = False
-    unused: dict[str, set[str]] = {}
-    try:
-        for kind, batch in batches.items():
-            model.zero_grad(set_to_none=True)
-            out = model(_move(batch, device))
-            out.loss.backward()
-            unused[kind] = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
-    finally:
-        model.zero_grad(set_to_none=True)
-        if touch is not None:
-            model.touch_unused_parameters = touch
-        restore_rng(rng)
-    return unused
-
-
-def freeze_never_used(model: nn.Module, unused: Mapping[str, set[str]]) -> list[str]:
-    """Freeze the parameters that no batch kind of the stage uses; returns their names."""
-    never = set.intersection(*map(set, unused.values())) if unused else set()
-    for name, param in model.named_parameters():
-        if name in never:
-            param.requires_grad_(False)
-    return sorted(never)
-
-
-class UnusedGrads:
-    """Drops the (zero) gradients DDP all-reduced for parameters the step's batch kinds did not use."""
-
-    def __init__(self, model: nn.Module, unused: Mapping[str, set[str]]):
-        params = dict(model.named_parameters())
-        self.by_kind = {
-            kind: [params[n] for n in sorted(names) if n in params and params[n].requires_grad]
-            for kind, names in unused.items()
-        }
-
-    @property
-    def any(self) -> bool:
-        return any(self.by_kind.values())
-
-    def clear(self, kinds: Iterable[str]) -> None:
-        kinds = list(kinds)
-        if not kinds or not all(k in self.by_kind for k in kinds):
-            return
-        shared = set(map(id, self.by_kind[kinds[0]]))
-        for kind in kinds[1:]:
-            shared &= set(map(id, self.by_kind[kind]))
-        for param in self.by_kind[kinds[0]]:
-            if id(param) in shared:
-                param.grad = None
 
 
 # ------------------------------------------------------------------------------------------------ parallelize
@@ -143,10 +72,8 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     if hasattr(model, "set_activation_checkpointing"):
         model.set_activation_checkpointing(True)  # the model recomputes its own blocks
         return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing as apply
-
     blocks = set(map(id, _repeated_blocks(model)))
-    apply(model, check_fn=lambda m: id(m) in blocks)
+    wrap_blocks(model, check_fn=lambda m: id(m) in blocks)
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, info: ProcessInfo, device: torch.device) -> nn.Module:
@@ -163,8 +90,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: ProcessInfo, device: t
     if cfg.compile:
         compile_regions(model)
     if cfg.strategy == "fsdp" and info.distributed:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision], reduce_dtype=torch.float32)
         for block in _repeated_blocks(model):
             fully_shard(block, mp_policy=mp)
@@ -172,10 +97,8 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: ProcessInfo, device: t
         fully_shard(model, mp_policy=mp)
         return model
     if info.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids, find_unused_parameters=False)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
     return model
 
 
@@ -222,5 +145,5 @@ def _fsdp_no_sync(model: nn.Module):
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return _move(batch, device)
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

@@ -34,6 +34,7 @@ import random
 import shutil
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -50,6 +51,7 @@ from flava.data.transforms import transform_from_config
 from flava.distributed import ProcessInfo, barrier, init_process, shutdown
 from flava.eval.zeroshot import evaluate_zeroshot
 from flava.model import FlavaForPretraining
+from flava.model.batch import validate_batch
 from flava.model.codebook import load_codebook
 from flava.model.io import load_model, save_model
 from flava.stages import PRETRAIN_STAGE, stage_identity
@@ -60,15 +62,13 @@ from flava.train.flops import peak_flops, step_flops
 from flava.train.loop import LoopSettings, Trainer
 from flava.train.optim import build_optimizer, build_scheduler
 from flava.train.parallel import (
-    UnusedGrads,
-    freeze_never_used,
     grad_scaler,
     parallelize,
-    probe_unused,
     resolve_device,
     set_determinism,
 )
 from flava.train.progress import Progress
+from flava.train.unused import UnusedParameters, peek
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,6 @@ def stage_kinds(cfg: PipelineConfig, stage: str) -> list[str]:
     if stage == "image":
         return ["image"]
     return sorted(k for k, r in cfg.data.mixing.ratios.items() if r > 0)
-
-
-def _peek(stream) -> dict[str, Any]:
-    """One batch from ``stream`` without moving it: the position is restored from its state dict."""
-    state = stream.state_dict()
-    batch = next(stream)
-    stream.load_state_dict(state)
-    return batch
 
 
 def init_from_unimodal(model, models_root: Path) -> dict[str, int]:
@@ -181,7 +173,7 @@ class Outputs:
     tokenizer_dir: Path | None  # copied beside the joint models
 
     @classmethod
-    def of(cls, cfg: PipelineConfig, stage: str) -> "Outputs":
+    def of(cls, cfg: PipelineConfig, stage: str) -> Outputs:
         models = Path(cfg.paths.models)
         joint = stage == "joint"
         tokenizer = Path(cfg.paths.artifacts) / "tokenizer"
@@ -211,9 +203,9 @@ class Built:
     stream: Iterator[dict[str, Any]]
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    unused: UnusedGrads
+    unused: UnusedParameters
+    check_batch: Callable[[dict[str, Any]], None] | None  # the trainer's host-side batch check
     copied: dict[str, int]  # parameters copied per part from the unimodal models (joint)
-    frozen: list[str]
     trainable: int
     tokenizer: Any
     device: torch.device
@@ -252,7 +244,7 @@ def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> dict[str, Any]:
         trainer = _trainer(cfg, stage, info, built, checkpointer, run)
         if trainer.resume() is not None:
             run.set_tags({"resumed_from_step": trainer.resumed_from})
-        run.set_tags({"frozen_parameters": len(built.frozen), "trainable_parameters": built.trainable,
+        run.set_tags({"frozen_parameters": len(built.unused.frozen), "trainable_parameters": built.trainable,
                       "identity": checkpointer.fingerprint})
         summary = trainer.fit()
         for step in checkpointer.steps():
@@ -283,23 +275,17 @@ def _build(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> Built:
     if stage == "joint" and tc.joint.init_from_unimodal:
         copied = init_from_unimodal(model, Path(cfg.paths.models))
     model.to(device)
-
-    kinds = stage_kinds(cfg, stage)
     streams = {
         kind: build_stream(cfg, CORPUS_OF_KIND[kind], batch_size=micro, rank=info.rank,
                            world_size=info.world_size, seed=cfg.seed, tokenizer=tokenizer, codebook=codebook)
-        for kind in kinds
+        for kind in stage_kinds(cfg, stage)
     }
-    stream = CorpusMixer(streams, cfg.data.mixing.ratios, seed=cfg.seed) if stage == "joint" else streams[kinds[0]]
-
-    # Which parameters each batch kind leaves without a gradient (see flava.train.parallel).
-    unused = probe_unused(model, {kind: _peek(s) for kind, s in streams.items()}, device)
-    frozen = freeze_never_used(model, unused)
-    guard = UnusedGrads(model, unused)
-    if info.distributed and guard.any:
-        model.touch_unused_parameters = True
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
+    stream = CorpusMixer(streams, cfg.data.mixing.ratios, seed=cfg.seed) if stage == "joint" else streams[stage]
+    unused = UnusedParameters.setup(model, {kind: peek(s) for kind, s in streams.items()}, device,
+                                    distributed=info.distributed)
+    check_batch = None
+    if model_cfg.validate_inputs and device.type != "cpu":  # the model's forward checks a batch on the CPU itself
+        check_batch = partial(validate_batch, model_cfg, has_codebook=codebook is not None)
     # Per-rank random streams from here on (the probe's forward passes drew from them too).
     model.itm_generator.manual_seed(stream_seed(cfg.seed, info.rank, "itm"))
     seed_dropout(cfg.seed + 1000 * info.rank)
@@ -308,9 +294,9 @@ def _build(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> Built:
     scheduler = build_scheduler(optimizer, tc.schedule, total_steps=settings.steps,
                                 warmup_steps=tc.stage_warmup(stage))
     return Built(model=model, wrapped=wrapped, factory=factory, stream=stream, optimizer=optimizer,
-                 scheduler=scheduler, unused=guard, copied=copied, frozen=frozen, trainable=trainable,
-                 tokenizer=tokenizer, device=device, settings=settings,
-                 fsdp=tc.strategy == "fsdp" and info.distributed)
+                 scheduler=scheduler, unused=unused, check_batch=check_batch, copied=copied,
+                 trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), tokenizer=tokenizer,
+                 device=device, settings=settings, fsdp=tc.strategy == "fsdp" and info.distributed)
 
 
 def _zeroshot(cfg: PipelineConfig, info: ProcessInfo, built: Built) -> Callable[[], dict[str, float]]:
@@ -341,6 +327,7 @@ def _trainer(cfg: PipelineConfig, stage: str, info: ProcessInfo, built: Built, c
         model=built.wrapped, optimizer=built.optimizer, scheduler=built.scheduler, stream=built.stream,
         settings=built.settings, device=built.device, info=info,
         scaler=grad_scaler(built.device, cfg.train.precision), checkpointer=checkpointer, unused=built.unused,
+        check_batch=built.check_batch,
         evaluate=_zeroshot(cfg, info, built) if stage == "joint" else None, evaluate_on_all_ranks=built.fsdp,
         sink=run.log_metrics, flops_per_batch=(lambda batch: step_flops(model_cfg, batch)) if peak else None,
         peak_flops=peak, progress=Progress(stage, built.settings.steps, enabled=info.is_main),
@@ -420,7 +407,7 @@ def _metrics(stage: str, info: ProcessInfo, built: Built, trainer: Trainer, summ
         "final_loss": last.get("loss"),
         "final_losses": {k: v for k, v in last.items() if k.startswith("loss_")},
         "trainable_parameters": built.trainable,
-        "frozen_parameters": len(built.frozen),
+        "frozen_parameters": len(built.unused.frozen),
     }
     if stage == "joint":
         metrics["init_from_unimodal"] = {k: int(v) for k, v in built.copied.items()}

@@ -8,8 +8,8 @@ import torch
 from flava.configbase import deep_merge
 from flava.train.checkpoint import Checkpointer, load_weights, step_name
 from flava.train.loop import LoopSettings, NonFiniteLossError
-from flava.train.parallel import UnusedGrads, probe_unused
 from flava.train.progress import Progress
+from flava.train.unused import UnusedParameters, probe_unused
 from tests.toy import ToyModel, build, toy_args
 
 FAST = {"joint": {"steps": 40, "batch_size": 16}, "optimizer": {"lr": 3e-2}, "schedule": {"warmup_steps": 5},
@@ -43,6 +43,23 @@ def test_global_batch_must_split_over_ranks_and_micro_steps():
         settings.micro_batch(world_size=1)
 
 
+def test_each_batch_is_checked_before_the_model_sees_it():
+    _, trainer = build(toy_args(train=_cfg(joint={"steps": 3})))
+    seen = []
+    trainer.check_batch = lambda batch: seen.append(batch["kind"])
+    trainer.fit()
+    assert len(seen) == 3
+
+    def reject(batch):
+        raise ValueError("bad batch")
+
+    _, trainer = build(toy_args(train=_cfg(joint={"steps": 3})))
+    trainer.check_batch = reject
+    with pytest.raises(ValueError, match="bad batch"):
+        trainer.fit()
+    assert trainer.state.step == 0
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(precision):
     _, trainer = build(toy_args(train=_cfg(precision=precision)))
@@ -59,8 +76,9 @@ def test_unused_head_is_not_moved_by_momentum_under_touch():
     unused = probe_unused(model, probes, torch.device("cpu"))
     assert unused == {"a": {"heads.b.weight", "heads.b.bias"}, "b": {"heads.a.weight", "heads.a.bias"}}
     assert all(p.grad is None for p in model.parameters())
-    model.touch_unused_parameters = True  # as under DDP: every parameter gets a (zero) gradient
-    guard = UnusedGrads(model, unused)
+    guard = UnusedParameters.setup(model, probes, torch.device("cpu"), distributed=True)
+    assert model.touch_unused_parameters  # as under DDP: every parameter gets a (zero) gradient
+    assert guard.frozen == [] and {k: len(v) for k, v in guard.by_kind.items()} == {"a": 2, "b": 2}
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
 
     def step(kind, clear):

@@ -6,7 +6,8 @@ from torch import nn
 
 from flava.distributed import ProcessInfo
 from flava.train.config import TrainConfig
-from flava.train.parallel import freeze_never_used, parallelize, probe_unused
+from flava.train.parallel import parallelize
+from flava.train.unused import UnusedParameters, freeze_never_used, peek, probe_unused
 
 
 def _batch(cfg):
@@ -91,3 +92,36 @@ def test_probe_on_flava_per_kind_and_freezing():
     frozen = freeze_never_used(model, {"text": unused["text"]})
     assert frozen and all(not p.requires_grad for n, p in model.named_parameters() if n in set(frozen))
     assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("text_encoder."))
+
+
+def test_setup_freezes_what_no_kind_uses_and_touches_only_under_ddp():
+    from flava.model import FlavaForPretraining
+    from flava.model.config import preset
+
+    pair = _batch(preset("tiny"))
+    text = {"kind": "text", **{k: pair[k] for k in ("input_ids", "input_ids_masked", "attention_mask", "mlm_labels")}}
+    for distributed in (False, True):
+        model = FlavaForPretraining(preset("tiny"))
+        unused = UnusedParameters.setup(model, {"text": text}, torch.device("cpu"), distributed=distributed)
+        assert unused.frozen and any(n.startswith("image_encoder.") for n in unused.frozen)
+        assert all(not p.requires_grad for n, p in model.named_parameters() if n in set(unused.frozen))
+        assert unused.by_kind == {"text": []}  # the text stage's only kind uses every parameter left trainable
+        assert model.touch_unused_parameters is False  # nothing left for DDP to miss
+
+
+def test_peek_rewinds_the_stream():
+    class Stream:
+        index = 0
+
+        def __next__(self):
+            self.index += 1
+            return {"index": self.index}
+
+        def state_dict(self):
+            return {"index": self.index}
+
+        def load_state_dict(self, state):
+            self.index = state["index"]
+
+    stream = Stream()
+    assert peek(stream) == {"index": 1} and next(stream) == {"index": 1}
