@@ -220,7 +220,7 @@ def _tower_to_hf(t) -> dict[str, Any]:
 
 def to_transformers_config(cfg: FlavaConfig, codebook: DalleCodebook | None = None):
     """Our ``FlavaConfig`` -> ``transformers.FlavaConfig``."""
-    import transformers
+    import transformers  # optional extra (pyproject "pipeline"), ~0.6 s to import: only these functions need it
 
     check_transformers_compatible(cfg)
     image = dict(_tower_to_hf(cfg.image), image_size=cfg.image.image_size, patch_size=cfg.image.patch_size,
@@ -310,7 +310,7 @@ def from_transformers(hf_model: Any, *, attention: str = "sdpa") -> FlavaForPret
 def to_transformers(model: FlavaForPretraining):
     """Our model -> a transformers ``FlavaForPreTraining`` in eval mode with the same weights (its unused tower
     poolers keep transformers' initialisation)."""
-    import transformers
+    import transformers  # optional extra (pyproject "pipeline"), ~0.6 s to import: only these functions need it
 
     codebook = model.codebook if isinstance(model.codebook, DalleCodebook) else None
     hf = transformers.FlavaForPreTraining(to_transformers_config(model.config, codebook))
@@ -346,7 +346,7 @@ def load_transformers_checkpoint(local_dir: str | Path, *, attention: str = "sdp
     """Load a transformers FLAVA checkpoint already on disk (``config.json`` + safetensors weights), e.g.
     ``facebook/flava-full`` downloaded by the user. Never downloads and never unpickles. Missing pretraining
     heads (a bare ``FlavaModel`` checkpoint) keep their fresh initialisation, with a warning."""
-    import transformers
+    import transformers  # optional extra (pyproject "pipeline"), ~0.6 s to import: only these functions need it
 
     directory = Path(local_dir)
     if not (directory / "config.json").exists():
