@@ -16,7 +16,7 @@ the optimizer is built):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -71,9 +71,12 @@ def freeze_never_used(model: nn.Module, unused: Mapping[str, set[str]]) -> list[
 
 @dataclass
 class UnusedParameters:
-    """The trainable parameters each batch kind leaves unused, and the names of those frozen (module docstring)."""
+    """The names of the trainable parameters each batch kind leaves unused, and of those frozen (module docstring).
+    ``clear`` looks the parameters up by name when it runs: FSDP replaces a module's parameters with sharded ones
+    when it wraps the model, after ``setup``."""
 
-    by_kind: dict[str, list[nn.Parameter]]
+    model: nn.Module = field(repr=False)
+    by_kind: dict[str, list[str]]
     frozen: list[str]
 
     @classmethod
@@ -89,23 +92,20 @@ class UnusedParameters:
         (``distributed``) turn on the model's exact-zero touch when some kind leaves parameters unused."""
         unused = probe_unused(model, probes, device)
         frozen = freeze_never_used(model, unused)
-        params = dict(model.named_parameters())
-        by_kind = {
-            kind: [params[n] for n in sorted(names) if n in params and params[n].requires_grad]
-            for kind, names in unused.items()
-        }
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        by_kind = {kind: sorted(names & trainable) for kind, names in unused.items()}
         if distributed and any(by_kind.values()):
             model.touch_unused_parameters = True
-        return cls(by_kind=by_kind, frozen=frozen)
+        return cls(model=model, by_kind=by_kind, frozen=frozen)
 
     def clear(self, kinds: Iterable[str]) -> None:
         """Drop the gradients of the parameters that none of ``kinds`` (the step's batch kinds) used."""
         kinds = list(kinds)
         if not kinds or not all(k in self.by_kind for k in kinds):
             return
-        shared = set(map(id, self.by_kind[kinds[0]]))
-        for kind in kinds[1:]:
-            shared &= set(map(id, self.by_kind[kind]))
-        for param in self.by_kind[kinds[0]]:
-            if id(param) in shared:
+        shared = set.intersection(*(set(self.by_kind[k]) for k in kinds))
+        if not shared:
+            return
+        for name, param in self.model.named_parameters():
+            if name in shared:
                 param.grad = None
