@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
 
 from flava.launch.config import DNS_LABEL, K8sConfig, launch_section
 from flava.tracking import lineage
@@ -255,9 +258,6 @@ def render_yaml(manifests: list[dict[str, Any]]) -> str:
 
 def api_client(k8s: K8sConfig):
     """An ApiClient from the in-cluster service account, else from the kubeconfig (``launch.k8s.kube_context``)."""
-    from kubernetes import client, config
-    from kubernetes.config.config_exception import ConfigException
-
     configuration = client.Configuration()
     try:
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -291,9 +291,6 @@ def submit(manifests: list[dict[str, Any]], namespace: str | None = None, *, api
 
     A name clash raises ``ValueError``; if a dependent object cannot be created the Job is deleted again.
     """
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
     kinds = _by_kind(manifests)
     namespace = namespace or kinds["Job"]["metadata"].get("namespace") or "default"
     api = api or client.ApiClient()
@@ -354,8 +351,6 @@ def wait(
     clock: Callable[[], float] = time.monotonic,
 ) -> JobStatus:
     """Poll the Job's status until it completes or fails; ``TimeoutError`` after ``timeout_s``."""
-    from kubernetes import client
-
     batch = client.BatchV1Api(api or client.ApiClient())
     deadline = clock() + timeout_s
     while True:
@@ -375,8 +370,6 @@ def wait(
 
 def logs(job: SubmittedJob, *, api=None, tail_lines: int | None = None) -> dict[str, str]:
     """Trainer logs of every pod of the Job, keyed by pod name, in completion-index then creation order."""
-    from kubernetes import client
-
     core = client.CoreV1Api(api or client.ApiClient())
     pods = core.list_namespaced_pod(job.namespace, label_selector=f"{RUN_LABEL}={job.name}").items
 
