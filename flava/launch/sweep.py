@@ -200,7 +200,8 @@ def _run_trial(trial: optuna.Trial, cfg, sweep: SweepConfig, tracker: _Tracker, 
     """One trial: the joint stage on the trial's config, in its own MLflow run nested under the sweep's."""
     values = suggest(trial, sweep.space)
     trial_dir = Path(sweep.workdir) / sweep.study_name / f"trial-{trial.number:04d}"
-    run_id = tracker.start(f"trial-{trial.number}", sweep_run, {"flava.stage": "sweep-trial", "trial": str(trial.number)})
+    run_id = tracker.start(f"trial-{trial.number}", sweep_run,
+                           {"flava.stage": "sweep-trial", "trial": str(trial.number)})
     trial.set_user_attr("mlflow_run_id", run_id)
     ok = False
     try:
