@@ -21,7 +21,7 @@ def _promote(args: argparse.Namespace):
 
 def _export_hf(args: argparse.Namespace):
     from flava.eval.model_card import build_model_card
-    from flava.model.hf_export import export_hf
+    from flava.export import export_hf
 
     cfg = config_from(args)
     model_dir = Path(args.model_dir or Path(cfg.paths.models) / "joint" / "best")
