@@ -8,18 +8,21 @@ from flava.cli import config_from, stage_command
 
 
 def _evaluate(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.eval.run import run_evaluate
 
     return run_evaluate(config_from(args))
 
 
 def _promote(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.tracking.registry import run_promote
 
     return run_promote(config_from(args))
 
 
 def _export_hf(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.eval.model_card import build_model_card
     from flava.export import export_hf
 

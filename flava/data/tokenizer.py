@@ -17,6 +17,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, BertTokenizerFast
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONTINUATION = "##"
 
@@ -123,9 +126,6 @@ def fit_wordpiece(
 
     Returns the loaded ``BertTokenizerFast``. ``[PAD]`` is id 0, then ``[UNK] [CLS] [SEP] [MASK]``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
-
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError("fit_wordpiece: no non-empty texts to fit on")
@@ -158,8 +158,6 @@ def fit_wordpiece(
 
 def load_tokenizer(directory: str | Path):
     """Load a tokenizer saved with ``save_pretrained`` from a local directory (no network, ever)."""
-    from transformers import AutoTokenizer, BertTokenizerFast
-
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
