@@ -8,20 +8,23 @@ from flava.cli import config_from, stage_command
 
 
 def _evaluate(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.eval.run import run_evaluate
 
     return run_evaluate(config_from(args))
 
 
 def _promote(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.tracking.registry import run_promote
 
     return run_promote(config_from(args))
 
 
 def _export_hf(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.eval.model_card import build_model_card
-    from flava.model.hf_export import export_hf
+    from flava.export import export_hf
 
     cfg = config_from(args)
     model_dir = Path(args.model_dir or Path(cfg.paths.models) / "joint" / "best")

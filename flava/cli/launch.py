@@ -9,12 +9,14 @@ from flava.cli import config_from, stage_command
 
 
 def _sweep(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.launch.sweep import run_sweep
 
     return run_sweep(config_from(args))
 
 
 def _render(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.launch import k8s
 
     text = k8s.render_yaml(k8s.build_manifests(config_from(args), run_id=args.run_id))
@@ -27,6 +29,7 @@ def _render(args: argparse.Namespace):
 
 
 def _submit(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.launch import k8s
     from flava.launch.config import launch_section
 

@@ -14,6 +14,7 @@ import json
 def _run(args: argparse.Namespace) -> None:
     # Imported here: flava.pipeline pulls in MLflow and DVC (seconds), which `flava --help` and the stage
     # commands do not need.
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.config import load_config
     from flava.pipeline import WorkspaceBusy, compared_overall, outcome_lines, run_pipeline
     from flava.tracking.runs import tracking_uri

@@ -18,6 +18,7 @@ STAGES = {
 
 def _handler(stage: str):
     def run(args: argparse.Namespace):
+        # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
         from flava.distributed import is_main_process
         from flava.train.stages import run_pretrain
 

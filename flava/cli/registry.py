@@ -7,18 +7,21 @@ from flava.cli import config_from, stage_command
 
 
 def _promote(args: argparse.Namespace):
-    from flava.tracking.registry import run_registry_promote  # mlflow + torch import slowly: paid only when run
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
+    from flava.tracking.registry import run_registry_promote
 
     return run_registry_promote(config_from(args), args.version, args.reason, force=args.force)
 
 
 def _rollback(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.tracking.registry import run_registry_rollback
 
     return run_registry_rollback(config_from(args), args.reason)
 
 
 def _status(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.tracking.registry import run_registry_status
 
     return run_registry_status(config_from(args))

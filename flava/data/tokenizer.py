@@ -17,6 +17,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, BertTokenizerFast
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONTINUATION = "##"
 
@@ -43,15 +46,9 @@ def learn_wordpiece_vocab(
     vocab.extend(alphabet)
     known = set(vocab)
 
-    pair_counts: Counter = Counter()
-    where: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for idx, (w, c) in enumerate(zip(words, counts)):
-        for pair in zip(w, w[1:]):
-            pair_counts[pair] += c
-            where[pair].add(idx)
+    pair_counts, where = _count_pairs(words, counts)
     heap = [(-c, pair) for pair, c in pair_counts.items()]
     heapq.heapify(heap)
-
     while len(vocab) < vocab_size and heap:
         neg, pair = heapq.heappop(heap)
         if pair_counts.get(pair, 0) != -neg:
@@ -62,31 +59,58 @@ def learn_wordpiece_vocab(
         if merged not in known:
             vocab.append(merged)
             known.add(merged)
-        touched: set[tuple[str, str]] = set()
-        for idx in sorted(where.pop(pair, ())):
-            w, c = words[idx], counts[idx]
-            for old in zip(w, w[1:]):
-                pair_counts[old] -= c
-                touched.add(old)
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            words[idx] = out
-            for new in zip(out, out[1:]):
-                pair_counts[new] += c
-                where[new].add(idx)
-                touched.add(new)
+        touched = _merge_everywhere(pair, merged, words, counts, pair_counts, where)
         for p in touched:
             if pair_counts[p] > 0:
                 heapq.heappush(heap, (-pair_counts[p], p))
             else:
                 pair_counts.pop(p, None)
     return vocab
+
+
+def _count_pairs(words: list[list[str]], counts: list[int]) -> tuple[Counter, dict[tuple[str, str], set[int]]]:
+    """How often each adjacent pair of symbols occurs (weighted by word count), and in which words."""
+    pair_counts: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for idx, (w, c) in enumerate(zip(words, counts)):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += c
+            where[pair].add(idx)
+    return pair_counts, where
+
+
+def _merge_everywhere(
+    pair: tuple[str, str], merged: str, words: list[list[str]], counts: list[int], pair_counts: Counter,
+    where: dict[tuple[str, str], set[int]],
+) -> set[tuple[str, str]]:
+    """Replace ``pair`` by ``merged`` in every word holding it, updating ``pair_counts`` and ``where`` in place;
+    returns the pairs whose counts changed."""
+    touched: set[tuple[str, str]] = set()
+    for idx in sorted(where.pop(pair, ())):
+        w, c = words[idx], counts[idx]
+        for old in zip(w, w[1:]):
+            pair_counts[old] -= c
+            touched.add(old)
+        out = _merge_word(w, pair, merged)
+        words[idx] = out
+        for new in zip(out, out[1:]):
+            pair_counts[new] += c
+            where[new].add(idx)
+            touched.add(new)
+    return touched
+
+
+def _merge_word(word: list[str], pair: tuple[str, str], merged: str) -> list[str]:
+    """``word`` with each non-overlapping occurrence of ``pair`` (left to right) replaced by ``merged``."""
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
 
 
 def fit_wordpiece(
@@ -102,9 +126,6 @@ def fit_wordpiece(
 
     Returns the loaded ``BertTokenizerFast``. ``[PAD]`` is id 0, then ``[UNK] [CLS] [SEP] [MASK]``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
-
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError("fit_wordpiece: no non-empty texts to fit on")
@@ -137,8 +158,6 @@ def fit_wordpiece(
 
 def load_tokenizer(directory: str | Path):
     """Load a tokenizer saved with ``save_pretrained`` from a local directory (no network, ever)."""
-    from transformers import AutoTokenizer, BertTokenizerFast
-
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory {directory} does not exist")

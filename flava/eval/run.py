@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import mlflow
 import torch
 from PIL import Image
 
 from flava.config import PipelineConfig, flatten
+from flava.data.tokenizer import load_tokenizer
+from flava.data.transforms import image_transform
 from flava.eval import plots
 from flava.eval.aggregate import macro_averages, majority_rate
 from flava.eval.config import EvalConfig
@@ -33,6 +36,8 @@ from flava.eval.probe import evaluate_linear_probe
 from flava.eval.report import write_reports
 from flava.eval.retrieval import chance_recall, evaluate_retrieval
 from flava.eval.zeroshot import confusion_matrix, topk_accuracy, zeroshot_logits
+from flava.model.io import load_model
+from flava.tracking.runs import StageRun
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -169,8 +174,6 @@ def evaluate_model(
 
 def _transform_for(model: torch.nn.Module, cfg: PipelineConfig):
     """Eval transform at the loaded model's image size with the pipeline's normalisation (``data.loader``)."""
-    from flava.data.transforms import image_transform
-
     loader = cfg.data.loader
     return image_transform(
         model.config.image.image_size, train=False, mean=loader.mean, std=loader.std, resample=loader.resample
@@ -195,10 +198,6 @@ def write_plots(out_dir: Path, metrics: dict[str, Any], extras: dict[str, Any], 
 
 def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     """``flava evaluate``: writes ``paths.reports/eval/{metrics.json, run.json, plots/, report.md, report.html}``."""
-    from flava.data.tokenizer import load_tokenizer
-    from flava.model.io import load_model
-    from flava.tracking.runs import StageRun
-
     root = Path(root)
     model_dir = root / cfg.paths.models / "joint" / "best"
     eval_root = root / cfg.paths.prepared / "eval"
@@ -214,8 +213,6 @@ def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with StageRun(cfg, "evaluate", root=root) as run:
-        import mlflow
-
         mlflow.set_tags({"mlflow.runName": "evaluate", "model_dir": str(model_dir)})
         mlflow.log_params({"eval_device": str(device)})
         metrics, extras = evaluate_model(
@@ -227,24 +224,8 @@ def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         info = {"model": str(model_dir), "eval sets": str(eval_root), "mlflow run": run.run_id,
                 "params hash": cfg.digest(), "device": str(device)}
         write_reports(out_dir, metrics, info, made)
-        numeric = {
-            k: float(v) for k, v in flatten(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        mlflow.log_metrics(numeric)
-        mlflow.log_metrics({f"time_s.{k}": v for k, v in extras["timings_s"].items()})
-        mlflow.log_dict({"classnames": extras.get("classnames", []), "matrix": extras.get("confusion", [])},
-                        "confusion.json")
-        mlflow.log_artifacts(str(out_dir), "report")
-        model_uri = None
-        if cfg.eval.log_model:
-            loader = cfg.data.loader
-            model_uri = run.log_model(
-                model_dir, tokenizer_dir=model_dir / "tokenizer", embedding_dim=model.config.projection_dim,
-                preprocess={"image_size": model.config.image.image_size, "mean": list(loader.mean),
-                            "std": list(loader.std), "resample": loader.resample,
-                            "max_length": cfg.data.tokenizer.max_length},
-            )
+        _log_results(metrics, extras, out_dir)
+        model_uri = _log_model(run, cfg, model, model_dir) if cfg.eval.log_model else None
         run_info = {
             "run_id": run.run_id,
             "model_dir": str(model_dir),
@@ -255,3 +236,27 @@ def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         run.log_dict(run_info, "report/run.json")
     log.info("evaluation: macro %s", metrics["macro"])
     return {"macro": metrics["macro"], "tasks": metrics["tasks"], "run_id": run_info["run_id"]}
+
+
+def _log_results(metrics: dict[str, Any], extras: dict[str, Any], out_dir: Path) -> None:
+    """Every numeric metric, the task timings, the confusion matrix and the report directory, to the active run."""
+    numeric = {
+        k: float(v) for k, v in flatten(metrics).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    mlflow.log_metrics(numeric)
+    mlflow.log_metrics({f"time_s.{k}": v for k, v in extras["timings_s"].items()})
+    mlflow.log_dict({"classnames": extras.get("classnames", []), "matrix": extras.get("confusion", [])},
+                    "confusion.json")
+    mlflow.log_artifacts(str(out_dir), "report")
+
+
+def _log_model(run: StageRun, cfg: PipelineConfig, model: torch.nn.Module, model_dir: Path) -> str:
+    """Log the evaluated model as a servable MLflow model with its preprocessing; returns its URI."""
+    loader = cfg.data.loader
+    return run.log_model(
+        model_dir, tokenizer_dir=model_dir / "tokenizer", embedding_dim=model.config.projection_dim,
+        preprocess={"image_size": model.config.image.image_size, "mean": list(loader.mean),
+                    "std": list(loader.std), "resample": loader.resample,
+                    "max_length": cfg.data.tokenizer.max_length},
+    )

@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
 
 from flava.launch.config import DNS_LABEL, K8sConfig, launch_section
 from flava.tracking import lineage
@@ -156,7 +159,13 @@ def build_manifests(
             "ports": [{"name": "rdzv", "port": k8s.rdzv_port, "targetPort": k8s.rdzv_port, "protocol": "TCP"}],
         },
     }
+    pod_spec = _pod_spec(cfg, k8s, name, list(overrides), parent_run_id)
+    template = {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": _job_spec(k8s, template)}
+    return [copy.deepcopy(m) for m in (config_map, service, job)]  # callers may edit one without the others
 
+
+def _resources(k8s: K8sConfig) -> dict[str, dict[str, str]]:
     resources: dict[str, dict[str, str]] = {
         "requests": {"cpu": k8s.cpu, "memory": k8s.memory},
         "limits": {"memory": k8s.memory},
@@ -164,6 +173,11 @@ def build_manifests(
     if k8s.gpus_per_node:
         resources["limits"]["nvidia.com/gpu"] = str(k8s.gpus_per_node)
         resources["requests"]["nvidia.com/gpu"] = str(k8s.gpus_per_node)
+    return resources
+
+
+def _pod_spec(cfg, k8s: K8sConfig, name: str, overrides: list[str], parent_run_id: str | None) -> dict[str, Any]:
+    """One trainer container running torchrun, with the workspace, the params ConfigMap and a RAM-backed /dev/shm."""
     workspace = (
         {"name": "workspace", "persistentVolumeClaim": {"claimName": k8s.workspace_pvc}}
         if k8s.workspace_pvc else {"name": "workspace", "emptyDir": {}}
@@ -176,10 +190,10 @@ def build_manifests(
             "image": k8s.image,
             "imagePullPolicy": k8s.image_pull_policy,
             "workingDir": k8s.workdir,
-            "command": torchrun_command(k8s, name, list(overrides)),
+            "command": torchrun_command(k8s, name, overrides),
             "env": _env(cfg, k8s, parent_run_id),
             "ports": [{"name": "rdzv", "containerPort": k8s.rdzv_port, "protocol": "TCP"}],
-            "resources": resources,
+            "resources": _resources(k8s),
             "volumeMounts": [
                 {"name": "workspace", "mountPath": k8s.workdir},
                 {"name": "params", "mountPath": k8s.config_mount, "readOnly": True},
@@ -198,7 +212,11 @@ def build_manifests(
         pod_spec["nodeSelector"] = dict(k8s.node_selector)
     if k8s.tolerations:
         pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in k8s.tolerations]
+    return pod_spec
 
+
+def _job_spec(k8s: K8sConfig, template: dict[str, Any]) -> dict[str, Any]:
+    """Indexed completions, one pod per node; disruptions do not count against ``backoffLimit``."""
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": k8s.nodes,
@@ -208,14 +226,13 @@ def build_manifests(
             # Preempted/evicted pods are replaced without counting as failures; training resumes from checkpoints.
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},
-        "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
+        "template": template,
     }
     if k8s.ttl_after_finished_s is not None:
         job_spec["ttlSecondsAfterFinished"] = k8s.ttl_after_finished_s
     if k8s.active_deadline_s is not None:
         job_spec["activeDeadlineSeconds"] = k8s.active_deadline_s
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
-    return [copy.deepcopy(m) for m in (config_map, service, job)]  # callers may edit one without the others
+    return job_spec
 
 
 class _BlockDumper(yaml.SafeDumper):
@@ -241,9 +258,6 @@ def render_yaml(manifests: list[dict[str, Any]]) -> str:
 
 def api_client(k8s: K8sConfig):
     """An ApiClient from the in-cluster service account, else from the kubeconfig (``launch.k8s.kube_context``)."""
-    from kubernetes import client, config
-    from kubernetes.config.config_exception import ConfigException
-
     configuration = client.Configuration()
     try:
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -277,9 +291,6 @@ def submit(manifests: list[dict[str, Any]], namespace: str | None = None, *, api
 
     A name clash raises ``ValueError``; if a dependent object cannot be created the Job is deleted again.
     """
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
     kinds = _by_kind(manifests)
     namespace = namespace or kinds["Job"]["metadata"].get("namespace") or "default"
     api = api or client.ApiClient()
@@ -340,8 +351,6 @@ def wait(
     clock: Callable[[], float] = time.monotonic,
 ) -> JobStatus:
     """Poll the Job's status until it completes or fails; ``TimeoutError`` after ``timeout_s``."""
-    from kubernetes import client
-
     batch = client.BatchV1Api(api or client.ApiClient())
     deadline = clock() + timeout_s
     while True:
@@ -361,8 +370,6 @@ def wait(
 
 def logs(job: SubmittedJob, *, api=None, tail_lines: int | None = None) -> dict[str, str]:
     """Trainer logs of every pod of the Job, keyed by pod name, in completion-index then creation order."""
-    from kubernetes import client
-
     core = client.CoreV1Api(api or client.ApiClient())
     pods = core.list_namespaced_pod(job.namespace, label_selector=f"{RUN_LABEL}={job.name}").items
 

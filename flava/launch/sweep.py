@@ -22,9 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import optuna
+from mlflow.tracking import MlflowClient
+
 from flava.config import apply_overrides
 from flava.launch.config import SearchParam, SweepConfig, launch_section
 from flava.tracking import lineage
+from flava.tracking.runs import tracking_uri
+from flava.train.stages import run_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +38,7 @@ UNIMODAL = ("text", "image")  # encoders under paths.models that the joint stage
 
 
 def run_joint_stage(cfg) -> dict[str, Any]:
-    """The joint stage itself (imported lazily: the sweep machinery does not need torch to load)."""
-    from flava.train.stages import run_pretrain
-
+    """The joint stage itself (tests replace it with a cheap function of the sampled values)."""
     return run_pretrain(cfg, "joint")
 
 
@@ -104,10 +107,6 @@ class _Tracker:
     """MLflow runs through the client API, so no fluent run is active while a trial's stage opens its own."""
 
     def __init__(self, cfg):
-        from mlflow.tracking import MlflowClient
-
-        from flava.tracking.runs import tracking_uri
-
         uri = tracking_uri(cfg)
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
@@ -140,8 +139,6 @@ def _parent_env(run_id: str) -> Iterator[None]:
 
 
 def _fail_stale(study) -> int:
-    import optuna
-
     stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     for t in stale:
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
@@ -150,25 +147,9 @@ def _fail_stale(study) -> int:
 
 def run_sweep(cfg, *, sweep: SweepConfig | None = None) -> dict[str, Any]:
     """Run (or resume) the study until ``n_trials`` trials completed; write ``paths.reports/sweep.json``."""
-    import optuna
-
     sweep = sweep if sweep is not None else launch_section(cfg).sweep
     check_space(cfg, sweep.space)
-    workdir = Path(sweep.workdir) / sweep.study_name
-    study = optuna.create_study(
-        study_name=sweep.study_name,
-        storage=_storage_url(sweep.storage),
-        direction=sweep.direction,
-        load_if_exists=True,
-    )
-    stale = _fail_stale(study)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    seed = cfg.seed if sweep.seed is None else sweep.seed
-    # Offset by the history so a resumed study does not replay the first run's random start-up points.
-    study.sampler = optuna.samplers.TPESampler(
-        seed=seed + len(study.trials), n_startup_trials=sweep.n_startup_trials
-    )
-
+    study, stale, done = _open_study(cfg, sweep)
     tracker = _Tracker(cfg)
     sweep_run = tracker.start(
         f"sweep-{sweep.study_name}",
@@ -178,48 +159,14 @@ def run_sweep(cfg, *, sweep: SweepConfig | None = None) -> dict[str, Any]:
     )
     tracker.client.log_param(sweep_run, "sweep.space", json.dumps([p.model_dump() for p in sweep.space]))
 
-    def objective(trial) -> float:
-        values = suggest(trial, sweep.space)
-        trial_dir = workdir / f"trial-{trial.number:04d}"
-        run_id = tracker.start(f"trial-{trial.number}", sweep_run,
-                               {"flava.stage": "sweep-trial", "trial": str(trial.number)})
-        trial.set_user_attr("mlflow_run_id", run_id)
-        ok = False
-        try:
-            for key, value in values.items():
-                tracker.client.log_param(run_id, key, value)
-            tcfg = trial_config(cfg, sweep, values, trial_dir)
-            _link_encoders(cfg, trial_dir)
-            with _parent_env(run_id):
-                result = run_joint_stage(tcfg)
-            if sweep.metric not in result:
-                raise ValueError(
-                    f"launch.sweep.metric {sweep.metric!r} is not in the joint stage's result {sorted(result)}"
-                )
-            if result[sweep.metric] is None:
-                raise ValueError(
-                    f"the joint stage evaluated nothing ({sweep.metric} is None): keep train.eval_every at most "
-                    f"train.joint.steps in launch.sweep.trial_overrides"
-                )
-            value = float(result[sweep.metric])
-            if not math.isfinite(value):
-                raise RuntimeError(f"trial {trial.number}: {sweep.metric} is {value}")
-            tracker.client.log_metric(run_id, sweep.metric, value)
-            ok = True
-            return value
-        finally:
-            tracker.finish(run_id, ok)
-            if not sweep.keep_trial_models:
-                for sub in ("models", "checkpoints"):
-                    shutil.rmtree(trial_dir / sub, ignore_errors=True)
-
-    remaining = sweep.n_trials - len(done)
+    remaining = sweep.n_trials - done
     ok = False
     try:
         if remaining > 0:
-            log.info("study %s: %d trial(s) done, running %d more", sweep.study_name, len(done), remaining)
+            log.info("study %s: %d trial(s) done, running %d more", sweep.study_name, done, remaining)
             # A diverging trial (RuntimeError) fails alone; a config error (ValueError) stops the sweep.
-            study.optimize(objective, n_trials=remaining, timeout=sweep.timeout_s, catch=(RuntimeError,))
+            study.optimize(lambda trial: _run_trial(trial, cfg, sweep, tracker, sweep_run),
+                           n_trials=remaining, timeout=sweep.timeout_s, catch=(RuntimeError,))
         summary = report(cfg, sweep, study, stale)
         tracker.client.log_metric(sweep_run, f"best_{sweep.metric}", summary["best_value"])
         for key, value in summary["best_params"].items():
@@ -231,6 +178,66 @@ def run_sweep(cfg, *, sweep: SweepConfig | None = None) -> dict[str, Any]:
         tracker.finish(sweep_run, ok)
 
 
+def _open_study(cfg, sweep: SweepConfig) -> tuple[optuna.Study, int, int]:
+    """The study, created or resumed: ``(study, trials marked failed as stale, trials complete)``."""
+    study = optuna.create_study(
+        study_name=sweep.study_name,
+        storage=_storage_url(sweep.storage),
+        direction=sweep.direction,
+        load_if_exists=True,
+    )
+    stale = _fail_stale(study)
+    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    seed = cfg.seed if sweep.seed is None else sweep.seed
+    # Offset by the history so a resumed study does not replay the first run's random start-up points.
+    study.sampler = optuna.samplers.TPESampler(
+        seed=seed + len(study.trials), n_startup_trials=sweep.n_startup_trials
+    )
+    return study, stale, done
+
+
+def _run_trial(trial: optuna.Trial, cfg, sweep: SweepConfig, tracker: _Tracker, sweep_run: str) -> float:
+    """One trial: the joint stage on the trial's config, in its own MLflow run nested under the sweep's."""
+    values = suggest(trial, sweep.space)
+    trial_dir = Path(sweep.workdir) / sweep.study_name / f"trial-{trial.number:04d}"
+    run_id = tracker.start(f"trial-{trial.number}", sweep_run,
+                           {"flava.stage": "sweep-trial", "trial": str(trial.number)})
+    trial.set_user_attr("mlflow_run_id", run_id)
+    ok = False
+    try:
+        for key, value in values.items():
+            tracker.client.log_param(run_id, key, value)
+        tcfg = trial_config(cfg, sweep, values, trial_dir)
+        _link_encoders(cfg, trial_dir)
+        with _parent_env(run_id):
+            result = run_joint_stage(tcfg)
+        value = _objective_value(result, sweep, trial.number)
+        tracker.client.log_metric(run_id, sweep.metric, value)
+        ok = True
+        return value
+    finally:
+        tracker.finish(run_id, ok)
+        if not sweep.keep_trial_models:
+            for sub in ("models", "checkpoints"):
+                shutil.rmtree(trial_dir / sub, ignore_errors=True)
+
+
+def _objective_value(result: dict[str, Any], sweep: SweepConfig, number: int) -> float:
+    """``launch.sweep.metric`` of a joint stage's result: ValueError (stops the sweep) if the config cannot give
+    it, RuntimeError (fails this trial only) if the run diverged."""
+    if sweep.metric not in result:
+        raise ValueError(f"launch.sweep.metric {sweep.metric!r} is not in the joint stage's result {sorted(result)}")
+    if result[sweep.metric] is None:
+        raise ValueError(
+            f"the joint stage evaluated nothing ({sweep.metric} is None): keep train.eval_every at most "
+            f"train.joint.steps in launch.sweep.trial_overrides"
+        )
+    value = float(result[sweep.metric])
+    if not math.isfinite(value):
+        raise RuntimeError(f"trial {number}: {sweep.metric} is {value}")
+    return value
+
+
 def apply_best(cfg, result: dict[str, Any]):
     """``cfg`` with a sweep's best params applied (what the joint stage trains with after a sweep)."""
     return type(cfg).model_validate(apply_overrides(cfg.model_dump(mode="json"), result["best_overrides"]))
@@ -238,8 +245,6 @@ def apply_best(cfg, result: dict[str, Any]):
 
 def report(cfg, sweep: SweepConfig, study, stale: int = 0) -> dict[str, Any]:
     """Write ``paths.reports/<launch.sweep.report>`` and return its summary."""
-    import optuna
-
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise RuntimeError(f"study {sweep.study_name}: no trial completed; see the failed trials' logs")

@@ -44,7 +44,6 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -56,8 +55,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from flava.config import PipelineConfig
 from flava.distributed import ProcessInfo
-from flava.eval.aggregate import DOMAINS, macro_averages
 from flava.eval.config import RegistryConfig
+from flava.eval.gate import Decision, gate, macros
 from flava.model.io import WEIGHTS
 from flava.tracking.runs import DVC_EXP_ENV, stage_run, stage_tags, tracking_uri
 
@@ -72,78 +71,6 @@ LEGACY_REASONS_TAG = "promotion.reasons"  # versions registered before the detai
 METRICS_ARTIFACT = "registry/metrics.json"  # in the version's evaluation run: what the gate re-reads
 SKIPPED = "skipped"
 ROLLED_BACK = "rolled_back"
-
-
-# ----------------------------------------------------------------------------------------------- the gate (pure)
-@dataclass
-class Decision:
-    promote: bool
-    reasons: list[str] = field(default_factory=list)
-    deltas: dict[str, float] = field(default_factory=dict)
-
-
-def _macro(metrics: dict[str, Any]) -> dict[str, float]:
-    macro = metrics.get("macro")
-    if not isinstance(macro, dict) or "overall" not in macro:
-        raise ValueError("evaluation metrics lack 'macro.overall' (run `flava evaluate` first)")
-    return {k: float(v) for k, v in macro.items() if isinstance(v, (int, float))}
-
-
-def above_chance(score: float, chance: float, rcfg: RegistryConfig) -> bool:
-    """Strictly above chance: by more than ``chance_margin`` plus the stated float tolerance ``chance_tolerance``."""
-    return score > chance + rcfg.chance_margin + rcfg.chance_tolerance
-
-
-def gate(candidate: dict[str, Any], champion: dict[str, Any] | None, rcfg: RegistryConfig) -> Decision:
-    """Decide whether ``candidate`` (an evaluation metrics dict) replaces ``champion`` (or becomes the first)."""
-    cand = _macro(candidate)
-    if champion is None:
-        return _chance_gate(candidate, rcfg)
-    champ = _macro(champion)
-    reasons = []
-    deltas = {"overall": cand["overall"] - champ["overall"]}
-    if deltas["overall"] < rcfg.margin or deltas["overall"] <= 0:
-        reasons.append(
-            f"overall macro {cand['overall']:.4f} is not better than champion {champ['overall']:.4f} "
-            f"by margin {rcfg.margin}"
-        )
-    for domain in DOMAINS:
-        if domain not in champ:
-            continue
-        if domain not in cand:
-            reasons.append(f"{domain}: not evaluated, champion has {champ[domain]:.4f}")
-            continue
-        deltas[domain] = cand[domain] - champ[domain]
-        if deltas[domain] < -rcfg.domain_tolerance:
-            reasons.append(
-                f"{domain} macro {cand[domain]:.4f} is worse than champion {champ[domain]:.4f} "
-                f"by more than tolerance {rcfg.domain_tolerance}"
-            )
-    return Decision(not reasons, reasons, deltas)
-
-
-def _chance_gate(candidate: dict[str, Any], rcfg: RegistryConfig) -> Decision:
-    tasks, chance = candidate.get("tasks") or {}, candidate.get("chance") or {}
-    if not tasks:
-        raise ValueError("evaluation metrics lack per-task scores 'tasks'")
-    missing = sorted(set(tasks) - set(chance))
-    if missing:
-        raise ValueError(f"evaluation metrics lack the chance baseline of tasks {missing}")
-    deltas = {task: float(tasks[task]) - float(chance[task]) for task in tasks}
-    bar = f"by more than {rcfg.chance_margin} + tolerance {rcfg.chance_tolerance}"
-    if rcfg.chance_rule == "macro":
-        cand_macro = macro_averages({t: float(v) for t, v in tasks.items()})["overall"]
-        chance_macro = macro_averages({t: float(chance[t]) for t in tasks})["overall"]
-        deltas["overall"] = cand_macro - chance_macro
-        ok = above_chance(cand_macro, chance_macro, rcfg)
-        reasons = [] if ok else [f"overall macro {cand_macro:.6f} does not beat the chance macro "
-                                 f"{chance_macro:.6f} {bar}"]
-        return Decision(ok, reasons, deltas)
-    reasons = [
-        f"{task}: {float(tasks[task]):.6f} does not beat chance {float(chance[task]):.6f} {bar}"
-        for task in sorted(tasks) if not above_chance(float(tasks[task]), float(chance[task]), rcfg)
-    ]
-    return Decision(not reasons, reasons, deltas)
 
 
 # ----------------------------------------------------------------------------------------------------- the lock
@@ -232,7 +159,7 @@ def _details_artifact(name: str, version: int | str) -> str:
 def _description(details: dict[str, Any]) -> str:
     """A version's description: the decision, what it was compared with, per-task scores and the reasons."""
     metrics = details["metrics"]
-    macro = _macro(metrics)
+    macro = macros(metrics)
     head = f"**{details['decision']}**: overall macro {macro['overall']:.4f}"
     if details.get("compared_to"):
         delta = details["deltas"].get("overall")  # none when a crashed promotion is repaired
@@ -328,7 +255,7 @@ def promote(
     weights is reused with its recorded decision. Returns a JSON-serialisable summary (``promotion.json``).
     """
     name = rcfg.model_name
-    _macro(metrics)  # fail early, before taking the lock, on metrics that cannot be gated
+    macros(metrics)  # fail early, before taking the lock, on metrics that cannot be gated
     with exclusive_lock(lock_file, rcfg.lock_timeout_s):
         _ensure_registered_model(client, name)
         version = _version_tagged(client, name, EVAL_RUN_TAG, eval_run_id)
@@ -342,7 +269,7 @@ def promote(
             model_id = model_source.removeprefix("models:/") if model_source.startswith("models:/m-") else None
             version = client.create_model_version(name, model_source, run_id=eval_run_id, model_id=model_id, tags={
                 EVAL_RUN_TAG: eval_run_id, WEIGHTS_TAG: weights_sha256 or "unknown",
-                OVERALL_TAG: f"{_macro(metrics)['overall']:.4f}",
+                OVERALL_TAG: f"{macros(metrics)['overall']:.4f}",
             })
         else:
             metrics = version_metrics(client, version)  # a crashed earlier call: gate what was registered
@@ -546,34 +473,13 @@ def run_promote(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     ``eval.registry.register_experiments`` is true: the decision is ``skipped``, with the reason."""
     root = Path(root)
     reports = root / cfg.paths.reports
-    metrics_file = reports / "eval" / "metrics.json"
     run_file = reports / "eval" / "run.json"
-    for path in (metrics_file, run_file):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run `flava evaluate` first")
-    metrics = json.loads(metrics_file.read_text())
-    run_info = json.loads(run_file.read_text())
-    eval_run_id = run_info.get("run_id")
-    if not eval_run_id:
-        raise ValueError(f"{run_file} has no MLflow 'run_id' of the evaluation")
-    source = run_info.get("model_uri")
-    if not source:
-        raise ValueError(f"{run_file}: the evaluation logged no model (eval.log_model is false), "
-                         "so there is nothing to register")
+    metrics, run_info = _read_evaluation(reports / "eval" / "metrics.json", run_file)
+    eval_run_id = run_info["run_id"]
     rcfg = cfg.eval.registry
     experiment = os.environ.get(DVC_EXP_ENV)
     if experiment and not rcfg.register_experiments:
-        result = {
-            "model_name": rcfg.model_name, "version": None, "decision": SKIPPED, "promoted": False, "changed": False,
-            "reasons": [f"DVC experiment {experiment!r}: the shared registry is left alone "
-                        "(set eval.registry.register_experiments=true to register experiments)"],
-            "eval_run_id": eval_run_id,
-        }
-        with stage_run(cfg, "promote", root) as run:
-            run.set_tags({DECISION_TAG: SKIPPED, "dvc_experiment": experiment})
-            write_json_atomic(reports / "promotion.json", result)
-            run.log_artifact(reports / "promotion.json")
-        return result
+        return _skip_experiment(cfg, root, experiment, eval_run_id)
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)  # model sources such as models:/m-... resolve through the fluent store
     client = MlflowClient(uri)
@@ -583,16 +489,10 @@ def run_promote(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     if not weights.is_file():
         raise FileNotFoundError(f"weights {weights} of the evaluated model not found (model_dir in {run_file}): "
                                 "`dvc pull` or `dvc repro joint`")
-    lineage = stage_tags(cfg, "promote", ProcessInfo(), root)
-    for key in ("flava.stage", "world_size"):
-        lineage.pop(key, None)
-    lineage["eval_params_hash"] = eval_run.data.tags.get("params_hash", "")
-    parents = [p for p in (eval_run.data.tags.get("mlflow.parentRunId"), lineage.pop("parent_run_id", None)) if p]
-    lineage["parent_run_ids"] = ",".join(dict.fromkeys(parents))
-    lineage["model_dir"] = str(model_dir)
+    lineage = _promotion_lineage(cfg, root, eval_run, model_dir)
     with stage_run(cfg, "promote", root) as run:
         result = promote(
-            client, metrics=metrics, eval_run_id=eval_run_id, model_source=source, rcfg=rcfg,
+            client, metrics=metrics, eval_run_id=eval_run_id, model_source=run_info["model_uri"], rcfg=rcfg,
             lock_file=lock_path(uri, rcfg, root), tags=lineage, weights_sha256=sha256_file(weights),
         )
         result["eval_run_id"] = eval_run_id
@@ -603,6 +503,50 @@ def run_promote(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         write_json_atomic(reports / "promotion.json", result)
         run.log_artifact(reports / "promotion.json")
     return result
+
+
+def _read_evaluation(metrics_file: Path, run_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``flava evaluate``'s metrics and run record, checked to name an MLflow run that logged a model."""
+    for path in (metrics_file, run_file):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `flava evaluate` first")
+    metrics = json.loads(metrics_file.read_text())
+    run_info = json.loads(run_file.read_text())
+    if not run_info.get("run_id"):
+        raise ValueError(f"{run_file} has no MLflow 'run_id' of the evaluation")
+    if not run_info.get("model_uri"):
+        raise ValueError(f"{run_file}: the evaluation logged no model (eval.log_model is false), "
+                         "so there is nothing to register")
+    return metrics, run_info
+
+
+def _skip_experiment(cfg: PipelineConfig, root: Path, experiment: str, eval_run_id: str) -> dict[str, Any]:
+    """The ``skipped`` decision of a DVC experiment, recorded in ``promotion.json`` and a promote run."""
+    rcfg = cfg.eval.registry
+    result = {
+        "model_name": rcfg.model_name, "version": None, "decision": SKIPPED, "promoted": False, "changed": False,
+        "reasons": [f"DVC experiment {experiment!r}: the shared registry is left alone "
+                    "(set eval.registry.register_experiments=true to register experiments)"],
+        "eval_run_id": eval_run_id,
+    }
+    reports = root / cfg.paths.reports
+    with stage_run(cfg, "promote", root) as run:
+        run.set_tags({DECISION_TAG: SKIPPED, "dvc_experiment": experiment})
+        write_json_atomic(reports / "promotion.json", result)
+        run.log_artifact(reports / "promotion.json")
+    return result
+
+
+def _promotion_lineage(cfg: PipelineConfig, root: Path, eval_run, model_dir: Path) -> dict[str, str]:
+    """Lineage facts kept with the version: this run's tags, the evaluation's params hash and parent runs."""
+    lineage = stage_tags(cfg, "promote", ProcessInfo(), root)
+    for key in ("flava.stage", "world_size"):
+        lineage.pop(key, None)
+    lineage["eval_params_hash"] = eval_run.data.tags.get("params_hash", "")
+    parents = [p for p in (eval_run.data.tags.get("mlflow.parentRunId"), lineage.pop("parent_run_id", None)) if p]
+    lineage["parent_run_ids"] = ",".join(dict.fromkeys(parents))
+    lineage["model_dir"] = str(model_dir)
+    return lineage
 
 
 def _client_and_lock(cfg: PipelineConfig, root: str | Path) -> tuple[MlflowClient, Path]:

@@ -15,7 +15,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from flava.data.config import DataConfig  # noqa: E402
 from flava.model import FlavaForPretraining, preset  # noqa: E402
 from flava.model.codebook import KMeansCodebook  # noqa: E402
-from flava.model.hf_export import export_hf  # noqa: E402
+from flava.export import export_hf  # noqa: E402
 from flava.model.io import save_model  # noqa: E402
 
 TOL = 1e-4

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from flava.eval.config import RegistryConfig
-from flava.tracking.registry import exclusive_lock, gate, lock_path, metrics_from_tags
+from flava.eval.gate import gate
+from flava.tracking.registry import exclusive_lock, lock_path, metrics_from_tags
 
 
 def _metrics(overall, vision=None, language=None, multimodal=None, tasks=None, chance=None):
