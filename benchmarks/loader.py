@@ -129,7 +129,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 def run_scenario(name: str, args, tmp: Path) -> dict:
     base = tmp / name
-    image_size = PipelineConfig.model_validate({"model": {"preset": args.preset}}).model.build().image.image_size
+    image_size = PipelineConfig.model_validate({"model": {"preset": args.preset}}).model.resolved.image.image_size
     photo = name == "local-photos"
     rows = make_corpus(base, args.samples, args.photo_size if photo else image_size, "jpg" if photo else "png")
     shards_root = str(base / "shards")

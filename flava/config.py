@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from flava.configbase import StrictModel
 from flava.data.config import DataConfig
@@ -54,6 +54,17 @@ class PipelineConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _texts_fit_the_model(self):
+        positions = self.model.resolved.text.max_position_embeddings
+        if self.data.tokenizer.max_length > positions:
+            raise ValueError(
+                f"data.tokenizer.max_length ({self.data.tokenizer.max_length}) exceeds the model's text positions "
+                f"({positions}, model.preset {self.model.preset!r}): lower it or raise "
+                "model.overrides.text.max_position_embeddings"
+            )
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Flattened ``{"a.b.c": value}`` view, as logged to MLflow params."""

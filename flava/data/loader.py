@@ -24,7 +24,6 @@ Evaluation turns image paths into pixel batches with the same transform:
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -37,8 +36,6 @@ from flava.data.transforms import image_transform, model_image_geometry, transfo
 
 if TYPE_CHECKING:
     from flava.config import PipelineConfig
-
-log = logging.getLogger(__name__)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -261,12 +258,6 @@ def build_stream(
         image_size, patch = model_image_geometry(cfg)
         transform = transform_from_config(cfg, train=True)
         grid = (image_size // patch, image_size // patch)
-    max_length = cfg.data.tokenizer.max_length
-    positions = getattr(getattr(cfg.model.build(), "text", None), "max_position_embeddings", None)
-    if positions is not None and max_length > positions:
-        log.warning("data.tokenizer.max_length %d > the model's %d text positions: using %d",
-                    max_length, positions, positions)
-        max_length = positions
     codebook_transform = None
     downsample = getattr(codebook, "downsample", None)
     if kind != "text" and downsample:
@@ -275,7 +266,8 @@ def build_stream(
             resample=lc.resample,
         )
     collator = Collator(kind=kind, transform=transform, grid=grid, masking=cfg.data.masking, tokenizer=tokenizer,
-                        max_length=max_length, pad_to_max_length=lc.pad_to_max_length, include_keys=include_keys,
+                        max_length=cfg.data.tokenizer.max_length, pad_to_max_length=lc.pad_to_max_length,
+                        include_keys=include_keys,
                         codebook_transform=codebook_transform, codebook_eps=lc.codebook_pixel_eps)
     index = load_index(cfg.paths.shards, corpus, s3=cfg.data.shards.s3)
     dataset = ShardDataset(root=cfg.paths.shards, corpus=corpus, index=index, collator=collator,

@@ -1,7 +1,7 @@
 """Typed config of the streaming side: shards, fitting, transforms, masking, loaders, mixing.
 
 Defaults are the embedded (synthetic, small) pipeline's values. The image size and patch size are not repeated
-here: they come from the model preset (``cfg.model.build()``), so data and model cannot disagree.
+here: they come from the resolved model config (``cfg.model.resolved``), so data and model cannot disagree.
 """
 from __future__ import annotations
 

@@ -156,13 +156,9 @@ def image_transform(
 
 
 def model_image_geometry(cfg: "PipelineConfig") -> tuple[int, int]:
-    """(image_size, patch_size) of the configured model preset, the single source of both."""
-    built = cfg.model.build()
-    image_cfg = getattr(built, "image", None) or getattr(built, "image_config", None) or built
-    try:
-        return int(image_cfg.image_size), int(image_cfg.patch_size)
-    except AttributeError as err:
-        raise ValueError(f"model config {type(built).__name__} exposes no image_size/patch_size") from err
+    """(image_size, patch_size) of the configured model, the single source of both."""
+    image = cfg.model.resolved.image
+    return image.image_size, image.patch_size
 
 
 def transform_from_config(cfg: "PipelineConfig", *, train: bool) -> ImageTransform:

@@ -20,9 +20,7 @@ def default_transform(model: torch.nn.Module) -> Callable[[Image.Image], torch.T
     from flava.data.stream_config import LoaderConfig
     from flava.data.transforms import image_transform
 
-    config = getattr(model, "config", None)
-    image_cfg = getattr(config, "image", None) or getattr(config, "image_config", None) or config
-    size = getattr(image_cfg, "image_size", None)
+    size = getattr(getattr(getattr(model, "config", None), "image", None), "image_size", None)
     if not isinstance(size, int):
         raise ValueError(f"{type(model).__name__} exposes no config.image.image_size; pass transform=...")
     loader = LoaderConfig()

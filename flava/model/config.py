@@ -8,16 +8,17 @@ codebook size, attention kernel). ``preset(name)`` returns one of
 - ``small``: the embedded default pipeline (64 px, patch 8, width 192, 4 image + 4 text + 2 multimodal layers);
 - ``base``: the paper's FLAVA (ViT-B/16 at 224 px, 768 wide, 12 + 12 + 6 layers, BERT vocabulary, DALL-E codebook).
 
-``ModelSection`` is the ``model:`` section of ``params.yaml``: a preset name plus nested ``overrides``; its
-``build(vocab_size=..., codebook_size=...)`` applies them together with the values fixed by earlier stages (the
-fitted tokenizer's vocabulary, the fitted codebook's size). Every validation error names the offending field.
+``ModelSection`` is the ``model:`` section of ``params.yaml``: a preset name plus nested ``overrides``, resolved
+at parse time into a typed ``FlavaConfig`` (``resolved``); ``build(vocab_size=..., codebook_size=...)`` adds the
+values fixed by earlier stages (the fitted tokenizer's vocabulary, the fitted codebook's size). Every validation
+error names the offending field.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from flava.configbase import StrictModel, deep_merge
 
@@ -149,7 +150,7 @@ class FlavaConfig(StrictModel):
 
 _TINY: dict[str, Any] = {
     "image": dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-    "text": dict(vocab_size=64, max_position_embeddings=16, hidden_size=32, num_layers=2, num_heads=2,
+    "text": dict(vocab_size=64, max_position_embeddings=32, hidden_size=32, num_layers=2, num_heads=2,
                  intermediate_size=64),
     "multimodal": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
     "projection_dim": 16,
@@ -196,22 +197,37 @@ def preset(name: str, overrides: dict[str, Any] | None = None) -> FlavaConfig:
 
 class ModelSection(StrictModel):
     """The ``model:`` section of params.yaml: a named preset plus nested field overrides, e.g.
-    ``overrides: {image: {num_layers: 6}, loss: {itm: 0}}``."""
+    ``overrides: {image: {num_layers: 6}, loss: {itm: 0}}``.
+
+    The preset and overrides are resolved once, when the section is parsed, into the typed ``resolved``
+    ``FlavaConfig`` that every reader shares (the data stages take the image size and text positions from it);
+    an invalid override fails the parse, naming its field.
+    """
 
     preset: Literal["tiny", "small", "base"] = "small"
     overrides: dict[str, Any] = Field(default_factory=dict)
+    _resolved: FlavaConfig = PrivateAttr()
 
     @model_validator(mode="after")
-    def _overrides_validate(self):
-        self.build()  # fail at parse time, naming the field, rather than when a stage builds the model
+    def _resolve(self):
+        self._resolved = _validate(deep_merge(PRESETS[self.preset], self.overrides), self.preset)
         return self
 
+    @property
+    def resolved(self) -> FlavaConfig:
+        """The effective model config of ``preset`` and ``overrides`` (before the fitted sizes of ``build``)."""
+        # Reading the resolved config reads both keys it derives from, so ``flava.config.ReadRecorder`` sees
+        # them; a copy keeps the shared instance unchanged by callers.
+        _ = self.preset, self.overrides
+        return self._resolved.model_copy(deep=True)
+
     def build(self, vocab_size: int | None = None, codebook_size: int | None = None) -> FlavaConfig:
-        """The effective ``FlavaConfig``: preset, then overrides, then the values fixed by earlier stages
+        """The config the model is built from: ``resolved`` with the values fixed by earlier stages
         (``vocab_size`` from the fitted tokenizer, ``codebook_size`` from the fitted codebook)."""
-        tree = deep_merge(PRESETS[self.preset], self.overrides)
+        fitted: dict[str, Any] = {}
         if vocab_size is not None:
-            tree = deep_merge(tree, {"text": {"vocab_size": int(vocab_size)}})
+            fitted["text"] = {"vocab_size": int(vocab_size)}
         if codebook_size is not None:
-            tree["codebook_size"] = int(codebook_size)
-        return _validate(tree, self.preset)
+            fitted["codebook_size"] = int(codebook_size)
+        resolved = self.resolved
+        return _validate(deep_merge(resolved.model_dump(), fitted), self.preset) if fitted else resolved

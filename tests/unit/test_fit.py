@@ -26,8 +26,8 @@ def test_fit_writes_tokenizer_codebook_and_report(tmp_path):
     assert tok.unk_token_id not in tok("a purple star left of a green circle")["input_ids"]
     cb = load_codebook(art / "codebook")
     assert isinstance(cb, KMeansCodebook) and cb.num_codes == 16
-    image_size = cfg.model.build().image.image_size
-    assert cb.patch_size == cfg.model.build().image.patch_size == metrics["patch_size"]
+    image_size = cfg.model.resolved.image.image_size
+    assert cb.patch_size == cfg.model.resolved.image.patch_size == metrics["patch_size"]
     assert cb(torch.zeros(1, 3, image_size, image_size)).shape == (1, (image_size // cb.patch_size) ** 2)
     assert metrics["codebook_images"] == 18 and metrics["codebook_codes_used"] > 1
     assert json.loads((art / "fit.json").read_text())["codebook_size"] == 16

@@ -47,7 +47,7 @@ def test_batch_layout_per_corpus(world):
     assert pair["pixel_values"].shape == (4, 3, image_size, image_size) and pair["pixel_values"].dtype == torch.float32
     assert pair["image_mask"].shape == (4, grid * grid) and pair["image_mask"].dtype == torch.bool
     assert (pair["image_mask"].sum(1) == round(0.4 * grid * grid)).all()
-    t = cfg.model.build().text.max_position_embeddings  # default max_length 32 is clamped to the model's 16
+    t = cfg.data.tokenizer.max_length  # every text tensor is padded to it
     for key in ("input_ids", "input_ids_masked", "attention_mask", "mlm_labels"):
         assert pair[key].shape == (4, t) and pair[key].dtype == torch.long
     assert (pair["mlm_labels"][pair["attention_mask"] == 0] == IGNORE_INDEX).all()

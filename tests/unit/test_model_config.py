@@ -66,6 +66,24 @@ def test_unknown_preset_is_rejected():
 
 def test_params_yaml_model_section_rejects_bad_override_naming_it():
     cfg = load_config(ROOT / "params.yaml")
-    assert isinstance(cfg.model.build(), FlavaConfig)
+    assert isinstance(cfg.model.resolved, FlavaConfig)
     with pytest.raises(ValueError, match="num_heads"):
         load_config(ROOT / "params.yaml", ["model.overrides.text.num_heads=7"])
+
+
+def test_model_section_is_resolved_once_at_parse_time_into_a_typed_config():
+    section = ModelSection(preset="tiny", overrides={"image": {"image_size": 48}})
+    resolved = section.resolved
+    assert isinstance(resolved, FlavaConfig)
+    assert (resolved.image.image_size, resolved.image.patch_size) == (48, 8)
+    resolved.image.image_size = 1  # a reader's copy: the section is unchanged
+    assert section.resolved.image.image_size == 48
+    assert section.build() == section.resolved
+
+
+def test_text_length_beyond_the_model_positions_fails_at_load_naming_both_keys():
+    with pytest.raises(ValueError, match=r"data\.tokenizer\.max_length \(80\).*text positions \(64"):
+        load_config(ROOT / "params.yaml", ["data.tokenizer.max_length=80"])
+    cfg = load_config(ROOT / "params.yaml", ["data.tokenizer.max_length=80",
+                                               "model.overrides.text.max_position_embeddings=80"])
+    assert cfg.model.resolved.text.max_position_embeddings == 80
