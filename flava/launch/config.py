@@ -100,52 +100,90 @@ class K8sConfig(StrictModel):
 
 
 class SearchParam(StrictModel):
-    """One dimension of the sweep: a params key (``data.mixing....``, ``train....warmup...``) and its range."""
+    """One dimension of the sweep.
+
+    - ``float`` / ``int``: a params key drawn from ``[low, high]`` (``log``: log-uniformly).
+    - ``simplex``: a mapping params key (``data.mixing.ratios``) whose ``parts`` are drawn as a point on the
+      probability simplex, uniformly (Dirichlet(1): one exponential draw per part, normalised), so the corpus
+      ratios are searched as the shares they are rather than as independent ranges renormalised afterwards.
+
+    ``fraction_of`` (``float`` only) makes the drawn value a fraction of another params key: the applied value is
+    ``round(fraction * <that key>)`` of whichever config it is applied to, so a warm-up found on short trials keeps
+    its share of the steps when the winner is applied to the full joint stage.
+    """
 
     key: str
-    low: float
-    high: float
-    kind: Literal["float", "int"] = "float"
+    kind: Literal["float", "int", "simplex"] = "float"
+    low: float | None = None
+    high: float | None = None
     log: bool = False
+    parts: list[str] = Field(default_factory=list)
+    fraction_of: str | None = None
 
     @model_validator(mode="after")
     def _range(self) -> "SearchParam":
-        if not self.low < self.high:
-            raise ValueError(f"launch.sweep.space[{self.key}]: low ({self.low}) must be below high ({self.high})")
+        where = f"launch.sweep.space[{self.key}]"
+        if self.kind == "simplex":
+            if len(self.parts) < 2 or len(set(self.parts)) != len(self.parts):
+                raise ValueError(f"{where}: a simplex needs two or more distinct parts, got {self.parts}")
+            if self.low is not None or self.high is not None or self.log or self.fraction_of:
+                raise ValueError(f"{where}: a simplex takes parts only (no low/high/log/fraction_of)")
+            return self
+        if self.parts:
+            raise ValueError(f"{where}: parts are for kind simplex only")
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{where}: low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
-            raise ValueError(f"launch.sweep.space[{self.key}]: a log range needs low > 0")
+            raise ValueError(f"{where}: a log range needs low > 0")
         if self.kind == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
-            raise ValueError(f"launch.sweep.space[{self.key}]: an int range needs whole bounds")
+            raise ValueError(f"{where}: an int range needs whole bounds")
+        if self.fraction_of and self.kind != "float":
+            raise ValueError(f"{where}: fraction_of needs kind float (the fraction is drawn)")
         return self
 
 
 def _default_space() -> list[SearchParam]:
     return [
-        # Unnormalised weights: the corpus mixer divides by their sum.
-        SearchParam(key="data.mixing.ratios.pair", low=0.2, high=1.0),
-        SearchParam(key="data.mixing.ratios.image", low=0.05, high=0.5),
-        SearchParam(key="data.mixing.ratios.text", low=0.05, high=0.5),
-        SearchParam(key="train.joint.warmup_steps", low=0, high=20, kind="int"),
+        SearchParam(key="data.mixing.ratios", kind="simplex", parts=["pair", "image", "text"]),
+        # Warm-up as a share of the joint stage's steps (the paper warms up over ~10 % of its steps).
+        SearchParam(key="train.joint.warmup_steps", low=0.0, high=0.3, fraction_of="train.joint.steps"),
     ]
 
 
 class SweepConfig(StrictModel):
-    """Optuna study over the joint stage. Each trial is a short joint run (``trial_overrides``)."""
+    """Optuna study over the joint stage. Each trial is a short joint run (``trial_overrides``).
+
+    Any number of workers (``workers`` local processes, or several ``flava sweep`` runs on a shared ``storage``)
+    cooperate on one study: the budget ``n_trials`` is the study's, each worker samples with its own seed, and a
+    trial whose worker stops beating (killed, preempted) is failed after ``grace_s`` and retried with its params.
+    """
 
     study_name: str = "flava-joint"
-    storage: str = "reports/sweep/optuna.db"  # SQLite file; the study resumes by name from it
-    n_trials: int = Field(default=6, ge=1)  # total completed trials wanted (a resumed study runs the rest)
+    # SQLite file, or an RDB URL (postgresql://...) shared by workers on several machines; resumes by name.
+    storage: str = "reports/sweep/optuna.db"
+    # Trials the study runs in all: complete, pruned, or failed by their own params (a diverging run). A trial
+    # lost with its worker does not count: it is retried (max_retry) with the same params.
+    n_trials: int = Field(default=6, ge=1)
+    workers: int = Field(default=1, ge=1)  # local worker processes (`flava sweep --workers N`), threads split
     timeout_s: float | None = Field(default=None, gt=0)
-    seed: int | None = None  # TPE seed; None = the pipeline seed
+    seed: int | None = None  # sampler seed (each worker derives its own); None = the pipeline seed
     n_startup_trials: int = Field(default=3, ge=1)  # random trials before TPE models the history
     direction: Literal["maximize", "minimize"] = "maximize"
     metric: str = "best_zeroshot_top1"  # key of the joint stage's result dict
     space: list[SearchParam] = Field(default_factory=_default_space)
     # Short trials; evaluate zero-shot often enough that every trial reports the metric.
     trial_overrides: list[str] = Field(default_factory=lambda: ["train.joint.steps=60", "train.eval_every=20"])
+    # Stop hopeless trials at their zero-shot evaluations: median (of the other trials at the same step) or
+    # hyperband (successive halving); none runs every trial to its last step.
+    pruner: Literal["none", "median", "hyperband"] = "median"
+    prune_after_steps: int = Field(default=20, ge=0)  # never prune before this step (warm-up of the pruner)
+    prune_startup_trials: int = Field(default=2, ge=0)  # median: trials that finish before any is pruned
+    heartbeat_s: int = Field(default=30, ge=1)  # a running trial records a heartbeat this often
+    grace_s: int | None = Field(default=None, ge=1)  # stale after this long without one (None: 2 x heartbeat)
+    max_retry: int = Field(default=1, ge=0)  # retries of a trial lost with its worker
     workdir: str = "reports/sweep"  # per-trial models/checkpoints/reports go under here
     keep_trial_models: bool = False
-    report: str = "sweep.json"  # written under paths.reports
+    report: str = "sweep.json"  # written under paths.reports, with plots/ beside it
 
     @model_validator(mode="after")
     def _unique_keys(self) -> "SweepConfig":

@@ -4,85 +4,78 @@ Each trial is the real joint stage (``flava.train.stages.run_pretrain(cfg, "join
 pipeline's config + ``launch.sweep.trial_overrides`` (short runs) + the sampled values, with its own models,
 checkpoints and reports directory (so no trial resumes another's checkpoint or overwrites the pipeline's
 model); the unimodal encoders it starts from are linked in. The objective is ``launch.sweep.metric`` of the
-stage's result dict (best zero-shot validation top-1).
+stage's result dict (best zero-shot validation top-1); every zero-shot evaluation on the way is reported to the
+trial, and the pruner stops hopeless trials there.
 
-The study (TPE, seeded) lives in a SQLite file and resumes by name: a re-run completes the trials still missing
-up to ``n_trials``. One worker per study: trials left RUNNING by a killed worker are marked failed on resume.
+The study lives in an RDB storage (a SQLite file locally, PostgreSQL shared by machines) and resumes by name.
+Any number of workers share it: ``workers`` local processes from one ``flava sweep``, or several ``flava sweep``
+runs (pods) on one storage. They coordinate only through the storage:
+
+- the budget is the study's: a worker asks for a trial only while fewer than ``n_trials`` count, and a trial
+  that a race took beyond the budget is failed at once as surplus (it never runs);
+- each worker samples with its own seed (derived from the sweep seed, the worker index and the history);
+- a running trial beats every ``heartbeat_s``; one silent for ``grace_s`` (its worker was killed) is failed and
+  retried with the same params (``max_retry``), while the trials of live workers are never touched;
+- a worker with nothing left to ask waits for the others' running trials, so a lost trial's retry still runs.
+
 Tracking: one MLflow run for the sweep (nested under ``$FLAVA_PARENT_RUN_ID`` when set) with one nested run per
-trial; the trial's own stage run nests under its trial run. ``paths.reports/sweep.json`` holds the best params.
+trial; the trial's own stage run nests under its trial run. ``paths.reports/sweep.json`` and ``plots/`` beside it
+hold what the study learned (:mod:`flava.launch.sweep_report`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
+import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import optuna
+import torch
 from mlflow.tracking import MlflowClient
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
 from flava.config import apply_overrides
-from flava.launch.config import SearchParam, SweepConfig, launch_section
+from flava.data.loader import derive_seed
+from flava.launch.config import SweepConfig, launch_section
+from flava.launch.space import applied, apply_best, as_overrides, check_space, suggest  # noqa: F401 (API)
+from flava.launch.sweep_report import SURPLUS, report, write_plots
 from flava.tracking import lineage
 from flava.tracking.runs import tracking_uri
 from flava.train.stages import run_pretrain
+from flava.train.stop import EarlyStop
 
 log = logging.getLogger(__name__)
+# Heartbeats and their retry callback are marked experimental in Optuna 5; they are what makes workers safe.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=r"optuna\..*|flava\..*")
 
 PARENT_TAG = "mlflow.parentRunId"
 UNIMODAL = ("text", "image")  # encoders under paths.models that the joint stage starts from
 
-
-def run_joint_stage(cfg) -> dict[str, Any]:
-    """The joint stage itself (tests replace it with a cheap function of the sampled values)."""
-    return run_pretrain(cfg, "joint")
+Stage = Callable[..., dict[str, Any]]
 
 
-def _lookup(tree: dict[str, Any], key: str) -> bool:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+def run_joint_stage(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """The joint stage itself; ``on_eval(step, best_so_far)`` after each zero-shot evaluation may stop it."""
+    return run_pretrain(cfg, "joint", on_eval=on_eval)
 
 
-def check_space(cfg, space: list[SearchParam]) -> None:
-    """Every searched key must name an existing params value (a typo would otherwise sweep nothing)."""
-    tree = cfg.model_dump(mode="json")
-    missing = [p.key for p in space if not _lookup(tree, p.key)]
-    if missing:
-        raise ValueError(f"launch.sweep.space keys {missing} are not params keys of this config")
-
-
-def suggest(trial, space: list[SearchParam]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for p in space:
-        if p.kind == "int":
-            values[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log)
-        else:
-            values[p.key] = trial.suggest_float(p.key, p.low, p.high, log=p.log)
-    return values
-
-
-def as_overrides(values: dict[str, Any]) -> list[str]:
-    """``{"a.b": 1}`` -> ``["a.b=1"]`` (what `--set` and `load_config(..., overrides)` take)."""
-    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
-
-
-def trial_config(cfg, sweep: SweepConfig, values: dict[str, Any], trial_dir: Path):
-    """The config of one trial: short-run overrides, the sampled values, and the trial's own output dirs."""
+def trial_config(cfg, sweep: SweepConfig, params: dict[str, Any], trial_dir: Path):
+    """The config of one trial: short-run overrides, the applied params, and the trial's own output dirs."""
     paths = {
         "paths.models": str(trial_dir / "models"),
         "paths.checkpoints": str(trial_dir / "checkpoints"),
         "paths.reports": str(trial_dir / "reports"),
     }
     tree = apply_overrides(cfg.model_dump(mode="json"), sweep.trial_overrides)
-    tree = apply_overrides(tree, {**values, **paths})
+    tree = apply_overrides(tree, {**applied(tree, sweep.space, params), **paths})
     return type(cfg).model_validate(tree)
 
 
@@ -95,6 +88,7 @@ def _link_encoders(cfg, trial_dir: Path) -> None:
             link.symlink_to(source, target_is_directory=True)
 
 
+# ------------------------------------------------------------------------------------------------ the study
 def _storage_url(path: str) -> str:
     if "://" in path:
         return path
@@ -103,12 +97,53 @@ def _storage_url(path: str) -> str:
     return f"sqlite:///{file}"
 
 
+def _pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
+    if sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=sweep.prune_startup_trials,
+                                           n_warmup_steps=sweep.prune_after_steps)
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, sweep.prune_after_steps))
+    return optuna.pruners.NopPruner()
+
+
+def open_study(sweep: SweepConfig) -> optuna.Study:
+    """The study on its storage, with heartbeats, stale-trial retries and the configured pruner."""
+    url = _storage_url(sweep.storage)
+    # Concurrent workers on one SQLite file wait for its lock rather than failing at once.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_s,
+                         grace_period=sweep.grace_s or 2 * sweep.heartbeat_s,
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=sweep.max_retry))
+    return optuna.create_study(study_name=sweep.study_name, storage=storage, direction=sweep.direction,
+                               pruner=_pruner(sweep), load_if_exists=True)
+
+
+def counts(trial: FrozenTrial, retried: set[int]) -> bool:
+    """Whether a trial uses the study's budget: all do but surplus ones and lost ones that were retried."""
+    if trial.state != TrialState.FAIL:
+        return True
+    return trial.number not in retried and trial.user_attrs.get("failure") != SURPLUS
+
+
+def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    retried = {n for t in trials if (n := RetryHeartbeatStaleTrialCallback.retried_trial_number(t)) is not None}
+    return [t for t in trials if counts(t, retried)]
+
+
+def budget_left(study: optuna.Study, n_trials: int) -> int:
+    return n_trials - len(_counted(study.get_trials(deepcopy=False)))
+
+
+class _Surplus(Exception):
+    """A trial that a race between workers took beyond the budget; failed before it runs."""
+
+
+# ------------------------------------------------------------------------------------------------ tracking
 class _Tracker:
     """MLflow runs through the client API, so no fluent run is active while a trial's stage opens its own."""
 
     def __init__(self, cfg):
-        uri = tracking_uri(cfg)
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment(cfg.tracking.experiment)
@@ -120,8 +155,12 @@ class _Tracker:
             tags[PARENT_TAG] = parent
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
-    def finish(self, run_id: str, ok: bool) -> None:
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    def finish(self, run_id: str, state: TrialState | None) -> None:
+        """FINISHED for a complete trial, KILLED for a pruned one (tagged as such), FAILED otherwise."""
+        if state is not None:
+            self.client.set_tag(run_id, "sweep.trial_state", state.name)
+        status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED")
+        self.client.set_terminated(run_id, status)
 
 
 @contextmanager
@@ -138,141 +177,165 @@ def _parent_env(run_id: str) -> Iterator[None]:
             os.environ[lineage.PARENT_RUN_ENV] = previous
 
 
-def _fail_stale(study) -> int:
-    stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    for t in stale:
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-    return len(stale)
+# ------------------------------------------------------------------------------------------------ one trial
+class Objective:
+    """One trial: the surplus check, its MLflow run, the short joint stage with pruning, its metric."""
+
+    def __init__(self, cfg, sweep: SweepConfig, study: optuna.Study, stage: Stage, tracker: _Tracker,
+                 sweep_run: str):
+        self.cfg, self.sweep, self.study, self.stage = cfg, sweep, study, stage
+        self.tracker, self.sweep_run = tracker, sweep_run
+        self.workdir = Path(sweep.workdir) / sweep.study_name
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.sweep.space)
+        before = [t for t in _counted(self.study.get_trials(deepcopy=False)) if t.number < trial.number]
+        if len(before) >= self.sweep.n_trials:
+            trial.set_user_attr("failure", SURPLUS)
+            raise _Surplus(f"trial {trial.number}")
+        run_id = self.tracker.start(f"trial-{trial.number}", self.sweep_run,
+                                    {"flava.stage": "sweep-trial", "trial": str(trial.number)})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        state = None
+        try:
+            value = self._run(trial, params, run_id)
+            state = TrialState.COMPLETE
+            return value
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+            raise
+        except Exception as err:
+            trial.set_user_attr("failure", f"{type(err).__name__}: {err}"[:500])
+            raise
+        finally:
+            self.tracker.finish(run_id, state)
+            if not self.sweep.keep_trial_models:
+                for sub in ("models", "checkpoints"):
+                    shutil.rmtree(self.workdir / f"trial-{trial.number:04d}" / sub, ignore_errors=True)
+
+    def _run(self, trial: optuna.Trial, params: dict[str, Any], run_id: str) -> float:
+        trial_dir = self.workdir / f"trial-{trial.number:04d}"
+        tcfg = trial_config(self.cfg, self.sweep, params, trial_dir)
+        values = applied(tcfg.model_dump(mode="json"), self.sweep.space, params)
+        trial.set_user_attr("values", values)
+        for key, value in values.items():
+            self.tracker.client.log_param(run_id, key, value)
+        _link_encoders(self.cfg, trial_dir)
+
+        def on_eval(step: int, value: float) -> None:
+            trial.report(float(value), step)
+            if trial.should_prune():
+                raise EarlyStop(f"pruned by the {self.sweep.pruner} pruner at step {step} ({value:.4f})")
+
+        try:
+            with _parent_env(run_id):
+                result = self.stage(tcfg, on_eval)
+        except EarlyStop as stop:
+            raise optuna.TrialPruned(str(stop)) from None
+        return self._metric(trial, result, run_id)
+
+    def _metric(self, trial: optuna.Trial, result: dict[str, Any], run_id: str) -> float:
+        metric = self.sweep.metric
+        if metric not in result:
+            raise ValueError(f"launch.sweep.metric {metric!r} is not in the joint stage's result {sorted(result)}")
+        if result[metric] is None:
+            raise ValueError(
+                f"the joint stage evaluated nothing ({metric} is None): keep train.eval_every at most "
+                f"train.joint.steps in launch.sweep.trial_overrides"
+            )
+        value = float(result[metric])
+        if not math.isfinite(value):
+            raise RuntimeError(f"trial {trial.number}: {metric} is {value}")
+        self.tracker.client.log_metric(run_id, metric, value)
+        return value
 
 
-def run_sweep(cfg, *, sweep: SweepConfig | None = None) -> dict[str, Any]:
-    """Run (or resume) the study until ``n_trials`` trials completed; write ``paths.reports/sweep.json``."""
+# ------------------------------------------------------------------------------------------------ workers
+def work(cfg, sweep: SweepConfig, *, worker: int = 0, stage: Stage | None = None,
+         sweep_run: str | None = None) -> int:
+    """One worker: run trials of the study until its budget is spent and no other worker's trial is running.
+    Returns the number of trials this worker ran (surplus ones excluded)."""
+    study = open_study(sweep)
+    seed = cfg.seed if sweep.seed is None else sweep.seed
+    # Own seed per worker and per start, so workers (and a resumed study) never replay each other's draws.
+    study.sampler = optuna.samplers.TPESampler(
+        seed=derive_seed("sweep", seed, worker, len(study.trials)) % 2**32, n_startup_trials=sweep.n_startup_trials)
+    objective = Objective(cfg, sweep, study, stage or run_joint_stage, _Tracker(cfg), sweep_run or "")
+    deadline = time.monotonic() + sweep.timeout_s if sweep.timeout_s else math.inf
+    ran = 0
+    while time.monotonic() < deadline:
+        if budget_left(study, sweep.n_trials) > 0:
+            # A diverging trial (RuntimeError) fails alone; a config error (ValueError) stops the sweep.
+            study.optimize(objective, n_trials=1, catch=(RuntimeError, _Surplus))
+            ran += study.trials[-1].user_attrs.get("failure") != SURPLUS
+            continue
+        if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+            break
+        time.sleep(sweep.heartbeat_s)  # another worker's trial is running: wait, in case it is lost and retried
+        optuna.storages.fail_stale_trials(study)
+    return ran
+
+
+def _worker_process(cfg, sweep: SweepConfig, worker: int, threads: int, stage: Stage | None,
+                    sweep_run: str) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{worker} %(levelname)s %(message)s")
+    with _parent_env(sweep_run):
+        work(cfg, sweep, worker=worker, stage=stage, sweep_run=sweep_run)
+
+
+def _run_workers(cfg, sweep: SweepConfig, workers: int, stage: Stage | None, sweep_run: str) -> None:
+    """``workers`` spawned processes on the study, the machine's threads split between them."""
+    if workers == 1:
+        work(cfg, sweep, stage=stage, sweep_run=sweep_run)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # no forked torch/MLflow/SQLAlchemy state
+    procs = [context.Process(target=_worker_process, args=(cfg, sweep, i, threads, stage, sweep_run),
+                             name=f"sweep-worker-{i}") for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    failed = {p.name: p.exitcode for p in procs if p.exitcode != 0}
+    if failed:
+        raise RuntimeError(f"sweep workers failed (exit codes {failed}); the study resumes by name on a re-run")
+
+
+def run_sweep(cfg, *, sweep: SweepConfig | None = None, workers: int | None = None,
+              stage: Stage | None = None) -> dict[str, Any]:
+    """Run (or resume) the study with ``workers`` processes (default ``launch.sweep.workers``) until its budget
+    is spent; write ``paths.reports/sweep.json`` and the study's plots; log both to the sweep's MLflow run."""
     sweep = sweep if sweep is not None else launch_section(cfg).sweep
     check_space(cfg, sweep.space)
-    study, stale, done = _open_study(cfg, sweep)
+    open_study(sweep)  # create it (and its tables) once, before workers race to
     tracker = _Tracker(cfg)
     sweep_run = tracker.start(
-        f"sweep-{sweep.study_name}",
-        os.environ.get(lineage.PARENT_RUN_ENV),
+        f"sweep-{sweep.study_name}", os.environ.get(lineage.PARENT_RUN_ENV),
         {"flava.stage": "sweep", "git_commit": lineage.git_commit(), "data_version": lineage.data_version(),
          "study": sweep.study_name},
     )
     tracker.client.log_param(sweep_run, "sweep.space", json.dumps([p.model_dump() for p in sweep.space]))
-
-    remaining = sweep.n_trials - done
     ok = False
     try:
-        if remaining > 0:
-            log.info("study %s: %d trial(s) done, running %d more", sweep.study_name, done, remaining)
-            # A diverging trial (RuntimeError) fails alone; a config error (ValueError) stops the sweep.
-            study.optimize(lambda trial: _run_trial(trial, cfg, sweep, tracker, sweep_run),
-                           n_trials=remaining, timeout=sweep.timeout_s, catch=(RuntimeError,))
-        summary = report(cfg, sweep, study, stale)
-        tracker.client.log_metric(sweep_run, f"best_{sweep.metric}", summary["best_value"])
-        for key, value in summary["best_params"].items():
-            tracker.client.log_param(sweep_run, f"best.{key}", value)
-        tracker.client.log_dict(sweep_run, json.loads(Path(summary["report"]).read_text()), "sweep.json")
+        _run_workers(cfg, sweep, workers or sweep.workers, stage, sweep_run)
+        summary = _finish(cfg, sweep, tracker, sweep_run)
         ok = True
-        return dict(summary, mlflow_run_id=sweep_run)
+        return summary
     finally:
-        tracker.finish(sweep_run, ok)
+        tracker.client.set_terminated(sweep_run, "FINISHED" if ok else "FAILED")
 
 
-def _open_study(cfg, sweep: SweepConfig) -> tuple[optuna.Study, int, int]:
-    """The study, created or resumed: ``(study, trials marked failed as stale, trials complete)``."""
-    study = optuna.create_study(
-        study_name=sweep.study_name,
-        storage=_storage_url(sweep.storage),
-        direction=sweep.direction,
-        load_if_exists=True,
-    )
-    stale = _fail_stale(study)
-    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    seed = cfg.seed if sweep.seed is None else sweep.seed
-    # Offset by the history so a resumed study does not replay the first run's random start-up points.
-    study.sampler = optuna.samplers.TPESampler(
-        seed=seed + len(study.trials), n_startup_trials=sweep.n_startup_trials
-    )
-    return study, stale, done
-
-
-def _run_trial(trial: optuna.Trial, cfg, sweep: SweepConfig, tracker: _Tracker, sweep_run: str) -> float:
-    """One trial: the joint stage on the trial's config, in its own MLflow run nested under the sweep's."""
-    values = suggest(trial, sweep.space)
-    trial_dir = Path(sweep.workdir) / sweep.study_name / f"trial-{trial.number:04d}"
-    run_id = tracker.start(f"trial-{trial.number}", sweep_run,
-                           {"flava.stage": "sweep-trial", "trial": str(trial.number)})
-    trial.set_user_attr("mlflow_run_id", run_id)
-    ok = False
-    try:
-        for key, value in values.items():
-            tracker.client.log_param(run_id, key, value)
-        tcfg = trial_config(cfg, sweep, values, trial_dir)
-        _link_encoders(cfg, trial_dir)
-        with _parent_env(run_id):
-            result = run_joint_stage(tcfg)
-        value = _objective_value(result, sweep, trial.number)
-        tracker.client.log_metric(run_id, sweep.metric, value)
-        ok = True
-        return value
-    finally:
-        tracker.finish(run_id, ok)
-        if not sweep.keep_trial_models:
-            for sub in ("models", "checkpoints"):
-                shutil.rmtree(trial_dir / sub, ignore_errors=True)
-
-
-def _objective_value(result: dict[str, Any], sweep: SweepConfig, number: int) -> float:
-    """``launch.sweep.metric`` of a joint stage's result: ValueError (stops the sweep) if the config cannot give
-    it, RuntimeError (fails this trial only) if the run diverged."""
-    if sweep.metric not in result:
-        raise ValueError(f"launch.sweep.metric {sweep.metric!r} is not in the joint stage's result {sorted(result)}")
-    if result[sweep.metric] is None:
-        raise ValueError(
-            f"the joint stage evaluated nothing ({sweep.metric} is None): keep train.eval_every at most "
-            f"train.joint.steps in launch.sweep.trial_overrides"
-        )
-    value = float(result[sweep.metric])
-    if not math.isfinite(value):
-        raise RuntimeError(f"trial {number}: {sweep.metric} is {value}")
-    return value
-
-
-def apply_best(cfg, result: dict[str, Any]):
-    """``cfg`` with a sweep's best params applied (what the joint stage trains with after a sweep)."""
-    return type(cfg).model_validate(apply_overrides(cfg.model_dump(mode="json"), result["best_overrides"]))
-
-
-def report(cfg, sweep: SweepConfig, study, stale: int = 0) -> dict[str, Any]:
-    """Write ``paths.reports/<launch.sweep.report>`` and return its summary."""
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        raise RuntimeError(f"study {sweep.study_name}: no trial completed; see the failed trials' logs")
-    best = study.best_trial
-    doc = {
-        "study": sweep.study_name,
-        "storage": sweep.storage,
-        "direction": sweep.direction,
-        "metric": sweep.metric,
-        "n_complete": len(complete),
-        "n_failed": sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials),
-        "stale_marked_failed": stale,
-        "best": {"number": best.number, "value": best.value, "params": best.params},
-        "best_overrides": as_overrides(best.params),
-        "trials": [
-            {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-             "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
-            for t in study.trials
-        ],
-    }
-    path = Path(cfg.paths.reports) / sweep.report
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2))
-    return {
-        "best_value": best.value,
-        "best_params": best.params,
-        "best_overrides": doc["best_overrides"],
-        "n_complete": len(complete),
-        "n_failed": doc["n_failed"],
-        "report": str(path),
-    }
+def _finish(cfg, sweep: SweepConfig, tracker: _Tracker, sweep_run: str) -> dict[str, Any]:
+    study = open_study(sweep)
+    summary = report(cfg, sweep, study, applied_to=cfg.model_dump(mode="json"))
+    client = tracker.client
+    client.log_metric(sweep_run, f"best_{sweep.metric}", summary["best_value"])
+    client.set_tag(sweep_run, "sweep.best_trial_run_id", summary["best_mlflow_run_id"] or "")
+    for key, value in summary["best_values"].items():
+        client.log_param(sweep_run, f"best.{key}", value)
+    client.log_artifact(sweep_run, summary["report"])
+    plots = write_plots(study, Path(summary["report"]).parent / "plots")
+    for plot in plots:
+        client.log_artifact(sweep_run, str(plot), "plots")
+    return dict(summary, plots=[str(p) for p in plots], mlflow_run_id=sweep_run)

@@ -1,11 +1,17 @@
-"""The sweep machinery: seeding, resume by name, best params, per-trial isolation, MLflow nesting, reporting.
+"""The sweep machinery: seeding, resume by name, best params, per-trial isolation, MLflow nesting, reporting,
+the simplex and fractional search space, pruning, and several worker processes on one study (budget, seeds, a
+killed worker's trial retried while live trials are left alone).
 
 The joint stage is replaced by a cheap deterministic function of the sampled ratios and warm-up (its optimum is
 known), so these tests check the machinery, not training."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -21,7 +27,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def score(cfg) -> float:
-    """Peaks at a 60 % pair share and 8 warm-up steps."""
+    """Peaks at a 60 % pair share and 8 warm-up steps (of a trial's 60)."""
     ratios = cfg.data.mixing.ratios
     share = ratios["pair"] / sum(ratios.values())
     warmup = cfg.train.joint.warmup_steps
@@ -35,7 +41,7 @@ class FakeJoint:
         self.calls: list[dict] = []
         self.fail_on, self.metric = fail_on, metric
 
-    def __call__(self, cfg):
+    def __call__(self, cfg, on_eval=None):
         n = len(self.calls)
         models = Path(cfg.paths.models)
         self.calls.append({
@@ -49,7 +55,11 @@ class FakeJoint:
         (models / "joint" / "best").mkdir(parents=True)
         Path(cfg.paths.reports).mkdir(parents=True, exist_ok=True)
         (Path(cfg.paths.reports) / "joint.json").write_text("{}")
-        return {self.metric: score(cfg), "steps": cfg.train.joint.steps}
+        final = score(cfg)
+        if on_eval is not None:  # a curve rising to the final score, reported at each evaluation
+            for step in range(cfg.train.eval_every, cfg.train.joint.steps + 1, cfg.train.eval_every):
+                on_eval(step, final - 0.3 * (1 - step / cfg.train.joint.steps))
+        return {self.metric: final, "steps": cfg.train.joint.steps}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +81,12 @@ def workspace(tmp_path, monkeypatch, tracking_uri):
 def make(fake, monkeypatch, **fields):
     monkeypatch.setattr(sweeplib, "run_joint_stage", fake)
     fields.setdefault("n_startup_trials", 3)
+    fields.setdefault("pruner", "none")
     return SweepConfig(**fields)
+
+
+def trials_of(sweep: SweepConfig) -> list[optuna.trial.FrozenTrial]:
+    return sweeplib.open_study(sweep).get_trials(deepcopy=False)
 
 
 def test_sweep_finds_the_optimum_region_and_reports_best(workspace, monkeypatch):
@@ -85,12 +100,22 @@ def test_sweep_finds_the_optimum_region_and_reports_best(workspace, monkeypatch)
     assert len(fake.calls) == 12 and doc["n_complete"] == 12
     assert doc["best"]["value"] == max(values) == out["best_value"]
     assert out["best_params"] == doc["best"]["params"]
-    # TPE after 3 random trials beats the random start-up trials.
-    assert max(values[3:]) >= max(values[:3])
-    # The best overrides, applied like --set, reproduce the best trial's score.
+    # The best trial sits in the optimum region (score 1 at a 60 % pair share, 8 warm-up steps of 60).
+    assert out["best_value"] > 0.97
+    assert out["best_values"]["data.mixing.ratios.pair"] == pytest.approx(0.6, abs=0.12)
+    # The best overrides, applied like --set to a trial-length config, reproduce the best trial's score; on the
+    # pipeline's own config the warm-up keeps its share of the (longer) joint stage.
+    short = PipelineConfig.model_validate(sweeplib.apply_overrides(cfg.model_dump(mode="json"),
+                                                                   sweep.trial_overrides))
+    trial_cfg = sweeplib.trial_config(short, SweepConfig(trial_overrides=[], space=sweep.space),
+                                      out["best_params"], workspace / "again")
+    assert score(trial_cfg) == pytest.approx(out["best_value"])
     best_cfg = sweeplib.apply_best(cfg, out)
-    assert score(best_cfg) == pytest.approx(out["best_value"])
-    assert set(out["best_params"]) == {p.key for p in sweep.space}
+    fraction = out["best_params"]["train.joint.warmup_steps"]
+    assert best_cfg.train.joint.warmup_steps == round(fraction * cfg.train.joint.steps)
+    assert sum(best_cfg.data.mixing.ratios.values()) == pytest.approx(1.0)
+    assert set(out["best_values"]) == {"data.mixing.ratios.pair", "data.mixing.ratios.image",
+                                       "data.mixing.ratios.text", "train.joint.warmup_steps"}
 
 
 def test_trials_are_short_and_isolated_from_the_pipeline_outputs(workspace, monkeypatch):
@@ -123,17 +148,13 @@ def test_resume_by_name_runs_only_the_missing_trials(workspace, monkeypatch):
     sweeplib.run_sweep(PipelineConfig(), sweep=make(first, monkeypatch, n_trials=3))
     before = json.loads((workspace / "reports" / "sweep.json").read_text())["trials"]
 
-    # A worker killed mid-trial leaves a RUNNING trial behind; resuming marks it failed.
-    storage = f"sqlite:///{workspace / 'reports' / 'sweep' / 'optuna.db'}"
-    optuna.load_study(study_name="flava-joint", storage=storage).ask()
-
     second = FakeJoint()
     out = sweeplib.run_sweep(PipelineConfig(), sweep=make(second, monkeypatch, n_trials=5))
     doc = json.loads((workspace / "reports" / "sweep.json").read_text())
     assert len(second.calls) == 2 and out["n_complete"] == 5
-    assert doc["stale_marked_failed"] == 1 and doc["n_failed"] == 1
     assert doc["trials"][:3] == before  # history kept
-    assert doc["best"]["value"] == max(t["value"] for t in doc["trials"] if t["value"] is not None)
+    assert doc["best"]["value"] == max(t["value"] for t in doc["trials"])
+    assert len({json.dumps(c["ratios"]) for c in first.calls + second.calls}) == 5  # no draw replayed
 
     third = FakeJoint()
     sweeplib.run_sweep(PipelineConfig(), sweep=make(third, monkeypatch, n_trials=5))
@@ -157,9 +178,17 @@ def test_mlflow_sweep_run_nests_trials_and_their_stage_runs(workspace, monkeypat
         run = client.get_run(trial["mlflow_run_id"])
         assert run.data.tags[sweeplib.PARENT_TAG] == out["mlflow_run_id"]
         assert run.data.metrics["best_zeroshot_top1"] == pytest.approx(trial["value"])
-        assert float(run.data.params["data.mixing.ratios.pair"]) == pytest.approx(trial["params"]["data.mixing.ratios.pair"])
+        assert float(run.data.params["data.mixing.ratios.pair"]) == pytest.approx(
+            trial["values"]["data.mixing.ratios.pair"])
+        assert call["ratios"]["pair"] == pytest.approx(trial["values"]["data.mixing.ratios.pair"])
         assert call["parent"] == trial["mlflow_run_id"]  # the stage run nests under its trial run
     assert os.environ[PARENT_RUN_ENV] == pipeline_run  # restored
+    assert sweep_run.data.tags["sweep.best_trial_run_id"] == trials[
+        [t["number"] for t in trials].index(json.loads((workspace / "reports" / "sweep.json").read_text())[
+            "best"]["number"])]["mlflow_run_id"]
+    logged = {a.path for a in client.list_artifacts(out["mlflow_run_id"], "plots")}
+    assert {"plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/slice.png"} <= logged
+    assert (workspace / "reports" / "plots" / "optimization_history.png").stat().st_size > 1000
 
 
 def test_diverging_trial_fails_alone(workspace, monkeypatch):
@@ -178,7 +207,7 @@ def test_configuration_errors_name_the_problem(workspace, monkeypatch):
         sweeplib.run_sweep(PipelineConfig(), sweep=make(FakeJoint(metric="top1"), monkeypatch, n_trials=1,
                                                          study_name="m"))
     class NoEval(FakeJoint):
-        def __call__(self, cfg):
+        def __call__(self, cfg, on_eval=None):
             return dict(super().__call__(cfg), best_zeroshot_top1=None)
 
     with pytest.raises(ValueError, match="evaluated nothing.*train.eval_every"):
@@ -189,3 +218,121 @@ def test_configuration_errors_name_the_problem(workspace, monkeypatch):
         SearchParam(key="a", low=0.5, high=3, kind="int")
     with pytest.raises(ValueError, match="more than once"):
         SweepConfig(space=[SearchParam(key="a", low=0, high=1), SearchParam(key="a", low=0, high=2)])
+    with pytest.raises(ValueError, match="two or more distinct parts"):
+        SearchParam(key="data.mixing.ratios", kind="simplex", parts=["pair"])
+    with pytest.raises(ValueError, match="parts only"):
+        SearchParam(key="data.mixing.ratios", kind="simplex", parts=["pair", "text"], low=0, high=1)
+    with pytest.raises(ValueError, match="fraction_of needs kind float"):
+        SearchParam(key="train.joint.warmup_steps", kind="int", low=0, high=5, fraction_of="train.joint.steps")
+    with pytest.raises(ValueError, match="train.joint.stepz"):
+        sweeplib.run_sweep(PipelineConfig(), sweep=make(FakeJoint(), monkeypatch, n_trials=1, space=[
+            SearchParam(key="train.joint.warmup_steps", low=0, high=0.2, fraction_of="train.joint.stepz")]))
+
+
+
+def test_simplex_ratios_are_uniform_shares_and_fractions_scale_with_steps():
+    space = [SearchParam(key="data.mixing.ratios", kind="simplex", parts=["pair", "image", "text"]),
+             SearchParam(key="train.joint.warmup_steps", low=0.0, high=0.3, fraction_of="train.joint.steps")]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    tree = PipelineConfig().model_dump(mode="json")
+    shares = []
+    for _ in range(600):
+        trial = study.ask()
+        values = sweeplib.applied(tree, space, sweeplib.suggest(trial, space))
+        study.tell(trial, 0.0)
+        parts = [values[f"data.mixing.ratios.{k}"] for k in ("pair", "image", "text")]
+        assert sum(parts) == pytest.approx(1.0) and min(parts) > 0
+        assert values["train.joint.warmup_steps"] == round(trial.params["train.joint.warmup_steps"] * 300)
+        shares.append(parts)
+    # Dirichlet(1, 1, 1): each share has mean 1/3 and P(share > 1/2) = 1/4; renormalised uniform ranges do not.
+    for k in range(3):
+        column = [row[k] for row in shares]
+        assert sum(column) / len(column) == pytest.approx(1 / 3, abs=0.03)
+        assert sum(c > 0.5 for c in column) / len(column) == pytest.approx(0.25, abs=0.05)
+
+
+def test_hopeless_trials_are_pruned_at_their_evaluations(workspace, monkeypatch, tracking_uri):
+    fake = FakeJoint()
+    sweep = make(fake, monkeypatch, n_trials=10, pruner="median", prune_startup_trials=2, prune_after_steps=0,
+                 trial_overrides=["train.joint.steps=60", "train.eval_every=10"])
+    out = sweeplib.run_sweep(PipelineConfig(), sweep=sweep)
+    doc = json.loads((workspace / "reports" / "sweep.json").read_text())
+    pruned = [t for t in doc["trials"] if t["state"] == "PRUNED"]
+    assert pruned and out["n_pruned"] == len(pruned) and out["n_complete"] + len(pruned) == 10
+    assert all(t["last_step"] < 60 for t in pruned)  # stopped before the last evaluation
+    assert doc["trial_steps"] < 10 * 60
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    for t in pruned:
+        run = client.get_run(t["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["sweep.trial_state"] == "PRUNED"
+    curve = next(t for t in trials_of(sweep) if t.state == optuna.trial.TrialState.PRUNED).intermediate_values
+    assert curve and max(curve) < 60  # the curve up to the step where it was pruned
+
+
+# ------------------------------------------------------------------------------ several workers on one study
+def quick_stage(cfg, on_eval=None):
+    """Stage for worker processes (importable by spawned children): short, and scores like ``score``."""
+    time.sleep(0.2)
+    return {"best_zeroshot_top1": score(cfg)}
+
+
+def stuck_stage(cfg, on_eval=None):
+    """Stage of the worker that gets killed: says it started, then never finishes."""
+    Path(cfg.paths.reports).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.paths.reports).parent.parent / "stuck-started").write_text(cfg.paths.reports)
+    time.sleep(600)
+    return {}
+
+
+def test_two_worker_processes_share_one_budget_with_their_own_seeds(workspace):
+    sweep = SweepConfig(n_trials=6, n_startup_trials=6, pruner="none", heartbeat_s=1)
+    out = sweeplib.run_sweep(PipelineConfig(), sweep=sweep, workers=2, stage=quick_stage)
+    trials = trials_of(sweep)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6 == out["n_complete"]
+    assert sorted(t.number for t in complete) == sorted(t.number for t in trials if sweeplib.counts(t, set()))
+    draws = [json.dumps(t.params, sort_keys=True) for t in complete]
+    assert len(set(draws)) == 6  # no trial twice: the two workers' samplers are seeded apart
+    surplus = [t for t in trials if t.user_attrs.get("failure") == sweeplib.SURPLUS]
+    assert len(trials) == 6 + len(surplus)
+
+
+def test_a_killed_workers_trial_is_retried_and_live_trials_are_left_alone(workspace):
+    sweep = SweepConfig(n_trials=4, pruner="none", heartbeat_s=1, grace_s=3, max_retry=1)
+    cfg = PipelineConfig()
+    sweeplib.open_study(sweep)
+    victim = multiprocessing.get_context("spawn").Process(
+        target=sweeplib._worker_process, args=(cfg, sweep, 0, 1, stuck_stage, ""))
+    victim.start()
+    started = workspace / "reports" / "sweep" / "flava-joint" / "stuck-started"
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        assert time.monotonic() < deadline and victim.is_alive(), "the victim worker never started its trial"
+        time.sleep(0.2)
+
+    seen: dict[str, object] = {}
+
+    def kill_when_the_rest_is_done():
+        # The other worker finishes its three trials while the victim's trial is live (heartbeating): it must
+        # still be RUNNING then. Only after that is the victim killed.
+        while sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials_of(sweep)) < 3:
+            time.sleep(0.2)
+        time.sleep(4)  # longer than grace_s: a heartbeating trial is not stale however long it runs
+        seen["victim_trial"] = trials_of(sweep)[0].state
+        os.kill(victim.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_the_rest_is_done, daemon=True)
+    killer.start()
+    ran = sweeplib.work(cfg, sweep, worker=1, stage=quick_stage)
+    killer.join(timeout=60)
+    victim.join(timeout=60)
+
+    trials = trials_of(sweep)
+    assert seen["victim_trial"] == optuna.trial.TrialState.RUNNING
+    assert trials[0].state == optuna.trial.TrialState.FAIL  # failed by heartbeat once its worker died
+    retry = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params == trials[0].params  # retried with the lost trial's params
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and ran == 4
+    assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == 4
