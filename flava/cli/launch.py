@@ -11,8 +11,15 @@ from flava.cli import config_from, stage_command
 def _sweep(args: argparse.Namespace):
     # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.launch.sweep import run_sweep
+    from flava.pipeline import set_params
 
-    return run_sweep(config_from(args))
+    if args.apply and Path(args.params).name != "params.yaml":
+        raise ValueError(f"--apply writes params.yaml (what DVC tracks); --params is {args.params}")
+    result = run_sweep(config_from(args), workers=args.workers)
+    if args.apply:  # the winner into params.yaml, as `dvc exp run -S` would write it
+        set_params(Path(args.params).parent, result["best_overrides"])
+        result["applied_to"] = args.params
+    return result
 
 
 def _render(args: argparse.Namespace):
@@ -47,8 +54,14 @@ def _run_id(parser: argparse.ArgumentParser) -> None:
 
 
 def register(groups: argparse._SubParsersAction) -> None:
-    stage_command(groups, "sweep", "Optuna sweep of the joint stage's sampling ratios and warm-up (launch.sweep)",
-                  _sweep)
+    sweep = stage_command(groups, "sweep", "Optuna sweep of the joint stage's sampling ratios and warm-up "
+                          "(launch.sweep); resumes the study by name", _sweep)
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="worker processes on the study (default launch.sweep.workers); more workers may run "
+                            "`flava sweep` on the same storage from other machines")
+    sweep.add_argument("--apply", action="store_true",
+                       help="write the best trial's values into params.yaml when the study is done (a finished "
+                            "study only reports and applies)")
     parser = groups.add_parser("k8s", help="run the joint stage as a distributed Kubernetes Job (launch.k8s)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="ACTION")
     render = stage_command(sub, "render", "print the ConfigMap, headless Service and Indexed Job as YAML", _render)

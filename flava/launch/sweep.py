@@ -264,12 +264,14 @@ def work(cfg, sweep: SweepConfig, *, worker: int = 0, stage: Stage | None = None
     deadline = time.monotonic() + sweep.timeout_s if sweep.timeout_s else math.inf
     ran = 0
     while time.monotonic() < deadline:
-        if budget_left(study, sweep.n_trials) > 0:
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)  # a lost trial's retry, enqueued
+        if waiting or sweep.n_trials - len(_counted(trials)) > 0:
             # A diverging trial (RuntimeError) fails alone; a config error (ValueError) stops the sweep.
             study.optimize(objective, n_trials=1, catch=(RuntimeError, _Surplus))
             ran += study.trials[-1].user_attrs.get("failure") != SURPLUS
             continue
-        if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+        if not any(t.state == TrialState.RUNNING for t in trials):
             break
         time.sleep(sweep.heartbeat_s)  # another worker's trial is running: wait, in case it is lost and retried
         optuna.storages.fail_stale_trials(study)

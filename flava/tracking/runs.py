@@ -289,6 +289,7 @@ class StageRun:
         self.run_id: str | None = None
         self.checkpoints: list[dict[str, Any]] = []
         self._run = None
+        self._stopped: str | None = None
 
     def __enter__(self) -> "StageRun":
         if not self.active:
@@ -338,10 +339,18 @@ class StageRun:
 
         if self.checkpoints:
             mlflow.log_dict({"checkpoints": self.checkpoints}, "checkpoints.json")
-        if exc is not None:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run(status="FAILED" if exc_type is not None else "FINISHED")
+        if self._stopped is not None:  # stopped from outside at an evaluation: not a failure
+            mlflow.set_tag("flava.stopped_early", self._stopped[:5000])
+            mlflow.end_run(status="KILLED")
+        else:
+            if exc is not None:
+                mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.end_run(status="FAILED" if exc_type is not None else "FINISHED")
         self._run = None
+
+    def stopped(self, reason: str) -> None:
+        """The stage is being stopped early (a sweep's pruner): the run ends KILLED, tagged with the reason."""
+        self._stopped = reason
 
     # -------------------------------------------------------------------------------------------- logging
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -28,6 +28,7 @@ from flava.train.checkpoint import Checkpointer, capture_rng, restore_rng
 from flava.train.config import TrainConfig
 from flava.train.parallel import as_output, autocast, move_batch, no_sync
 from flava.train.progress import Progress
+from flava.train.stop import EarlyStop
 from flava.train.unused import UnusedParameters
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class Trainer:
         evaluate: Callable[[], Mapping[str, float]] | None = None,
         evaluate_on_all_ranks: bool = False,
         on_best: Callable[[int, Mapping[str, float]], None] | None = None,
+        on_eval: Callable[[int, float], None] | None = None,
         sink: Sink | None = None,
         flops_per_batch: Callable[[Mapping[str, Any]], float] | None = None,
         peak_flops: float | None = None,
@@ -123,6 +125,7 @@ class Trainer:
         self.settings, self.device, self.info, self.scaler = settings, device, info, scaler
         self.checkpointer, self.unused, self.check_batch = checkpointer, unused, check_batch
         self.evaluate, self.evaluate_on_all_ranks, self.on_best = evaluate, evaluate_on_all_ranks, on_best
+        self.on_eval = on_eval  # (step, best so far) after each evaluation; may raise EarlyStop (a sweep's pruner)
         self.sink, self.flops_per_batch, self.peak_flops = sink, flops_per_batch, peak_flops
         self.progress = progress or Progress(settings.stage, settings.steps, enabled=False)
         self.generators = dict(generators or {})  # per-rank random streams the model draws from, checkpointed
@@ -402,3 +405,17 @@ class Trainer:
                 self.on_best(step, results)
             if step % self.settings.checkpoint_every and step != self.settings.steps:
                 self.save()  # the best is kept as a trainer checkpoint too
+        if self.on_eval is not None:
+            self._ask_to_continue(step)
+
+    def _ask_to_continue(self, step: int) -> None:
+        """``on_eval`` decides on the main rank; every rank stops together when it raises ``EarlyStop``."""
+        reason = None
+        if self.info.is_main:
+            try:
+                self.on_eval(step, self.state.best_metric)
+            except EarlyStop as stop:
+                reason = str(stop)
+        reason = broadcast_object(reason)
+        if reason is not None:
+            raise EarlyStop(reason)

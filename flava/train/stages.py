@@ -68,6 +68,7 @@ from flava.train.parallel import (
     set_determinism,
 )
 from flava.train.progress import Progress
+from flava.train.stop import EarlyStop
 from flava.train.unused import UnusedParameters, peek
 
 log = logging.getLogger(__name__)
@@ -213,15 +214,20 @@ class Built:
     fsdp: bool
 
 
-def run_pretrain(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+def run_pretrain(cfg: PipelineConfig, stage: str,
+                 on_eval: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """One pretraining stage (see the module docstring). Returns the report's metrics together with the run's
-    record (the contents of ``<name>.json`` and ``<name>.run.json``)."""
+    record (the contents of ``<name>.json`` and ``<name>.run.json``).
+
+    ``on_eval(step, best so far)`` is called after each zero-shot evaluation of the joint stage; raising
+    ``flava.train.stop.EarlyStop`` there ends the stage early: its curves so far are written, its MLflow run
+    ends KILLED with the reason, no model is exported, and the EarlyStop reaches the caller."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     started_group = not torch.distributed.is_initialized()
     info = init_process()
     try:
-        return _run(cfg, stage, info)
+        return _run(cfg, stage, info, on_eval)
     except BaseException as err:
         # The traceback's frames hold _run's locals (the DDP wrapper among them): free them before shutdown().
         traceback.clear_frames(err.__traceback__)
@@ -231,7 +237,8 @@ def run_pretrain(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
             shutdown()
 
 
-def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> dict[str, Any]:
+def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo,
+         on_eval: Callable[[int, float], None] | None) -> dict[str, Any]:
     out = Outputs.of(cfg, stage)
     built = _build(cfg, stage, info)
     client = s3_client(cfg.data.shards.s3) if cfg.paths.checkpoints.startswith("s3://") else None
@@ -241,12 +248,17 @@ def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> dict[str, Any]:
     resume_run = checkpointer.resumable_run_id() if info.is_main else None
     with StageRun(cfg, stage, info, resume_run_id=resume_run) as run:
         checkpointer.run_id = run.run_id
-        trainer = _trainer(cfg, stage, info, built, checkpointer, run)
+        trainer = _trainer(cfg, stage, info, built, checkpointer, run, on_eval)
         if trainer.resume() is not None:
             run.set_tags({"resumed_from_step": trainer.resumed_from})
         run.set_tags({"frozen_parameters": len(built.unused.frozen), "trainable_parameters": built.trainable,
                       "identity": checkpointer.fingerprint})
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except EarlyStop as stop:
+            _write_curves(out, stage, info, trainer)
+            run.stopped(str(stop))
+            raise
         for step in checkpointer.steps():
             run.log_checkpoint(step, checkpointer.uri(step))
         result = _finish(cfg, stage, info, out, built, trainer, summary, checkpointer, run)
@@ -320,7 +332,7 @@ def _zeroshot(cfg: PipelineConfig, info: ProcessInfo, built: Built) -> Callable[
 
 
 def _trainer(cfg: PipelineConfig, stage: str, info: ProcessInfo, built: Built, checkpointer: Checkpointer,
-             run: StageRun) -> Trainer:
+             run: StageRun, on_eval: Callable[[int, float], None] | None = None) -> Trainer:
     model_cfg = built.model.config
     peak = peak_flops(built.device, cfg.train.peak_tflops)
     return Trainer(
@@ -329,10 +341,20 @@ def _trainer(cfg: PipelineConfig, stage: str, info: ProcessInfo, built: Built, c
         scaler=grad_scaler(built.device, cfg.train.precision), checkpointer=checkpointer, unused=built.unused,
         check_batch=built.check_batch,
         evaluate=_zeroshot(cfg, info, built) if stage == "joint" else None, evaluate_on_all_ranks=built.fsdp,
+        on_eval=on_eval,
         sink=run.log_metrics, flops_per_batch=(lambda batch: step_flops(model_cfg, batch)) if peak else None,
         peak_flops=peak, progress=Progress(stage, built.settings.steps, enabled=info.is_main),
         generators={"itm": built.model.itm_generator},
     )
+
+
+def _write_curves(out: Outputs, stage: str, info: ProcessInfo, trainer: Trainer) -> None:
+    if not info.is_main:
+        return
+    (out.reports / "curves").mkdir(parents=True, exist_ok=True)
+    out.curve(out.name).write_text(training_curve(trainer.history))
+    if stage == "joint":
+        out.curve("joint_zeroshot").write_text(zeroshot_curve(trainer.evals))
 
 
 def _finish(cfg: PipelineConfig, stage: str, info: ProcessInfo, out: Outputs, built: Built, trainer: Trainer,
@@ -357,10 +379,7 @@ def _finish(cfg: PipelineConfig, stage: str, info: ProcessInfo, out: Outputs, bu
               "checkpoint": checkpointer.uri(checkpointer.latest()) if checkpointer.latest() is not None else None}
     if not info.is_main:
         return {**metrics, **record}
-    (out.reports / "curves").mkdir(parents=True, exist_ok=True)
-    out.curve(out.name).write_text(training_curve(trainer.history))
-    if stage == "joint":
-        out.curve("joint_zeroshot").write_text(zeroshot_curve(trainer.evals))
+    _write_curves(out, stage, info, trainer)
     out.metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     model_cfg = built.model.config
     preprocess = {"image_size": model_cfg.image.image_size, "mean": list(cfg.data.loader.mean),

@@ -155,6 +155,35 @@ def test_joint_needs_the_unimodal_encoders_unless_from_scratch(world, tmp_path, 
     assert result["init_from_unimodal"] == {} and result["steps"] == 4
 
 
+def test_joint_stopped_at_an_evaluation_ends_killed_with_its_curve(world, tmp_path, clean_env):
+    """What a sweep's pruner does: on_eval raises EarlyStop; the run ends KILLED with the reason and the curve
+    up to that evaluation, no model is exported, and the stop reaches the caller."""
+    import mlflow
+
+    from flava.train.stages import run_pretrain
+    from flava.train.stop import EarlyStop
+
+    seen = []
+
+    def on_eval(step, best):
+        seen.append((step, best))
+        if step >= 4:
+            raise EarlyStop(f"pruned at step {step}")
+
+    cfg = _cfg(world, tmp_path, "train.joint.init_from_unimodal=false", "train.joint.steps=8",
+               "train.eval_every=2")
+    with pytest.raises(EarlyStop, match="pruned at step 4"):
+        run_pretrain(cfg, "joint", on_eval=on_eval)
+    assert [step for step, _ in seen] == [2, 4] and all(0.0 <= best <= 1.0 for _, best in seen)
+    curve = (tmp_path / "reports" / "curves" / "joint_zeroshot.csv").read_text().splitlines()
+    assert len(curve) == 3  # header + the evaluations at steps 2 and 4
+    assert not (tmp_path / "models" / "joint").exists()
+    client = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["flava.stopped_early"] == "pruned at step 4"
+    assert "error" not in run.data.tags
+
+
 def test_nonfinite_loss_stops_with_a_clear_error(world, tmp_path, clean_env):
     from flava.train.loop import NonFiniteLossError
     from flava.train.stages import run_pretrain
