@@ -336,3 +336,22 @@ def test_a_killed_workers_trial_is_retried_and_live_trials_are_left_alone(worksp
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4 and ran == 4
     assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == 4
+
+
+def test_cli_sweep_apply_writes_the_winner_into_params_yaml(workspace, monkeypatch):
+    from flava.cli import main
+    from flava.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    (workspace / "params.yaml").write_text((root / "params.yaml").read_text())
+    monkeypatch.setattr(sweeplib, "run_joint_stage", FakeJoint())
+    assert main(["sweep", "--apply", "--set", "launch.sweep.n_trials=3", "--set", "launch.sweep.pruner=none"]) == 0
+    doc = json.loads((workspace / "reports" / "sweep.json").read_text())
+    applied = load_config(workspace / "params.yaml")
+    for key, value in doc["best"]["values"].items():
+        section, leaf = key.rsplit(".", 1)
+        node = applied.model_dump(mode="json")
+        for part in section.split("."):
+            node = node[part]
+        assert node[leaf] == pytest.approx(value)
+    assert applied.train.joint.steps == load_config(root / "params.yaml").train.joint.steps  # only the winner changed
