@@ -102,10 +102,33 @@ def raw_data() -> dict[str, Any]:
 def sweep_task() -> dict[str, Any]:
     """The Optuna study over the joint stage; its best params are then written to params.yaml (as `-S` would),
     so the joint stage that follows, run by DVC, trains with them and dvc.lock records them."""
-    result = run_sweep(load_config(pl.PARAMS_FILE))
+    cfg = load_config(pl.PARAMS_FILE)
+    result = run_sweep(cfg)
     pl.set_params(Path.cwd(), result["best_overrides"])
     get_run_logger().info("sweep: best %s, params.yaml set to %s", result["best_value"], result["best_overrides"])
+    create_markdown_artifact(key="flava-sweep", markdown=sweep_markdown(result, cfg),
+                             description="What the sweep learned")
     return result
+
+
+def sweep_markdown(result: dict[str, Any], cfg: PipelineConfig) -> str:
+    """The study in short: trial counts, the winner's values, links to its MLflow run and the sweep's plots."""
+    uri = tracking_uri(cfg)
+    exp = experiment_id(MlflowClient(uri), cfg)
+    run = result["mlflow_run_id"]
+    best = result.get("best_mlflow_run_id")
+    lines = [
+        f"# Sweep: best {_cell(result['best_value'])}", "",
+        f"{result['n_complete']} complete, {result['n_pruned']} pruned, {result['n_failed']} failed "
+        f"({result['n_lost']} lost with their worker); {result['trial_steps']} trial-steps.", "",
+        f"MLflow sweep run: [{run}]({_ui_url(uri, f'experiments/{exp}/runs/{run}')})"
+        + (f"; best trial: [{best}]({_ui_url(uri, f'experiments/{exp}/runs/{best}')})" if best else ""), "",
+        "| params key | best value (written to params.yaml) |", "|---|---:|",
+        *(f"| `{key}` | {_cell(value)} |" for key, value in result["best_values"].items()),
+        "", "Plots (artifacts of the sweep run, under `plots/`): "
+        + ", ".join(Path(p).stem.replace("_", " ") for p in result.get("plots", [])),
+    ]
+    return "\n".join(lines)
 
 
 # Retried: a new Job resumes from the checkpoints on the shared workspace.

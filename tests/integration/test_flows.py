@@ -305,7 +305,10 @@ def test_sweep_then_joint_on_kubernetes_are_recorded_by_dvc(prefect_server, tmp_
 
     def fake_sweep(cfg):
         swept.append(cfg.data.mixing.ratios)
-        return {"best_value": 0.5, "best_overrides": ["data.mixing.ratios.pair=0.75"]}
+        return {"best_value": 0.5, "best_overrides": ["data.mixing.ratios.pair=0.75"],
+                "best_values": {"data.mixing.ratios.pair": 0.75}, "n_complete": 4, "n_pruned": 2, "n_failed": 0,
+                "n_lost": 0, "trial_steps": 320, "mlflow_run_id": "sweeprun", "best_mlflow_run_id": "bestrun",
+                "plots": ["reports/plots/optimization_history.png"]}
 
     def fake_joint(cfg):  # the Job writes the joint stage's outputs on the shared workspace
         jobs.append(cfg.data.mixing.ratios["pair"])
@@ -319,6 +322,9 @@ def test_sweep_then_joint_on_kubernetes_are_recorded_by_dvc(prefect_server, tmp_
     assert len(swept) == 1 and jobs == [0.75]  # the Job trained with the sweep's best ratio
     assert yaml.safe_load((ws / "params.yaml").read_text())["data"]["mixing"]["ratios"]["pair"] == 0.75
     run, tasks = server_view(state.state_details.flow_run_id, ("sweep", "joint-k8s", "promote"))
+    (summary,) = [a for a in artifacts("flava-sweep") if a["flow_run_id"] == str(state.state_details.flow_run_id)]
+    assert "4 complete, 2 pruned" in summary["data"] and "runs/bestrun" in summary["data"]
+    assert "| `data.mixing.ratios.pair` | 0.75 |" in summary["data"] and "optimization history" in summary["data"]
     recorded = edges(tasks)
     assert {("pretrain_text", "sweep"), ("pretrain_image", "sweep"), ("sweep", "joint-k8s"),
             ("joint-k8s", "evaluate")} <= recorded
