@@ -130,10 +130,6 @@ def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if counts(t, retried)]
 
 
-def budget_left(study: optuna.Study, n_trials: int) -> int:
-    return n_trials - len(_counted(study.get_trials(deepcopy=False)))
-
-
 class _Surplus(Exception):
     """A trial that a race between workers took beyond the budget; failed before it runs."""
 
@@ -186,6 +182,7 @@ class Objective:
         self.cfg, self.sweep, self.study, self.stage = cfg, sweep, study, stage
         self.tracker, self.sweep_run = tracker, sweep_run
         self.workdir = Path(sweep.workdir) / sweep.study_name
+        self.ran = 0  # trials this worker ran (surplus ones excluded)
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.sweep.space)
@@ -193,6 +190,7 @@ class Objective:
         if len(before) >= self.sweep.n_trials:
             trial.set_user_attr("failure", SURPLUS)
             raise _Surplus(f"trial {trial.number}")
+        self.ran += 1
         run_id = self.tracker.start(f"trial-{trial.number}", self.sweep_run,
                                     {"flava.stage": "sweep-trial", "trial": str(trial.number)})
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -262,20 +260,18 @@ def work(cfg, sweep: SweepConfig, *, worker: int = 0, stage: Stage | None = None
         seed=derive_seed("sweep", seed, worker, len(study.trials)) % 2**32, n_startup_trials=sweep.n_startup_trials)
     objective = Objective(cfg, sweep, study, stage or run_joint_stage, _Tracker(cfg), sweep_run or "")
     deadline = time.monotonic() + sweep.timeout_s if sweep.timeout_s else math.inf
-    ran = 0
     while time.monotonic() < deadline:
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)  # a lost trial's retry, enqueued
         if waiting or sweep.n_trials - len(_counted(trials)) > 0:
             # A diverging trial (RuntimeError) fails alone; a config error (ValueError) stops the sweep.
             study.optimize(objective, n_trials=1, catch=(RuntimeError, _Surplus))
-            ran += study.trials[-1].user_attrs.get("failure") != SURPLUS
             continue
         if not any(t.state == TrialState.RUNNING for t in trials):
             break
         time.sleep(sweep.heartbeat_s)  # another worker's trial is running: wait, in case it is lost and retried
         optuna.storages.fail_stale_trials(study)
-    return ran
+    return objective.ran
 
 
 def _worker_process(cfg, sweep: SweepConfig, worker: int, threads: int, stage: Stage | None,
