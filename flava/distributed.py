@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ def shutdown() -> None:
 
 def live_ddp_wrappers() -> list[torch.nn.Module]:
     """DDP wrappers still alive in this process (after a garbage collection by the caller)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return [obj for obj in gc.get_objects() if issubclass(type(obj), DistributedDataParallel)]
 
 

@@ -23,7 +23,7 @@ class Check:
     reason: Callable[[dict[str, Any]], str]  # row of the check frame -> "<category>: <detail>"
 
     def expectation(self):
-        import great_expectations as gx
+        import great_expectations as gx  # lazy: ~4 s to import (see ephemeral_context)
 
         cls = {
             "expect_column_values_to_not_be_null": gx.expectations.ExpectColumnValuesToNotBeNull,
@@ -101,6 +101,8 @@ def accepted_checks(corpus: str, v: ValidateConfig) -> list[Check]:
 def ephemeral_context():
     """An in-memory GE context: no project directory, no analytics, no progress bars."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # great_expectations takes ~4 s to import (measured here; only validate needs it), and is imported after
+    # GX_ANALYTICS_ENABLED is set above
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -122,7 +124,7 @@ class SuiteRunner:
         self._suites: dict[str, Any] = {}
 
     def run(self, name: str, checks: list[Check], frame) -> Any:
-        import great_expectations as gx
+        import great_expectations as gx  # lazy: ~4 s to import (see ephemeral_context)
 
         if name not in self._suites:
             self._suites[name] = self.context.suites.add(

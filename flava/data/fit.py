@@ -25,6 +25,7 @@ from flava.data import storage
 from flava.data.shards import read_manifest, resolve_image
 from flava.data.tokenizer import fit_wordpiece, load_tokenizer
 from flava.data.transforms import decode_image, model_image_geometry, transform_from_config
+from flava.model.codebook import DalleCodebook, KMeansCodebook, load_codebook
 from flava.tracking.runs import stage_run
 
 if TYPE_CHECKING:
@@ -81,8 +82,6 @@ def sample_pixels(cfg: "PipelineConfig") -> torch.Tensor:
 
 
 def fit_codebook(cfg: "PipelineConfig", out_dir: Path) -> dict[str, Any]:
-    from flava.model.codebook import DalleCodebook, KMeansCodebook, load_codebook
-
     cc = cfg.data.codebook
     image_size, patch_size = model_image_geometry(cfg)
     _fresh_dir(out_dir)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+import pandas as pd
+
 from flava.data.prep_config import (
     CaptionFilterConfig,
     ClassFolderImages,
@@ -122,8 +124,6 @@ def _manifest_rows(path: Path, fmt: str) -> Iterator[tuple[dict[str, Any] | None
                     continue
                 yield row, None
         return
-    import pandas as pd
-
     if fmt == "csv":
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
         bad: list[list[str]] = []

@@ -8,6 +8,7 @@ while *streaming a response body*, so reads add their own retry loop around that
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import time
@@ -15,6 +16,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from flava.data.stream_config import S3Config
+
+# boto3 and botocore are imported inside the S3 branches: they are optional (the `pipeline` extra; the served
+# model's requirements leave them out), local paths work without them, and boto3 takes ~0.25 s to import in
+# every spawned DataLoader worker (flava.data.loader imports this module).
 
 S3_PREFIX = "s3://"
 
@@ -48,6 +53,7 @@ def s3_client(s3: S3Config | None = None):
 
 @lru_cache(maxsize=None)
 def _client(pid: int, endpoint_url: str | None, region: str | None, max_attempts: int):
+    # boto3/botocore: optional, S3 only (see the note at the imports)
     import boto3
     from botocore.config import Config
 
@@ -61,7 +67,7 @@ def _client(pid: int, endpoint_url: str | None, region: str | None, max_attempts
 
 
 def _transfer_config(s3: S3Config):
-    from boto3.s3.transfer import TransferConfig
+    from boto3.s3.transfer import TransferConfig  # optional, S3 only (see the note at the imports)
 
     mib = 1024 * 1024
     return TransferConfig(
@@ -76,6 +82,7 @@ def read_bytes(uri: str, *, s3: S3Config | None = None) -> bytes:
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {uri}")
         return path.read_bytes()
+    # botocore: optional, S3 only (see the note at the imports)
     from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ResponseStreamingError
 
     s3 = s3 or S3Config()
@@ -112,8 +119,6 @@ def write_bytes(uri: str, data: bytes, *, s3: S3Config | None = None) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
         return
-    import io
-
     s3 = s3 or S3Config()
     bucket, key = split_s3(uri)
     s3_client(s3).upload_fileobj(io.BytesIO(data), bucket, key, Config=_transfer_config(s3))
@@ -132,7 +137,7 @@ def upload_file(local_path: str | Path, uri: str, *, s3: S3Config | None = None)
 def exists(uri: str, *, s3: S3Config | None = None) -> bool:
     if not is_s3(uri):
         return Path(uri).exists()
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # optional, S3 only (see the note at the imports)
 
     bucket, key = split_s3(uri)
     try:

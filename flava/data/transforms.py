@@ -176,6 +176,8 @@ def load_pixel_batch(
     images: Iterable[str | Image.Image], transform: ImageTransform, *, s3=None
 ) -> torch.Tensor:
     """Eval helper: image paths / ``s3://`` URIs / PIL images -> (N, 3, H, W) normalised pixel batch."""
+    # kept here: this module ships with the served model (serving_modules follows module-level imports), which
+    # does not need flava.data.storage
     from flava.data.storage import read_bytes
 
     tensors = []

@@ -67,7 +67,7 @@ class Fetcher:
         except FileNotFoundError as err:
             return None, f"s3 object not found: {err}"
         except Exception as err:  # noqa: BLE001 - botocore: credentials, endpoint, access denied, throttling...
-            from botocore.exceptions import ClientError
+            from botocore.exceptions import ClientError  # botocore is optional (S3 only); only S3 refs get here
 
             reason = f"s3 object unreachable: {ref}: {type(err).__name__}: {err}"
             if not isinstance(err, ClientError):  # connection-level failure: the whole bucket is unreachable

@@ -11,15 +11,14 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from flava.data.stream_config import LoaderConfig
+from flava.data.transforms import image_transform
 from flava.eval.datasets import ImageDataset
 
 
 def default_transform(model: torch.nn.Module) -> Callable[[Image.Image], torch.Tensor]:
     """Eval transform for a model when no pipeline config is at hand: the model's image size and the default
     ``data.loader`` normalisation. Stages holding a config pass ``transform_from_config(cfg, train=False)``."""
-    from flava.data.stream_config import LoaderConfig
-    from flava.data.transforms import image_transform
-
     size = getattr(getattr(getattr(model, "config", None), "image", None), "image_size", None)
     if not isinstance(size, int):
         raise ValueError(f"{type(model).__name__} exposes no config.image.image_size; pass transform=...")

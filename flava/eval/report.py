@@ -5,6 +5,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+import markdown
+
 from flava.eval.aggregate import DOMAINS, TASK_DOMAINS
 
 
@@ -44,8 +46,6 @@ def render_markdown(metrics: dict[str, Any], info: dict[str, Any], plots: dict[s
 
 
 def render_html(markdown_text: str, title: str = "FLAVA evaluation report") -> str:
-    import markdown
-
     body = markdown.markdown(markdown_text, extensions=["tables"])
     style = (
         "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"

@@ -14,6 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
+from flava.eval.datasets import load_retrieval
+from flava.eval.features import encode_images, encode_texts
+
 
 def chunked_topk(
     queries: torch.Tensor,
@@ -190,9 +193,6 @@ def evaluate_retrieval(
 
     ``rcfg`` is :class:`flava.eval.config.RetrievalConfig` (ks, chunk sizes, curve length).
     """
-    from flava.eval.datasets import load_retrieval
-    from flava.eval.features import encode_images, encode_texts
-
     data = load_retrieval(eval_root, split)
     texts, owners = flatten_captions([{"image": i, "captions": c} for i, c in zip(data.images, data.captions)])
     image_emb = encode_images(model, data.images, transform, batch_size=batch_size, device=device)

@@ -130,7 +130,7 @@ def unshadow_running_flava() -> list[str]:
     it stays. In a process that already runs the project's own ``flava`` the copy is unused here, but every
     process started from this one with the spawn method (DataLoader workers, multiprocessing) would import the
     partial copy first and fail on the modules it leaves out."""
-    import flava
+    import flava  # the package this process runs (already loaded by the imports above), read where it is used
 
     in_use = Path(flava.__file__).resolve().parent
     dropped = []

@@ -37,6 +37,10 @@ from flava.distributed import ProcessInfo
 from flava.stages import import_closure
 from flava.tracking import lineage
 
+# mlflow is imported inside the functions that use it ("mlflow: lazy" beside each): it takes ~1.5 s to import,
+# and flava.data.loader imports this module (through flava.data.shards), so every spawned DataLoader worker
+# (data.loader.start_method "spawn", workers not persistent) would pay that on top of its ~1.8 s start.
+
 log = logging.getLogger(__name__)
 
 STAGE_TAG = "flava.stage"  # the key the evaluation runs and the pipeline's parent run use too
@@ -73,6 +77,7 @@ def artifact_location(cfg: PipelineConfig) -> str | None:
 
 def experiment_id(client, cfg: PipelineConfig) -> str:
     """The id of ``tracking.experiment`` in ``client``'s store, created when missing (two creators may race)."""
+    # mlflow: lazy (see the note at the imports)
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -106,6 +111,7 @@ def parent_run(
     routes' parent runs hold the same things. ``$FLAVA_PARENT_RUN_ID`` points at it while the body runs, so every
     stage run nests under it. It uses the client API, so no fluent run stays active for the stages to trip on;
     it ends FAILED if the body raises."""
+    # mlflow: lazy (see the note at the imports)
     from mlflow import MlflowClient
 
     if trigger not in TRIGGERS:
@@ -154,6 +160,7 @@ def pipeline_tags(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, str]
 
 def log_params(client, run_id: str, cfg: PipelineConfig) -> None:
     """The flattened effective config as the run's params (MLflow takes at most 100 per batch)."""
+    # mlflow: lazy (see the note at the imports)
     from mlflow.entities import Param
 
     params = [Param(k, param_value(v)) for k, v in cfg.flat().items()]
@@ -162,6 +169,7 @@ def log_params(client, run_id: str, cfg: PipelineConfig) -> None:
 
 
 def _log_pipeline_outcome(client, run_id: str, cfg: PipelineConfig, root: Path) -> None:
+    # mlflow: lazy (see the note at the imports)
     from mlflow.entities import Metric
 
     reports = root / cfg.paths.reports
@@ -217,6 +225,7 @@ class StageLog:
 
     def log_metrics(self, metrics: Mapping[str, Any], prefix: str = "", step: int = 0) -> dict[str, float]:
         """Log the numbers of a (nested) report; returns what was logged."""
+        # mlflow: lazy (see the note at the imports)
         from mlflow.entities import Metric
 
         numbers = numeric_metrics(dict(metrics), prefix)
@@ -250,6 +259,7 @@ def stage_run(cfg: PipelineConfig, stage: str, root: str | Path = ".") -> Iterat
     (:func:`stage_tags`) with the flattened effective config as params; ends FAILED with an ``error`` tag if the
     body raises. The client API keeps it apart from any fluent run of the same process (Prefect runs stages in
     threads)."""
+    # mlflow: lazy (see the note at the imports)
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
@@ -294,6 +304,7 @@ class StageRun:
     def __enter__(self) -> "StageRun":
         if not self.active:
             return self
+        # mlflow: lazy (see the note at the imports)
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri(self.cfg))
@@ -321,6 +332,7 @@ class StageRun:
 
     def _reopen(self, tags: dict[str, str], nested: bool):
         """The resumed run reopened (its params stay as first logged: MLflow params are immutable), or None."""
+        # mlflow: lazy (see the note at the imports)
         import mlflow
 
         try:
@@ -335,6 +347,7 @@ class StageRun:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.active or self._run is None:
             return
+        # mlflow: lazy (see the note at the imports)
         import mlflow
 
         if self.checkpoints:
@@ -356,12 +369,14 @@ class StageRun:
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.active or self._run is None:
             return
+        # mlflow: lazy (see the note at the imports)
         import mlflow
 
         mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.active and self._run is not None:
+            # mlflow: lazy (see the note at the imports)
             import mlflow
 
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
@@ -375,12 +390,14 @@ class StageRun:
 
     def log_dict(self, payload: Mapping[str, Any], artifact_file: str) -> None:
         if self.active and self._run is not None:
+            # mlflow: lazy (see the note at the imports)
             import mlflow
 
             mlflow.log_dict(dict(payload), artifact_file)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         if self.active and self._run is not None:
+            # mlflow: lazy (see the note at the imports)
             import mlflow
 
             mlflow.log_artifacts(str(directory), artifact_path)
@@ -395,6 +412,7 @@ class StageRun:
         ``pyfunc_entry.py`` imports (code paths) and :func:`serving_requirements`."""
         if not self.active or self._run is None:
             return None
+        # mlflow: lazy (see the note at the imports)
         import mlflow
         from mlflow.models import ModelSignature
         from mlflow.types.schema import Array, ColSpec, DataType, Schema

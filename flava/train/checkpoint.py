@@ -201,7 +201,7 @@ class S3Store:
             raise ValueError(f"checkpoint URI {uri!r} names no bucket")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         if client is None:
-            import boto3
+            import boto3  # optional (S3 checkpoints only; the `pipeline` extra): local checkpoints work without it
 
             client = boto3.client("s3")
         self.client = client

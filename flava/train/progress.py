@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import Mapping
 
+from tqdm.auto import tqdm
+
 log = logging.getLogger("flava.train")
 
 
@@ -19,8 +21,6 @@ class Progress:
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.bar = None
         if enabled and self.interactive:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc=f"pretrain {stage}", dynamic_ncols=True, leave=True)
 
     def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
