@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from flava.config import PipelineConfig, ReadRecorder, load_config
+from flava.exitcodes import NON_RETRYABLE
 from flava.launch.config import launch_section
 from flava.stages import CLI_GROUPS as GROUPS
 from flava.stages import by_command
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = args.handler(args)
     except (ValueError, FileNotFoundError, WorkspaceBusy) as err:
         print(f"flava: error: {err}", file=sys.stderr)
-        return 2
+        return NON_RETRYABLE
     if result is not None:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
