@@ -10,14 +10,18 @@ real, short trials: worker processes sharing one SQLite study, heartbeats, the b
 2. Pruning: the same seeded study with 1 worker, median pruner vs none. Reports the trial-steps spent (sum of
    each trial's last evaluated step) and the best value found.
 
-    python benchmarks/sweep.py                 # 6 trials of 24 joint steps, evaluations every 6 steps
-    python benchmarks/sweep.py --trials 8 --steps 40 --eval-every 8
+    python benchmarks/sweep.py                 # 6 trials of 96 joint steps, evaluations every 16 steps
+    python benchmarks/sweep.py --trials 8 --steps 160 --eval-every 20
+
+Trials must be long next to a worker process's start (importing torch and MLflow: several seconds), or the
+2-worker ratio measures process start-up rather than the sweep.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -26,6 +30,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per model load buries the table
 
 import optuna
 import torch
@@ -90,8 +96,8 @@ def sweep_once(cfg: PipelineConfig, root: Path, name: str, args, *, workers: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--eval-every", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=96)
+    parser.add_argument("--eval-every", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

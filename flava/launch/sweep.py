@@ -130,6 +130,9 @@ def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if counts(t, retried)]
 
 
+IDLE_POLL_S = 1.0  # how often a worker with no trial to run looks at the study (a cheap read)
+
+
 class _Surplus(Exception):
     """A trial that a race between workers took beyond the budget; failed before it runs."""
 
@@ -269,7 +272,9 @@ def work(cfg, sweep: SweepConfig, *, worker: int = 0, stage: Stage | None = None
             continue
         if not any(t.state == TrialState.RUNNING for t in trials):
             break
-        time.sleep(sweep.heartbeat_s)  # another worker's trial is running: wait, in case it is lost and retried
+        # Another worker's trial is running: wait, in case it is lost and retried. Poll more often than the
+        # heartbeat so that this worker exits soon after the study's last trial ends.
+        time.sleep(min(sweep.heartbeat_s, IDLE_POLL_S))
         optuna.storages.fail_stale_trials(study)
     return objective.ran
 
