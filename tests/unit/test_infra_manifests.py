@@ -128,15 +128,15 @@ def _strings(node):
 # --------------------------------------------------------------------------------- the Prefect pool's Job template
 def flow_run_job(**variables) -> dict:
     """The Job the Kubernetes worker creates for a flow run: the template's variables (defaults + ``variables``)
-    applied as Prefect applies them; then, as prefect-kubernetes does, the ``env`` mapping becomes the container's
-    env list and the command string its args."""
+    applied as Prefect applies them; then, as prefect-kubernetes does, the ``env`` mapping is put before the
+    container's own env list (which takes values from Secrets) and the command string becomes its args."""
     template = json.loads(JOB_TEMPLATE.read_text())
     values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
     values |= {"name": "flava-pipeline-run", "command": "prefect flow-run execute"} | variables
     config = apply_values(template["job_configuration"], values)
     job = config["job_manifest"]
     container = job["spec"]["template"]["spec"]["containers"][0]
-    container["env"] = [{"name": k, "value": v} for k, v in container["env"].items()]
+    container["env"] = [{"name": k, "value": v} for k, v in config["env"].items()] + container["env"]
     container["args"] = container["args"].split()
     return job
 
@@ -171,7 +171,7 @@ def test_every_yaml_file_in_infra_is_rendered_by_some_kustomization():
         rel = path.relative_to(INFRA).as_posix()
         if path.name != "kustomization.yaml" and rel not in NOT_MANIFESTS:
             assert path.resolve() in listed, f"infra/{rel} is in no kustomization: nothing validates or applies it"
-    assert {"k8s", "platform", "local", "storage/nfs", "storage/efs", "storage/filestore",
+    assert {"k8s", "platform", "local", "workspace", "storage/nfs", "storage/efs", "storage/filestore",
             "storage/azurefile"} <= set(KUSTOMIZATIONS)
 
 
@@ -278,8 +278,8 @@ def test_secret_keys_referenced_exist_in_the_committed_examples():
 
 def test_claims_configmaps_and_service_accounts_exist():
     k8s = DEFAULTS.launch.k8s
-    for directory in ("local", "platform"):
-        docs = render(directory) + (render("k8s") if directory == "platform" else [])
+    for directory in ("local", "platform", "workspace"):
+        docs = render(directory) + (render("k8s") if directory != "local" else [])
         present = {_key(d) for d in docs}
         for doc in docs:
             pod = _pod_spec(doc)
