@@ -337,7 +337,10 @@ def test_sweep_then_joint_on_kubernetes_are_recorded_by_dvc(prefect_server, tmp_
 def test_serve_and_deploy_coexist_and_serve_refuses_a_worker_deployment(prefect_server, tmp_path, monkeypatch):
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="flava-process", type="process"), overwrite=True)
-    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), FLAVA_HOME=str(ROOT))
+        template = json.loads((ROOT / "infra/prefect/k8s-base-job-template.json").read_text())
+        client.create_work_pool(WorkPoolCreate(name="flava-k8s", type="kubernetes", base_job_template=template),
+                                overwrite=True)
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), FLAVA_HOME=str(ROOT), FLAVA_IMAGE="flava:test")
     deployed = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all",
                                "--prefect-file", "infra/prefect.yaml"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300)
