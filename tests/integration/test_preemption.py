@@ -67,20 +67,24 @@ def _run_record(cfg):
     return run
 
 
-def _check_resumes_to_reference(world, tmp_path, ranks: int, target=None):  # noqa: F811
+def _reference(world, tmp_path, ranks: int) -> Path:  # noqa: F811
+    """The weights of an uninterrupted run."""
     ref = _cfg(world, tmp_path / "ref", *SETS)
     subprocess.run(_cmd(dump_config(ref, tmp_path / "ref.yaml"), ranks), cwd=ROOT, env=_env(), check=True,
                    timeout=600, capture_output=True)
+    return Path(ref.paths.models) / "text" / "model.safetensors"
 
-    cfg = _cfg(world, tmp_path / "cut", *SETS)
-    params = dump_config(cfg, tmp_path / "cut.yaml")
+
+def _preempted(world, out: Path, ranks: int, target=None):  # noqa: F811
+    """A run stopped by SIGTERM after step EVERY + 1: checks what it left and returns (cfg, params, exit code,
+    stderr, the step it stopped at)."""
+    cfg = _cfg(world, out, *SETS)
+    params = dump_config(cfg, out.with_suffix(".yaml"))
     code, err = _preempt(params, ranks, after=EVERY + 1, target=target)
-    stops = {int(s) for s in re.findall(rf"flava: preempted: text: \S+ at step (\d+)/{STEPS}", err)}
-    assert len(stops) == 1, err[-3000:]  # every rank stopped at the same step
+    stops = {int(s) for s in re.findall(rf"flava: preempted: text: .+? at step (\d+)/{STEPS}", err)}
+    assert len(stops) == 1 and err.count("flava: preempted:") == ranks, err[-3000:]  # every rank, one step
     (stopped,) = stops
-    assert err.count("flava: preempted:") == ranks
-    # the step it reached, past the last periodic checkpoint (at EVERY)
-    assert EVERY < stopped < STEPS
+    assert EVERY < stopped < STEPS  # the step it reached, past the last periodic checkpoint
     ckpt = Checkpointer(Path(cfg.paths.checkpoints) / "text")
     assert ckpt.latest() == stopped and EVERY in ckpt.steps()
     assert sorted(p.name for p in Path(ckpt.uri(stopped)).glob("rank-*.pt")) == [
@@ -89,16 +93,50 @@ def _check_resumes_to_reference(world, tmp_path, ranks: int, target=None):  # no
     run = _run_record(cfg)
     assert run.info.status == "KILLED" and f"at step {stopped}/" in run.data.tags["flava.preempted"]
     assert run.data.tags["checkpoint.latest"] == ckpt.uri(stopped)
+    return cfg, params, code, err, stopped
 
+
+def _resume_and_compare(cfg, params: Path, ranks: int, stopped: int, reference: Path) -> None:
     done = subprocess.run(_cmd(params, ranks), cwd=ROOT, env=_env(), timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[done.stdout.index("{"):])
     assert result["resumed_from"] == stopped and result["steps"] == STEPS
-    assert result["mlflow_run_id"] == run.info.run_id and _run_record(cfg).info.status == "FINISHED"
-    weights = "models/text/model.safetensors"
-    assert (tmp_path / "cut" / weights).read_bytes() == (tmp_path / "ref" / weights).read_bytes()
-    return code
+    run = _run_record(cfg)  # the preempted attempt's run, reopened and finished
+    assert result["mlflow_run_id"] == run.info.run_id and run.info.status == "FINISHED"
+    assert (Path(cfg.paths.models) / "text" / "model.safetensors").read_bytes() == reference.read_bytes()
 
 
 def test_sigterm_saves_the_step_reached_exits_143_and_resumes_to_the_same_bytes(world, tmp_path):  # noqa: F811
-    assert _check_resumes_to_reference(world, tmp_path, ranks=1) == PREEMPTED
+    reference = _reference(world, tmp_path, ranks=1)
+    cfg, params, code, _, stopped = _preempted(world, tmp_path / "cut", ranks=1)
+    assert code == PREEMPTED
+    _resume_and_compare(cfg, params, 1, stopped, reference)
+
+
+def _worker(proc, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank``."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                if f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    return int(entry.name)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    raise AssertionError(f"no worker of rank {rank} under torchrun {proc.pid}")
+
+
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_one_checkpoint(world, tmp_path):  # noqa: F811
+    reference = _reference(world, tmp_path, ranks=2)
+    # The kubelet signals the container's main process, torchrun: it sends SIGTERM on to its workers.
+    cfg, params, code, err, stopped = _preempted(world, tmp_path / "pod", ranks=2)
+    assert "Sending process" in err and "closing signal SIGTERM" in err
+    # torchrun itself re-raises its SignalException and exits 1, not 143 (torch 2.13): a pod running torchrun as
+    # its command does not report 143 even though every worker saved and exited 143.
+    assert code == 1 and "SignalException" in err
+    _resume_and_compare(cfg, params, 2, stopped, reference)
+
+    # Only rank 1 gets the signal: rank 0 learns it from the per-step all-reduce and stops at the same step. Both
+    # exit 143, which torchrun reports per rank.
+    _, _, code, err, _ = _preempted(world, tmp_path / "one", ranks=2, target=lambda proc: [_worker(proc, 1)])
+    assert "text: SIGTERM at step" in err and "text: a stop signal on another rank at step" in err
+    assert code == 1 and len(re.findall(r"exitcode\s*:\s*143", err)) == 2, err[-3000:]

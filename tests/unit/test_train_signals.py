@@ -7,7 +7,6 @@ import threading
 import pytest
 import torch
 
-from flava.configbase import deep_merge
 from flava.exitcodes import Preempted
 from flava.train.checkpoint import Checkpointer
 from flava.train.stop import StopSignals
