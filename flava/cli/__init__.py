@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from flava.config import PipelineConfig, ReadRecorder, load_config
-from flava.exitcodes import NON_RETRYABLE
+from flava.exitcodes import NON_RETRYABLE, PREEMPTED, Preempted
 from flava.launch.config import launch_section
 from flava.stages import CLI_GROUPS as GROUPS
 from flava.stages import by_command
@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, WorkspaceBusy) as err:
         print(f"flava: error: {err}", file=sys.stderr)
         return NON_RETRYABLE
+    except Preempted as stop:  # a checkpoint was saved: a retry of the same command resumes there
+        print(f"flava: preempted: {stop}", file=sys.stderr)
+        return PREEMPTED
     if result is not None:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

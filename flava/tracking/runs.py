@@ -299,7 +299,7 @@ class StageRun:
         self.run_id: str | None = None
         self.checkpoints: list[dict[str, Any]] = []
         self._run = None
-        self._stopped: str | None = None
+        self._stopped: tuple[str, str] | None = None  # (tag, reason): the run ends KILLED, not FAILED
 
     def __enter__(self) -> "StageRun":
         if not self.active:
@@ -352,8 +352,9 @@ class StageRun:
 
         if self.checkpoints:
             mlflow.log_dict({"checkpoints": self.checkpoints}, "checkpoints.json")
-        if self._stopped is not None:  # stopped from outside at an evaluation: not a failure
-            mlflow.set_tag("flava.stopped_early", self._stopped[:5000])
+        if self._stopped is not None:  # stopped from outside (a pruner, a preemption): not a failure
+            tag, reason = self._stopped
+            mlflow.set_tag(tag, reason[:5000])
             mlflow.end_run(status="KILLED")
         else:
             if exc is not None:
@@ -363,7 +364,13 @@ class StageRun:
 
     def stopped(self, reason: str) -> None:
         """The stage is being stopped early (a sweep's pruner): the run ends KILLED, tagged with the reason."""
-        self._stopped = reason
+        self._stopped = ("flava.stopped_early", reason)
+
+    def preempted(self, reason: str) -> None:
+        """The stage was stopped by SIGTERM/SIGINT after a checkpoint: the run ends KILLED, tagged
+        ``flava.preempted`` with the reason. The resumed stage reopens this run and ends it FINISHED; the tag
+        stays as the record of the preemption (``resumed_from_step`` says where it went on)."""
+        self._stopped = ("flava.preempted", reason)
 
     # -------------------------------------------------------------------------------------------- logging
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -3,10 +3,16 @@ logging, evaluation and checkpoints, and exact resume.
 
 The loop owns none of the model, data, logging or evaluation: it is handed a built (and parallelised) model, an
 optimizer and scheduler, an endless batch stream, and plain callables for metrics (``sink``), evaluation, the
-best-model export and the batch check (``check_batch``, run on the host before a batch is copied to the device). Everything a resumed run needs to end exactly as an uninterrupted one goes into its checkpoints:
+best-model export and the batch check (``check_batch``, run on the host before a batch is copied to the device).
+Everything a resumed run needs to end exactly as an uninterrupted one goes into its checkpoints:
 the counters and best-model selection (``LoopState``), the logged rows and evaluations (``history``, ``evals``: what
 reports and training curves are written from), the partial logging window and the state of the generators it is
 handed (e.g. the model's ITM-negative generator).
+
+SIGTERM or SIGINT while ``fit`` runs (a Kubernetes preemption, Ctrl-C) ends the run at the next step boundary: every
+rank finishes the step it is in, the checkpoint of that step is saved, and ``flava.exitcodes.Preempted`` is raised
+(the CLI exits 143). Whether to stop rides on the all-reduce each step already does for the non-finite check, so
+the ranks agree on the step at no extra cost, whichever of them got the signal.
 
 Anything the model returns that has ``.loss`` (scalar) and ``.losses`` (dict of scalars, and optionally
 ``.metrics``) can be trained, which is how the tests drive it with a tiny module.
@@ -24,11 +30,12 @@ import torch.distributed as dist
 from torch import nn
 
 from flava.distributed import ProcessInfo, broadcast_object
+from flava.exitcodes import Preempted
 from flava.train.checkpoint import Checkpointer, capture_rng, restore_rng
 from flava.train.config import TrainConfig
 from flava.train.parallel import as_output, autocast, move_batch, no_sync
 from flava.train.progress import Progress
-from flava.train.stop import EarlyStop
+from flava.train.stop import EarlyStop, StopSignals
 from flava.train.unused import UnusedParameters
 
 log = logging.getLogger(__name__)
@@ -133,6 +140,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []  # one row per logged step
         self.evals: list[dict[str, float]] = []  # one row per evaluation: {"step": ..., **results}
         self.resumed_from: int | None = None
+        self.signals = StopSignals()  # installed while fit() runs
+        self._stop_requested = False  # some rank got a stop signal: agreed on by all ranks at the last step
         self._params = [p for p in model.parameters() if p.requires_grad]
         # Parameter constraints the model keeps itself (FLAVA's logit-scale clamp), re-applied after each update
         # because under FSDP the in-forward clamp only touches the unsharded copy.
@@ -183,19 +192,33 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         s = self.settings
         self.progress.total = s.steps
+        self._stop_requested = False
         try:
-            while self.state.step < s.steps:
-                self._train_step()
-                step = self.state.step
-                metrics = self._log() if step % s.log_every == 0 or step == s.steps else None
-                self.progress.update(step, metrics)
-                if self.evaluate is not None and (step % s.eval_every == 0 or step == s.steps):
-                    self._evaluate()
-                if step % s.checkpoint_every == 0 or step == s.steps:
-                    self.save()
+            with self.signals:
+                while self.state.step < s.steps:
+                    self._train_step()
+                    step = self.state.step
+                    metrics = self._log() if step % s.log_every == 0 or step == s.steps else None
+                    self.progress.update(step, metrics)
+                    if self.evaluate is not None and (step % s.eval_every == 0 or step == s.steps):
+                        self._evaluate()
+                    if step % s.checkpoint_every == 0 or step == s.steps:
+                        self.save()
+                    if self._stop_requested and step < s.steps:  # at the last step the run is complete anyway
+                        self._preempt()
         finally:
             self.progress.close()
         return self.summary()
+
+    def _preempt(self) -> None:
+        """Save the checkpoint of this step boundary (every rank takes part) and raise ``Preempted``."""
+        step = self.state.step
+        got = self.signals.received
+        why = got.name if got is not None else "a stop signal on another rank"
+        log.warning("%s: %s: saving a checkpoint at step %d and stopping", self.settings.stage, why, step)
+        uri = self.save()
+        raise Preempted(f"{self.settings.stage}: {why} at step {step}/{self.settings.steps}; checkpoint: {uri}",
+                        step=step, checkpoint=uri)
 
     def summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
@@ -242,7 +265,7 @@ class Trainer:
         grad_norm = self._clip()
         if self.scaler is None:  # fp16 overflow in the gradients is the scaler's business, not divergence
             bad += (~torch.isfinite(grad_norm)).float()
-        if self._any_rank(bad):
+        if self._step_flags(bad):
             self._nonfinite(kinds)
         else:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -275,6 +298,16 @@ class Trainer:
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP
             norm = norm.full_tensor()
         return norm.detach()
+
+    def _step_flags(self, bad: torch.Tensor) -> bool:
+        """One all-reduce per step answers both questions: was any rank's loss or gradient non-finite (returned),
+        and did any rank get a stop signal (``_stop_requested``, acted on at the end of this step)."""
+        flags = torch.stack([bad, bad.new_full((), float(self.signals.received is not None))])
+        if self.info.distributed and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = (value > 0 for value in flags.tolist())
+        self._stop_requested = self._stop_requested or stop
+        return nonfinite
 
     def _any_rank(self, flag: torch.Tensor) -> bool:
         if self.info.distributed and dist.is_initialized():

@@ -18,8 +18,10 @@ evaluation) for ``dvc plots``.
 Checkpoints (``paths.checkpoints/<stage>``) carry the stage's identity (``flava.stages.stage_identity``: its code,
 data deps and params). A run resumes only the checkpoints of an interrupted run of the same identity; those of
 another identity, and those of a run that finished, are discarded, so a re-run after any change, or a forced one,
-trains for real. The best model is taken at the end from its checkpoint (kept while the run goes on), so an
-interrupted and resumed run writes the same files as an uninterrupted one. Every stage logs one MLflow run (a
+trains for real. SIGTERM/SIGINT during training saves a checkpoint at the step boundary and raises
+``flava.exitcodes.Preempted`` (the MLflow run ends KILLED, tagged ``flava.preempted``; the CLI exits 143). The best
+model is taken at the end from its checkpoint (kept while the run goes on), so an interrupted and resumed run writes
+the same files as an uninterrupted one. Every stage logs one MLflow run (a
 resumed stage continues the interrupted attempt's run) and works the same in one process or under ``torchrun``
 (DDP, or FSDP with ``train.strategy=fsdp``).
 """
@@ -50,6 +52,7 @@ from flava.data.tokenizer import load_tokenizer
 from flava.data.transforms import transform_from_config
 from flava.distributed import ProcessInfo, barrier, init_process, shutdown
 from flava.eval.zeroshot import evaluate_zeroshot
+from flava.exitcodes import Preempted
 from flava.model import FlavaForPretraining
 from flava.model.batch import validate_batch
 from flava.model.codebook import load_codebook
@@ -258,6 +261,11 @@ def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo,
         except EarlyStop as stop:
             _write_curves(out, stage, info, trainer)
             run.stopped(str(stop))
+            raise
+        except Preempted as stop:  # the next run of this identity resumes the checkpoint (and this MLflow run)
+            if stop.checkpoint is not None:
+                run.log_checkpoint(stop.step, stop.checkpoint)
+            run.preempted(str(stop))
             raise
         for step in checkpointer.steps():
             run.log_checkpoint(step, checkpointer.uri(step))
