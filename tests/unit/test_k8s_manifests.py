@@ -17,7 +17,7 @@ from flava.config import PipelineConfig
 from flava.exitcodes import NON_RETRYABLE, PREEMPTED
 from flava.launch import k8s as k8slib
 from flava.launch import k8s_manifests
-from flava.launch.config import K8sConfig, LaunchConfig, SweepConfig, Toleration, launch_section
+from flava.launch.config import K8sConfig, LaunchConfig, Toleration, launch_section
 from flava.tracking.lineage import PARENT_RUN_ENV
 
 SERVER = "http://mlflow.example:5000"
