@@ -1,7 +1,8 @@
 """Typed configuration of the launchers (``launch:`` in params.yaml).
 
 ``launch.k8s`` describes the Kubernetes Job that runs the joint stage under ``torchrun`` on GPU nodes,
-``launch.sweep`` the Optuna study over the joint sampling ratios and warm-up, ``launch.schedule`` the Prefect deployment schedule.
+``launch.sweep`` the Optuna study over the joint sampling ratios and warm-up, ``launch.schedule`` the Prefect
+deployment schedule.
 Defaults are the embedded (synthetic, small) pipeline's values.
 """
 from __future__ import annotations
@@ -33,10 +34,12 @@ class Toleration(StrictModel):
 
 
 class K8sConfig(StrictModel):
-    """One Indexed Job (one pod per node) + a headless Service for the torchrun rendezvous."""
+    """One Indexed Job (one pod per node) + a headless Service for the torchrun rendezvous; sweep workers as an
+    Indexed Job of their own (``launch.sweep.workers`` pods). See :mod:`flava.launch.k8s_manifests`."""
 
     namespace: str = "flava"
     name_prefix: str = "flava-joint"  # Job/Service/ConfigMap names are ``{name_prefix}-{run id}``
+    sweep_name_prefix: str = "flava-sweep"  # the sweep workers' Job: ``{sweep_name_prefix}-{run id}``
     image: str = "ghcr.io/flava-mlops/flava:latest"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     service_account: str | None = None
@@ -50,27 +53,58 @@ class K8sConfig(StrictModel):
     tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
     )
+    # The image's user: the pods run as it, and volumes are group-owned by fs_group (changed only on a mismatch).
+    run_as_user: int = Field(default=1000, ge=1)
+    run_as_group: int = Field(default=1000, ge=1)
+    fs_group: int = Field(default=1000, ge=1)
     rdzv_port: int = Field(default=29500, ge=1, le=65535)
+    # How long torchrun on a node waits for the others to join (a replaced pod 0 must be rescheduled, pull the
+    # image and start within it) before the node gives up.
+    rdzv_join_timeout_s: int = Field(default=1800, ge=1)
     max_restarts: int = Field(default=3, ge=0)  # torchrun restarts of the worker group inside the pods
-    backoff_limit: int = Field(default=4, ge=0)  # failed pods the Job tolerates (preemptions are not counted)
-    active_deadline_s: int | None = Field(default=None, ge=1)
+    # Failed pods the Job tolerates, per node: one lost leader makes every peer fail once, so the budget scales
+    # with the gang (backoffLimit = this x nodes). Preemptions and SIGTERM-checkpointed exits are not counted.
+    backoff_limit_per_node: int = Field(default=2, ge=0)
+    # Job successPolicy "index 0 succeeded => the Job succeeded" (the leader's result is the run's). Needs
+    # Kubernetes >= 1.31 (JobSuccessPolicy beta); set false on 1.29/1.30, where all indexes must succeed.
+    leader_success_policy: bool = True
+    # Seconds a terminating pod has to save its checkpoint on SIGTERM before SIGKILL (one checkpoint save, with
+    # margin for a slow volume).
+    termination_grace_s: int = Field(default=600, ge=1)
+    active_deadline_s: int | None = Field(default=7 * 86400, ge=1)  # the Job's wall-clock limit, enforced by it
     ttl_after_finished_s: int | None = Field(default=86400, ge=0)
+    # Kueue LocalQueue: the Job is created suspended with kueue.x-k8s.io/queue-name, and Kueue admits the whole
+    # gang at once (pair with Kueue's waitForPodsReady). None = no Kueue.
+    kueue_queue: str | None = None
+    priority_class: str | None = None
     # The workspace (data, models, checkpoints) lives on this PVC so a replacement pod resumes from
     # ``paths.checkpoints``. None = an emptyDir: outputs and checkpoints die with the pod.
     workspace_pvc: str | None = "flava-workspace"
+    # With create_workspace_pvc the launcher creates the PVC when it is missing (ReadWriteMany, this size and
+    # storage class; None = the cluster's default class, which must provision RWX volumes).
+    create_workspace_pvc: bool = False
+    workspace_storage_class: str | None = None
+    workspace_size: str = "100Gi"
     workdir: str = "/workspace"
     config_mount: str = "/etc/flava"  # the effective params.yaml is mounted here from a ConfigMap
     s3_secret: str | None = "flava-s3"  # Secret holding the S3 credentials (keys below)
     s3_secret_keys: list[str] = Field(default_factory=lambda: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
     s3_endpoint_url: str | None = None  # e.g. http://minio.flava:9000; None = AWS
-    mlflow_tracking_uri: str | None = "http://mlflow.flava:5000"  # None = the config's tracking.tracking_uri
+    # The pods' MLflow server. None = the launching process's resolved tracking URI ($MLFLOW_TRACKING_URI, else
+    # tracking.tracking_uri). Under a parent run the pods must log where the parent run is: a value here that
+    # differs, or a parent run in a local file store, is refused before anything is submitted.
+    mlflow_tracking_uri: str | None = None
     env: dict[str, str] = Field(default_factory=dict)  # extra environment, e.g. NCCL_DEBUG
     overrides: list[str] = Field(default_factory=list)  # `--set` overrides for the pods only (e.g. paths)
     kube_context: str | None = None  # kubeconfig context outside a cluster; in-cluster config inside
     poll_interval_s: float = Field(default=10.0, gt=0)
-    wait_timeout_s: float = Field(default=7 * 86400.0, gt=0)
+    wait_timeout_s: float = Field(default=7 * 86400.0 + 3600.0, gt=0)  # the launcher's own limit; then deletes
+    # A pod Pending this long (unschedulable, image not pullable, PVC unbound, Secret missing) fails the launch
+    # with the reason, and the Job is deleted. Kueue-suspended Jobs have no pods and wait out wait_timeout_s.
+    pending_timeout_s: float = Field(default=900.0, gt=0)
+    api_retries: int = Field(default=8, ge=0)  # transient API errors (429, 5xx, resets) in a row before failing
 
-    @field_validator("namespace", "name_prefix")
+    @field_validator("namespace", "name_prefix", "sweep_name_prefix")
     @classmethod
     def _dns_label(cls, value: str, info) -> str:
         if not DNS_LABEL.match(value) or len(value) > 40:
@@ -94,9 +128,19 @@ class K8sConfig(StrictModel):
                 raise ValueError(f"launch.k8s.overrides: {item!r} must look like key.path=value")
         return value
 
+    @model_validator(mode="after")
+    def _pvc_to_create(self) -> "K8sConfig":
+        if self.create_workspace_pvc and not self.workspace_pvc:
+            raise ValueError("launch.k8s.create_workspace_pvc needs launch.k8s.workspace_pvc (the claim's name)")
+        return self
+
     @property
     def procs_per_node(self) -> int:
         return self.nproc_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def backoff_limit(self) -> int:
+        return self.backoff_limit_per_node * self.nodes
 
 
 class SearchParam(StrictModel):
@@ -164,7 +208,9 @@ class SweepConfig(StrictModel):
     # Trials the study runs in all: complete, pruned, or failed by their own params (a diverging run). A trial
     # lost with its worker does not count: it is retried (max_retry) with the same params.
     n_trials: int = Field(default=6, ge=1)
-    workers: int = Field(default=1, ge=1)  # local worker processes (`flava sweep --workers N`), threads split
+    # Workers on the study: local processes (`flava sweep --workers N`, threads split), or on Kubernetes the
+    # pods of the sweep Job (`flava k8s sweep`), one `flava sweep` each.
+    workers: int = Field(default=1, ge=1)
     timeout_s: float | None = Field(default=None, gt=0)
     seed: int | None = None  # sampler seed (each worker derives its own); None = the pipeline seed
     n_startup_trials: int = Field(default=3, ge=1)  # random trials before TPE models the history

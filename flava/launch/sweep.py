@@ -287,15 +287,16 @@ def _worker_process(cfg, sweep: SweepConfig, worker: int, threads: int, stage: S
         work(cfg, sweep, worker=worker, stage=stage, sweep_run=sweep_run)
 
 
-def _run_workers(cfg, sweep: SweepConfig, workers: int, stage: Stage | None, sweep_run: str) -> None:
-    """``workers`` spawned processes on the study, the machine's threads split between them."""
+def _run_workers(cfg, sweep: SweepConfig, workers: int, stage: Stage | None, sweep_run: str,
+                 first_worker: int = 0) -> None:
+    """``workers`` spawned processes on the study (indexes ``first_worker`` on), the machine's threads split."""
     if workers == 1:
-        work(cfg, sweep, stage=stage, sweep_run=sweep_run)
+        work(cfg, sweep, worker=first_worker, stage=stage, sweep_run=sweep_run)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # no forked torch/MLflow/SQLAlchemy state
     procs = [context.Process(target=_worker_process, args=(cfg, sweep, i, threads, stage, sweep_run),
-                             name=f"sweep-worker-{i}") for i in range(workers)]
+                             name=f"sweep-worker-{i}") for i in range(first_worker, first_worker + workers)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -306,9 +307,12 @@ def _run_workers(cfg, sweep: SweepConfig, workers: int, stage: Stage | None, swe
 
 
 def run_sweep(cfg, *, sweep: SweepConfig | None = None, workers: int | None = None,
-              stage: Stage | None = None) -> dict[str, Any]:
+              stage: Stage | None = None, first_worker: int = 0) -> dict[str, Any]:
     """Run (or resume) the study with ``workers`` processes (default ``launch.sweep.workers``) until its budget
-    is spent; write ``paths.reports/sweep.json`` and the study's plots; log both to the sweep's MLflow run."""
+    is spent; write ``paths.reports/sweep.json`` and the study's plots; log both to the sweep's MLflow run.
+
+    ``first_worker``: the index of this run's first worker (its sampler seed offset) when other runs work on the
+    same study too, e.g. the pods of the Kubernetes sweep Job (worker = the pod's completion index)."""
     sweep = sweep if sweep is not None else launch_section(cfg).sweep
     check_space(cfg, sweep.space)
     open_study(sweep)  # create it (and its tables) once, before workers race to
@@ -321,7 +325,7 @@ def run_sweep(cfg, *, sweep: SweepConfig | None = None, workers: int | None = No
     tracker.client.log_param(sweep_run, "sweep.space", json.dumps([p.model_dump() for p in sweep.space]))
     ok = False
     try:
-        _run_workers(cfg, sweep, workers or sweep.workers, stage, sweep_run)
+        _run_workers(cfg, sweep, workers or sweep.workers, stage, sweep_run, first_worker)
         summary = _finish(cfg, sweep, tracker, sweep_run)
         ok = True
         return summary
