@@ -226,6 +226,9 @@ def test_cluster_prerequisites_in_infra_k8s_are_valid_and_sufficient(project_roo
     granted = {(group, resource, verb) for rule in kinds["Role"]["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
     assert k8slib.API_PERMISSIONS <= granted, k8slib.API_PERMISSIONS - granted
+    # The optional PVC read (a Pending pod's reason) is granted; PVC create is not needed: the base ships the claim.
+    assert ("", "persistentvolumeclaims", "get") in granted
+    assert ("", "persistentvolumeclaims", "create") not in granted and not default.create_workspace_pvc
     binding = kinds["RoleBinding"]
     assert binding["roleRef"]["name"] == kinds["Role"]["metadata"]["name"]
     assert binding["subjects"][0]["name"] == kinds["ServiceAccount"]["metadata"]["name"]
