@@ -22,6 +22,7 @@ from flava.config import PipelineConfig
 from flava.eval.config import RegistryConfig
 from flava.tracking.lineage import PARENT_RUN_ENV
 from flava.tracking.registry import promote, promotion_lock, run_promote
+from flava.tracking.runs import StageRun, parent_run, stage_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -43,11 +44,12 @@ def server(team_mlflow, monkeypatch):
     return team_mlflow
 
 
-def logged_model(client: MlflowClient, experiment: str, tmp: Path) -> tuple[str, str]:
+def logged_model(client: MlflowClient, experiment: str, tmp: Path, parent: str | None = None) -> tuple[str, str]:
     """An evaluation run that logged a model, as MLflow 3's ``log_model`` does -> (run id, ``models:/m-...``)."""
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-    run = client.create_run(exp_id, tags={"flava.stage": "evaluate", "params_hash": "abc"})
+    tags = {"flava.stage": "evaluate", "params_hash": "abc"} | ({"mlflow.parentRunId": parent} if parent else {})
+    run = client.create_run(exp_id, run_name="evaluate", tags=tags)
     model = client.create_logged_model(exp_id, name="model", source_run_id=run.info.run_id)
     files = tmp / f"model-{model.model_id}"
     files.mkdir(parents=True)
@@ -57,6 +59,66 @@ def logged_model(client: MlflowClient, experiment: str, tmp: Path) -> tuple[str,
     client.finalize_logged_model(model.model_id, "READY")
     client.set_terminated(run.info.run_id)
     return run.info.run_id, f"models:/{model.model_id}"
+
+
+# ------------------------------------------------------------------------------------------- the pipeline's runs
+def test_pipeline_runs_nest_under_the_parent_and_their_artifacts_land_in_the_bucket(server, team_postgres, team_s3,
+                                                                                     tmp_path, monkeypatch):
+    """The parent run and the stage runs as the stages open them (stage_run, StageRun), an evaluation that logged
+    a model, and `flava promote` inside the parent run, all through the server."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    cfg = PipelineConfig.model_validate({
+        "tracking": {"tracking_uri": server.uri(), "experiment": "flava-team-pipeline"},
+        "eval": {"registry": {"model_name": "flava-team-pipeline", "lock_uri": team_postgres.url("mlflow")}},
+        "paths": {"reports": str(tmp_path / "reports")},
+    })
+    (tmp_path / "manifest.jsonl").write_text('{"key": "a"}\n')
+    with parent_run(cfg, root=tmp_path) as parent_id:
+        with stage_run(cfg, "prepare", tmp_path) as prepare:
+            prepare.log_metrics({"rows": {"pairs": 10}})
+            prepare.log_artifact(tmp_path / "manifest.jsonl", "manifests")
+        with StageRun(cfg, "joint", root=tmp_path) as joint:
+            for step in (1, 2):
+                joint.log_metrics(step, {"loss/total": 3.0 / step})
+            joint.log_checkpoint(2, "s3://elsewhere/ckpt/step-2")
+        client = MlflowClient(server.uri())
+        eval_run, source = logged_model(client, cfg.tracking.experiment, tmp_path, parent=parent_id)
+        reports = tmp_path / "reports"
+        (reports / "eval").mkdir(parents=True)
+        (reports / "eval" / "metrics.json").write_text(json.dumps(metrics(0.5)))
+        (reports / "eval" / "run.json").write_text(json.dumps(
+            {"run_id": eval_run, "model_uri": source, "model_dir": "models/joint/best"}))
+        (tmp_path / "models" / "joint" / "best").mkdir(parents=True)
+        (tmp_path / "models" / "joint" / "best" / "model.safetensors").write_bytes(b"joint weights")
+        decision = run_promote(cfg, tmp_path)
+    assert decision["decision"] == "champion" and decision["version"] == 1
+
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["flava.stage"] == "pipeline"
+    assert parent.data.metrics["eval.macro.overall"] == pytest.approx(0.5)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    stages = {r.data.tags["flava.stage"]: r for r in children}
+    assert set(stages) == {"prepare", "joint", "evaluate", "promote"}
+    assert all(r.info.status == "FINISHED" for r in children if r.data.tags["flava.stage"] != "evaluate")
+    assert [m.value for m in client.get_metric_history(stages["joint"].info.run_id, "loss_total")] == [3.0, 1.5]
+    assert stages["promote"].data.tags["promotion.decision"] == "champion"
+    # Every run's artifacts went through the server into the bucket, under the experiment's run folders.
+    keys = set(team_s3.keys(f"mlartifacts/{parent.info.experiment_id}/"))
+    expected = {
+        (parent_id, "params.yaml"), (parent_id, "dvc.lock"), (parent_id, "promotion.json"),
+        (stages["prepare"].info.run_id, "manifests/manifest.jsonl"),
+        (stages["joint"].info.run_id, "config/effective.yaml"), (stages["joint"].info.run_id, "checkpoints.json"),
+        (stages["promote"].info.run_id, "promotion.json"), (eval_run, "registry/metrics.json"),
+        (eval_run, "registry/flava-team-pipeline-v1.json"),
+    }
+    for run_id, path in expected:
+        assert f"mlartifacts/{parent.info.experiment_id}/{run_id}/artifacts/{path}" in keys, (run_id, path)
+    model_id = source.removeprefix("models:/")
+    assert f"mlartifacts/{parent.info.experiment_id}/models/{model_id}/artifacts/model.safetensors" in keys
+    aliases = {a: int(v) for a, v in client.get_registered_model("flava-team-pipeline").aliases.items()}
+    assert aliases == {"champion": 1}
 
 
 # ------------------------------------------------------------------------------------------------ registering
