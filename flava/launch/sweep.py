@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
+import sqlalchemy
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -44,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from flava.config import apply_overrides
 from flava.data.loader import derive_seed
+from flava.dburl import check_database_url
 from flava.launch.config import SweepConfig, launch_section
 from flava.launch.space import applied, apply_best, as_overrides, check_space, suggest  # noqa: F401 (API)
 from flava.launch.sweep_report import SURPLUS, report, write_plots
@@ -89,8 +91,12 @@ def _link_encoders(cfg, trial_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the study
+SCHEMA_ATTEMPTS = 5  # tries to open a storage whose schema another worker may be creating at the same moment
+
+
 def _storage_url(path: str) -> str:
     if "://" in path:
+        check_database_url(path, "launch.sweep.storage")  # a missing driver named before the study is opened
         return path
     file = Path(path).resolve()
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -111,9 +117,19 @@ def open_study(sweep: SweepConfig) -> optuna.Study:
     url = _storage_url(sweep.storage)
     # Concurrent workers on one SQLite file wait for its lock rather than failing at once.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_s,
-                         grace_period=sweep.grace_s or 2 * sweep.heartbeat_s,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=sweep.max_retry))
+    options = dict(engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_s,
+                   grace_period=sweep.grace_s or 2 * sweep.heartbeat_s,
+                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=sweep.max_retry))
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            storage = RDBStorage(url, **options)
+            break
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers started together on a fresh PostgreSQL database all create Optuna's schema; all but one
+            # fail on a duplicate type or table (CREATE TYPE has no IF NOT EXISTS). The schema is there then.
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
     return optuna.create_study(study_name=sweep.study_name, storage=storage, direction=sweep.direction,
                                pruner=_pruner(sweep), load_if_exists=True)
 
