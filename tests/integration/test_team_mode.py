@@ -17,12 +17,17 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flava.config import PipelineConfig
 from flava.eval.config import RegistryConfig
 from flava.tracking.lineage import PARENT_RUN_ENV
 from flava.tracking.registry import promote, promotion_lock, run_promote
 from flava.tracking.runs import StageRun, parent_run, stage_run
+from flows import pipeline as pipe
+from tests.integration.flow_workspace import make_workspace
+from tests.integration.test_flows import server_view
+from tests.team import psycopg
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -221,3 +226,30 @@ def test_concurrent_promoters_with_other_checkouts_and_spellings_never_crown_the
         assert aliases["previous"] == first_done["version"] and second["decision"] == "champion"
     else:
         assert second["decision"] == "challenger" and aliases["challenger"] == second["version"]
+
+
+# ------------------------------------------------------------------------------------------------- Prefect
+def test_the_flow_runs_on_the_postgresql_prefect_server_and_logs_to_the_mlflow_server(
+        team_prefect, server, team_postgres, team_s3, tmp_path, monkeypatch):
+    """The project's flow (light stages through the real `dvc repro`, tests/integration/flow_workspace.py)
+    recorded by a Prefect server whose database is PostgreSQL, its parent run in the team's MLflow."""
+    ws = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(ws)
+    for knob in ("FAKE_FAIL", "FAKE_FAIL_CODE", "FAKE_FAIL_ONCE", "FAKE_SLEEP", "FAKE_BARRIER"):
+        monkeypatch.delenv(knob, raising=False)
+    with temporary_settings(updates={PREFECT_API_URL: team_prefect.api_url}):
+        state = pipe.flava_pipeline(return_state=True)
+        assert state.is_completed(), state
+        flow_run_id = state.state_details.flow_run_id
+        run, tasks = server_view(flow_run_id, {"prepare", "promote"})
+        result = state.result()
+    assert run.state.type.value == "COMPLETED" and {"prepare", "joint", "promote"} <= {t.name for t in tasks}
+    # What the server recorded is in PostgreSQL.
+    with psycopg.connect(team_postgres.url("prefect")) as conn:
+        row = conn.execute("SELECT state_type FROM flow_run WHERE id = %s", (str(flow_run_id),)).fetchone()
+    assert row == ("COMPLETED",)
+    parent = MlflowClient(server.uri()).get_run(result["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["trigger"] == "prefect"
+    assert str(flow_run_id) in parent.data.tags["link"]
+    keys = team_s3.keys(f"mlartifacts/{parent.info.experiment_id}/{parent.info.run_id}/")
+    assert {k.rsplit("/", 1)[-1] for k in keys} >= {"params.yaml", "dvc.lock", "promotion.json"}
