@@ -9,6 +9,7 @@ directory that user owns), otherwise as the current user.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -76,22 +77,14 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
     """SIGTERM the server's process group (uvicorn workers included), SIGKILL it if it lingers."""
     if proc.poll() is not None:
         return
-    with _suppress_lookup():
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        with _suppress_lookup():
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=timeout_s)
-
-
-class _suppress_lookup:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is ProcessLookupError
 
 
 # --------------------------------------------------------------------------------------------------- PostgreSQL
