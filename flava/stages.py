@@ -82,7 +82,7 @@ NOT_DEPENDENCIES: dict[str, str] = {
     "train.checkpoint_every": "where checkpoints fall; resume is exact (tested), so not what is trained",
     "train.peak_tflops": "the MFU denominator, logged to the run file, not a metric",
     "eval.registry.lock_timeout_s": "how long a promoter waits for the registry lock",
-    "eval.registry.lock_dir": "where the registry lock lives",
+    "eval.registry.lock_uri": "where promotions are serialised",
 }
 
 _PREPARED = "${paths.prepared}"

@@ -111,12 +111,22 @@ class RegistryConfig(StrictModel):
     # when this is true; otherwise promotion.json says "skipped" and why.
     register_experiments: bool = False
     lock_timeout_s: float = Field(default=120.0, gt=0)
-    # Where the promotion lock file lives when the tracking store is not a local sqlite file (relative to the
-    # project root); for sqlite the lock sits next to the database file.
-    lock_dir: str = ".mlflow-locks"
+    # Team mode: the PostgreSQL database where promotions are serialised by an advisory lock (e.g. the tracking
+    # server's own, postgresql+psycopg://user@host:5432/mlflow); every promoter must name the same database.
+    # Null: the tracking store's own database when it is PostgreSQL, a lock file beside it when it is the embedded
+    # sqlite file; promoting through a tracking server (http) then fails, asking for this key.
+    lock_uri: str | None = None
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
     previous_alias: str = "previous"
+
+    @field_validator("lock_uri")
+    @classmethod
+    def _postgresql(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgresql+")):
+            raise ValueError(f"eval.registry.lock_uri must be a PostgreSQL URL (postgresql://user@host:port/db or "
+                             f"postgresql+psycopg://...), got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _distinct_aliases(self) -> "RegistryConfig":

@@ -198,7 +198,7 @@ class SweepConfig(StrictModel):
     """Optuna study over the joint stage. Each trial is a short joint run (``trial_overrides``).
 
     Any number of workers (``workers`` local processes, or several ``flava sweep`` runs on a shared ``storage``)
-    cooperate on one study: the budget ``n_trials`` is the study's, each worker samples with its own seed, and a
+    cooperate on one study: the budget ``n_trials`` is the study's, each trial samples with its own seed, and a
     trial whose worker stops beating (killed, preempted) is failed after ``grace_s`` and retried with its params.
     """
 

@@ -13,7 +13,7 @@ runs (pods) on one storage. They coordinate only through the storage:
 
 - the budget is the study's: a worker asks for a trial only while fewer than ``n_trials`` count, and a trial
   that a race took beyond the budget is failed at once as surplus (it never runs);
-- each worker samples with its own seed (derived from the sweep seed, the worker index and the history);
+- each trial samples with its own seed (derived from the sweep seed and the trial's number, unique in the study);
 - a running trial beats every ``heartbeat_s``; one silent for ``grace_s`` (its worker was killed) is failed and
   retried with the same params (``max_retry``), while the trials of live workers are never touched;
 - a worker with nothing left to ask waits for the others' running trials, so a lost trial's retry still runs.
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
+import sqlalchemy
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -44,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from flava.config import apply_overrides
 from flava.data.loader import derive_seed
+from flava.dburl import check_database_url
 from flava.launch.config import SweepConfig, launch_section
 from flava.launch.space import applied, apply_best, as_overrides, check_space, suggest  # noqa: F401 (API)
 from flava.launch.sweep_report import SURPLUS, report, write_plots
@@ -89,8 +91,12 @@ def _link_encoders(cfg, trial_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the study
+SCHEMA_ATTEMPTS = 5  # tries to open a storage whose schema another worker may be creating at the same moment
+
+
 def _storage_url(path: str) -> str:
     if "://" in path:
+        check_database_url(path, "launch.sweep.storage")  # a missing driver named before the study is opened
         return path
     file = Path(path).resolve()
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -111,11 +117,60 @@ def open_study(sweep: SweepConfig) -> optuna.Study:
     url = _storage_url(sweep.storage)
     # Concurrent workers on one SQLite file wait for its lock rather than failing at once.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_s,
-                         grace_period=sweep.grace_s or 2 * sweep.heartbeat_s,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=sweep.max_retry))
+    options = dict(engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_s,
+                   grace_period=sweep.grace_s or 2 * sweep.heartbeat_s,
+                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=sweep.max_retry))
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            storage = RDBStorage(url, **options)
+            break
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers started together on a fresh PostgreSQL database all create Optuna's schema; all but one
+            # fail on a duplicate type or table (CREATE TYPE has no IF NOT EXISTS). The schema is there then.
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
     return optuna.create_study(study_name=sweep.study_name, storage=storage, direction=sweep.direction,
                                pruner=_pruner(sweep), load_if_exists=True)
+
+
+class _TrialSeeded(optuna.samplers.BaseSampler):
+    """TPE seeded afresh for each trial from the sweep seed and the trial's number. The storage hands out each
+    number once, so no two trials draw with one seed, whichever worker, machine or start runs them -- a seed per
+    worker index and history length would repeat for two `flava sweep` runs that open the study at the same
+    moment (both worker 0 of an empty history)."""
+
+    def __init__(self, seed: int, n_startup_trials: int) -> None:
+        self._seed, self._n_startup = seed, n_startup_trials
+        self._tpe = self._for(0)
+
+    def _for(self, number: int) -> optuna.samplers.TPESampler:
+        return optuna.samplers.TPESampler(seed=derive_seed("sweep", self._seed, number) % 2**32,
+                                          n_startup_trials=self._n_startup)
+
+    def before_trial(self, study, trial) -> None:
+        self._tpe = self._for(trial.number)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._tpe.reseed_rng()
+
+
+def trial_seeded_sampler(cfg, sweep: SweepConfig) -> optuna.samplers.BaseSampler:
+    """The sampler every worker uses (see ``_TrialSeeded``)."""
+    return _TrialSeeded(cfg.seed if sweep.seed is None else sweep.seed, sweep.n_startup_trials)
 
 
 def counts(trial: FrozenTrial, retried: set[int]) -> bool:
@@ -252,15 +307,12 @@ class Objective:
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def work(cfg, sweep: SweepConfig, *, worker: int = 0, stage: Stage | None = None,
+def work(cfg, sweep: SweepConfig, *, stage: Stage | None = None,
          sweep_run: str | None = None) -> int:
     """One worker: run trials of the study until its budget is spent and no other worker's trial is running.
     Returns the number of trials this worker ran (surplus ones excluded)."""
     study = open_study(sweep)
-    seed = cfg.seed if sweep.seed is None else sweep.seed
-    # Own seed per worker and per start, so workers (and a resumed study) never replay each other's draws.
-    study.sampler = optuna.samplers.TPESampler(
-        seed=derive_seed("sweep", seed, worker, len(study.trials)) % 2**32, n_startup_trials=sweep.n_startup_trials)
+    study.sampler = trial_seeded_sampler(cfg, sweep)  # a seed per trial: workers never replay each other's draws
     objective = Objective(cfg, sweep, study, stage or run_joint_stage, _Tracker(cfg), sweep_run or "")
     deadline = time.monotonic() + sweep.timeout_s if sweep.timeout_s else math.inf
     while time.monotonic() < deadline:
@@ -284,7 +336,7 @@ def _worker_process(cfg, sweep: SweepConfig, worker: int, threads: int, stage: S
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{worker} %(levelname)s %(message)s")
     with _parent_env(sweep_run):
-        work(cfg, sweep, worker=worker, stage=stage, sweep_run=sweep_run)
+        work(cfg, sweep, stage=stage, sweep_run=sweep_run)
 
 
 def _run_workers(cfg, sweep: SweepConfig, workers: int, stage: Stage | None, sweep_run: str,

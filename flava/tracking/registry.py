@@ -30,8 +30,10 @@ and records that it did), the same lock, and the reason recorded on the version 
 Concurrency: an alias names exactly one version, so "two champions" cannot exist in MLflow; the real hazard is a
 lost update -- two candidates both read the same champion, both pass, and the second silently replaces the first
 without being compared with it, leaving ``@previous`` wrong. The whole read-decide-write sequence therefore runs
-under an exclusive ``fcntl.flock`` on a lock file: next to the database for a ``sqlite:///`` store, else in
-``eval.registry.lock_dir`` (which must be on a filesystem shared by all promoters when they run on several hosts).
+under an exclusive lock held where the registry is (:func:`promotion_lock`): a PostgreSQL advisory lock in the
+database named by ``eval.registry.lock_uri`` (team mode), or in the tracking store's own database when that is
+PostgreSQL; an ``fcntl.flock`` on a file beside the database only for the embedded sqlite store. A lock file in a
+checkout would not exclude a promoter on another machine, or one that spells the server's address differently.
 An optimistic check-and-retry on a registered-model tag was the alternative, but MLflow's API has no
 compare-and-swap, so a read-then-write of a counter tag is itself racy; the lock is simpler and correct.
 """
@@ -44,16 +46,19 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import mlflow
+import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from flava.config import PipelineConfig
+from flava.dburl import check_database_url
 from flava.distributed import ProcessInfo
 from flava.eval.config import RegistryConfig
 from flava.eval.gate import Decision, gate, macros
@@ -74,20 +79,6 @@ ROLLED_BACK = "rolled_back"
 
 
 # ----------------------------------------------------------------------------------------------------- the lock
-def lock_path(tracking_uri: str, rcfg: RegistryConfig, root: str | Path = ".") -> Path:
-    """Lock file next to a local sqlite store, else under ``rcfg.lock_dir`` (shared across promoters)."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        # sqlite:///relative.db -> path "/relative.db"; sqlite:////abs/x.db -> "//abs/x.db"
-        db = tracking_uri[len("sqlite:///"):]
-        return Path(db).with_name(Path(db).name + ".promote.lock")
-    directory = Path(rcfg.lock_dir)
-    if not directory.is_absolute():
-        directory = Path(root) / directory
-    safe = "".join(c if c.isalnum() else "_" for c in tracking_uri)[:120]
-    return directory / f"{safe}.promote.lock"
-
-
 @contextlib.contextmanager
 def exclusive_lock(path: Path, timeout_s: float, poll_s: float = 0.05) -> Iterator[None]:
     """Exclusive advisory lock; separate ``open()`` calls exclude each other across threads and processes."""
@@ -106,6 +97,77 @@ def exclusive_lock(path: Path, timeout_s: float, poll_s: float = 0.05) -> Iterat
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class FileLock:
+    """The embedded default's lock: a file next to the sqlite database, which only this machine writes."""
+
+    path: Path
+
+    def hold(self, timeout_s: float) -> contextlib.AbstractContextManager[None]:
+        return exclusive_lock(self.path, timeout_s)
+
+
+@dataclass(frozen=True)
+class AdvisoryLock:
+    """A PostgreSQL session-level advisory lock named after the registered model, in the team's database: every
+    promoter that reaches that database excludes every other, whatever its checkout or its spelling of the
+    tracking server's address. A promoter that dies loses its connection, and with it the lock."""
+
+    url: str  # SQLAlchemy URL of the database (postgresql:// or postgresql+psycopg://)
+    name: str  # what is locked, e.g. "flava.promote:flava"
+
+    @property
+    def key(self) -> int:
+        """The lock's bigint key: the first 8 bytes of sha256(name), signed."""
+        return int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:8], "big", signed=True)
+
+    @contextlib.contextmanager
+    def hold(self, timeout_s: float, poll_s: float = 0.1) -> Iterator[None]:
+        engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                deadline = time.monotonic() + timeout_s
+                try_lock = sqlalchemy.text("SELECT pg_try_advisory_lock(:key)")
+                while not conn.execute(try_lock, {"key": self.key}).scalar():
+                    if time.monotonic() > deadline:
+                        where = sqlalchemy.engine.make_url(self.url).render_as_string(hide_password=True)
+                        raise TimeoutError(f"promotion lock {self.name!r} (PostgreSQL advisory lock {self.key} in "
+                                           f"{where}) still held after {timeout_s}s")
+                    time.sleep(poll_s)
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+        finally:
+            engine.dispose()
+
+
+PromotionLock = FileLock | AdvisoryLock
+
+
+def promotion_lock(tracking_uri: str, rcfg: RegistryConfig) -> PromotionLock:
+    """Where promotions of ``rcfg.model_name`` are serialised: ``eval.registry.lock_uri`` when set (team mode:
+    a PostgreSQL database every promoter reaches); else the tracking store itself when it is a PostgreSQL
+    database; else, for the embedded sqlite store, a file next to the database. A tracking server (http) hides
+    its database, so promoting through one needs ``lock_uri``: a lock file in one checkout would not exclude a
+    promoter on another machine, or one that spells the server's address differently."""
+    name = f"flava.promote:{rcfg.model_name}"
+    if rcfg.lock_uri:
+        return AdvisoryLock(str(check_database_url(rcfg.lock_uri, "eval.registry.lock_uri")
+                                .render_as_string(hide_password=False)), name)
+    scheme = urlparse(tracking_uri).scheme
+    if scheme == "sqlite":
+        # sqlite:///relative.db -> "relative.db"; sqlite:////abs/x.db -> "/abs/x.db"
+        db = tracking_uri[len("sqlite:///"):]
+        return FileLock(Path(db).with_name(Path(db).name + ".promote.lock"))
+    if scheme.startswith("postgresql"):
+        return AdvisoryLock(tracking_uri, name)
+    raise ValueError(
+        f"promotion through the tracking store {tracking_uri} needs eval.registry.lock_uri: the PostgreSQL database "
+        "where promoters serialise (e.g. the tracking server's own, postgresql+psycopg://user@host:5432/mlflow). "
+        "Only the embedded sqlite store is locked with a file")
 
 
 # ------------------------------------------------------------------------------------------ what a version holds
@@ -244,7 +306,7 @@ def promote(
     eval_run_id: str,
     model_source: str,
     rcfg: RegistryConfig,
-    lock_file: Path,
+    lock: PromotionLock,
     tags: dict[str, str] | None = None,
     weights_sha256: str | None = None,
 ) -> dict[str, Any]:
@@ -256,7 +318,7 @@ def promote(
     """
     name = rcfg.model_name
     macros(metrics)  # fail early, before taking the lock, on metrics that cannot be gated
-    with exclusive_lock(lock_file, rcfg.lock_timeout_s):
+    with lock.hold(rcfg.lock_timeout_s):
         _ensure_registered_model(client, name)
         version = _version_tagged(client, name, EVAL_RUN_TAG, eval_run_id)
         if version is None and weights_sha256:
@@ -329,12 +391,12 @@ def _get_version(client, name: str, version: int | str):
         raise ValueError(f"registered model {name!r} has no version {version}; versions: {known}") from None
 
 
-def promote_version(client, version: int | str, *, reason: str, rcfg: RegistryConfig, lock_file: Path,
+def promote_version(client, version: int | str, *, reason: str, rcfg: RegistryConfig, lock: PromotionLock,
                     force: bool = False) -> dict[str, Any]:
     """Make ``version`` the champion by hand: gated against the current champion unless ``force`` (which records
     that the gate was bypassed and why). The old champion gets ``@previous``."""
     reason, name = _need_reason(reason), rcfg.model_name
-    with exclusive_lock(lock_file, rcfg.lock_timeout_s):
+    with lock.hold(rcfg.lock_timeout_s):
         target = _get_version(client, name, version)
         champion = _alias_version(client, name, rcfg.champion_alias)
         if champion is not None and str(champion.version) == str(target.version):
@@ -364,13 +426,13 @@ def promote_version(client, version: int | str, *, reason: str, rcfg: RegistryCo
         return {**result, "action": action, "reason": reason, "gate_passed": decision.promote}
 
 
-def rollback(client, *, reason: str, rcfg: RegistryConfig, lock_file: Path) -> dict[str, Any]:
+def rollback(client, *, reason: str, rcfg: RegistryConfig, lock: PromotionLock) -> dict[str, Any]:
     """Give ``@champion`` back to ``@previous``. Not gated: ``@previous`` passed the gate when it became champion.
 
     The demoted version is marked ``rolled_back`` (a later ``flava promote`` of its weights returns that, and
     does not promote it again); ``@previous`` moves to the champion the restored version had replaced, if any."""
     reason, name = _need_reason(reason), rcfg.model_name
-    with exclusive_lock(lock_file, rcfg.lock_timeout_s):
+    with lock.hold(rcfg.lock_timeout_s):
         champion = _alias_version(client, name, rcfg.champion_alias)
         previous = _alias_version(client, name, rcfg.previous_alias)
         if champion is None or previous is None:
@@ -493,7 +555,7 @@ def run_promote(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     with stage_run(cfg, "promote", root) as run:
         result = promote(
             client, metrics=metrics, eval_run_id=eval_run_id, model_source=run_info["model_uri"], rcfg=rcfg,
-            lock_file=lock_path(uri, rcfg, root), tags=lineage, weights_sha256=sha256_file(weights),
+            lock=promotion_lock(uri, rcfg), tags=lineage, weights_sha256=sha256_file(weights),
         )
         result["eval_run_id"] = eval_run_id
         run.set_tags({DECISION_TAG: result["decision"], "registry.version": result["version"],
@@ -549,25 +611,23 @@ def _promotion_lineage(cfg: PipelineConfig, root: Path, eval_run, model_dir: Pat
     return lineage
 
 
-def _client_and_lock(cfg: PipelineConfig, root: str | Path) -> tuple[MlflowClient, Path]:
+def _client_and_lock(cfg: PipelineConfig) -> tuple[MlflowClient, PromotionLock]:
     uri = tracking_uri(cfg)
-    return MlflowClient(uri), lock_path(uri, cfg.eval.registry, root)
+    return MlflowClient(uri), promotion_lock(uri, cfg.eval.registry)
 
 
-def run_registry_promote(cfg: PipelineConfig, version: int, reason: str, force: bool = False,
-                         root: str | Path = ".") -> dict[str, Any]:
+def run_registry_promote(cfg: PipelineConfig, version: int, reason: str, force: bool = False) -> dict[str, Any]:
     """``flava registry promote VERSION --reason TEXT [--force]``."""
-    client, lock = _client_and_lock(cfg, root)
-    return promote_version(client, version, reason=reason, rcfg=cfg.eval.registry, lock_file=lock, force=force)
+    client, lock = _client_and_lock(cfg)
+    return promote_version(client, version, reason=reason, rcfg=cfg.eval.registry, lock=lock, force=force)
 
 
-def run_registry_rollback(cfg: PipelineConfig, reason: str, root: str | Path = ".") -> dict[str, Any]:
+def run_registry_rollback(cfg: PipelineConfig, reason: str) -> dict[str, Any]:
     """``flava registry rollback --reason TEXT``."""
-    client, lock = _client_and_lock(cfg, root)
-    return rollback(client, reason=reason, rcfg=cfg.eval.registry, lock_file=lock)
+    client, lock = _client_and_lock(cfg)
+    return rollback(client, reason=reason, rcfg=cfg.eval.registry, lock=lock)
 
 
-def run_registry_status(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
+def run_registry_status(cfg: PipelineConfig) -> dict[str, Any]:
     """``flava registry status``."""
-    client, _ = _client_and_lock(cfg, root)
-    return status(client, cfg.eval.registry)
+    return status(MlflowClient(tracking_uri(cfg)), cfg.eval.registry)

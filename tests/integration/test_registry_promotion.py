@@ -16,7 +16,7 @@ from flava.config import PipelineConfig  # noqa: E402
 from flava.eval.config import RegistryConfig  # noqa: E402
 from flava.cli import main  # noqa: E402
 from flava.tracking.registry import (  # noqa: E402
-    exclusive_lock, gate, lock_path, promote, run_promote, version_details, version_metrics,
+    gate, promote, promotion_lock, run_promote, version_details, version_metrics,
 )
 
 RCFG = RegistryConfig(model_name="flava-test", margin=0.01, domain_tolerance=0.02)
@@ -58,7 +58,7 @@ def _eval_run(uri: str, tmp: Path) -> tuple[str, str]:
 def _promote(uri, tmp, metrics, run=None, rcfg=RCFG, weights=None):
     run_id, source = run or _eval_run(uri, tmp)
     return promote(MlflowClient(uri), metrics=metrics, eval_run_id=run_id, model_source=source, rcfg=rcfg,
-                   lock_file=lock_path(uri, rcfg), tags={"git_commit": "deadbeef"},
+                   lock=promotion_lock(uri, rcfg), tags={"git_commit": "deadbeef"},
                    weights_sha256=weights or f"sha-{run_id}")
 
 
@@ -360,7 +360,7 @@ def test_registry_commands_promote_rollback_and_status_by_hand(tmp_path, monkeyp
     (tmp_path / "params.yaml").write_text(
         f"tracking: {{tracking_uri: '{uri}'}}\n"
         f"eval: {{registry: {{model_name: {RCFG.model_name}, lock_timeout_s: 0.2}}}}\n")
-    with exclusive_lock(lock_path(uri, RCFG), timeout_s=5):
+    with promotion_lock(uri, RCFG).hold(timeout_s=5):
         with pytest.raises(TimeoutError, match="still held"):
             _cli(tmp_path, "registry", "promote", "3", "--reason", "x", "--force")
     assert _aliases(uri) == {"champion": "2", "previous": "1"}

@@ -1,14 +1,15 @@
-"""The promotion gate as a pure function, and the lock file placement."""
+"""The promotion gate as a pure function, and where the promotion lock is."""
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from flava.eval.config import RegistryConfig
 from flava.eval.gate import gate
-from flava.tracking.registry import exclusive_lock, lock_path, metrics_from_tags
+from flava.tracking.registry import AdvisoryLock, FileLock, exclusive_lock, metrics_from_tags, promotion_lock
 
 
 def _metrics(overall, vision=None, language=None, multimodal=None, tasks=None, chance=None):
@@ -95,11 +96,27 @@ def test_metrics_of_versions_registered_by_the_old_code_are_read_from_their_tags
     assert metrics_from_tags(tags) == _metrics(0.5, 0.4, tasks={"zeroshot": 0.3}, chance={"zeroshot": 0.1})
 
 
-def test_lock_path_next_to_sqlite_and_in_lock_dir_otherwise(tmp_path):
-    assert str(lock_path("sqlite:////tmp/x/mlflow.db", RCFG)) == "/tmp/x/mlflow.db.promote.lock"
-    assert str(lock_path("sqlite:///mlflow.db", RCFG)) == "mlflow.db.promote.lock"
-    remote = lock_path("http://mlflow:5000", RegistryConfig(lock_dir="locks"), root=tmp_path)
-    assert remote.parent == tmp_path / "locks"
+def test_promotion_lock_is_a_file_beside_sqlite_and_a_postgresql_lock_otherwise():
+    assert promotion_lock("sqlite:////tmp/x/mlflow.db", RCFG) == FileLock(Path("/tmp/x/mlflow.db.promote.lock"))
+    assert promotion_lock("sqlite:///mlflow.db", RCFG) == FileLock(Path("mlflow.db.promote.lock"))
+    # The tracking store's own PostgreSQL database, or the one lock_uri names, whatever the tracking URI says.
+    own = promotion_lock("postgresql+psycopg://u@db:5432/mlflow", RCFG)
+    assert own == AdvisoryLock("postgresql+psycopg://u@db:5432/mlflow", f"flava.promote:{RCFG.model_name}")
+    team = RegistryConfig(lock_uri="postgresql://u:secret@db:5432/mlflow")
+    for uri in ("http://localhost:5000", "http://127.0.0.1:5000", "sqlite:///mlflow.db"):
+        assert promotion_lock(uri, team) == AdvisoryLock("postgresql://u:secret@db:5432/mlflow", "flava.promote:flava")
+    assert -2**63 <= own.key < 2**63 and own.key != AdvisoryLock(own.url, "flava.promote:other").key
+    # A tracking server hides its database: a lock file in one checkout would exclude nobody else.
+    with pytest.raises(ValueError, match="eval.registry.lock_uri"):
+        promotion_lock("http://mlflow:5000", RegistryConfig())
+
+
+def test_lock_uri_must_be_postgresql_with_its_driver_installed():
+    with pytest.raises(ValueError, match="eval.registry.lock_uri must be a PostgreSQL URL"):
+        RegistryConfig(lock_uri="mysql://u@db/mlflow")
+    with pytest.raises(ValueError, match="eval.registry.lock_uri: postgresql\\+pg8000://u:\\*\\*\\*@db/m needs "
+                                         "the postgresql driver 'pg8000', which is not installed"):
+        promotion_lock("http://mlflow:5000", RegistryConfig(lock_uri="postgresql+pg8000://u:pw@db/m"))
 
 
 def test_exclusive_lock_serialises_threads_and_times_out(tmp_path):

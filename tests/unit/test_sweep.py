@@ -323,7 +323,7 @@ def test_a_killed_workers_trial_is_retried_and_live_trials_are_left_alone(worksp
 
     killer = threading.Thread(target=kill_when_the_rest_is_done, daemon=True)
     killer.start()
-    ran = sweeplib.work(cfg, sweep, worker=1, stage=quick_stage)
+    ran = sweeplib.work(cfg, sweep, stage=quick_stage)
     killer.join(timeout=60)
     victim.join(timeout=60)
 
@@ -355,3 +355,20 @@ def test_cli_sweep_apply_writes_the_winner_into_params_yaml(workspace, monkeypat
             node = node[part]
         assert node[leaf] == pytest.approx(value)
     assert applied.train.joint.steps == load_config(root / "params.yaml").train.joint.steps  # only the winner changed
+
+
+def test_workers_that_start_at_the_same_moment_never_draw_the_same_params(workspace):
+    """Two `flava sweep` runs (each worker 0) that open the study before either has a trial: their samplers are
+    seeded per trial number, which the storage hands out once, so their draws differ."""
+    sweep = SweepConfig(n_trials=4, n_startup_trials=4, pruner="none")
+    first, second = (sweeplib.open_study(sweep) for _ in range(2))
+    for study in (first, second):
+        study.sampler = sweeplib.trial_seeded_sampler(PipelineConfig(), sweep)
+    space = sweep.space
+    draws = []
+    for study in (first, second, first, second):
+        trial = study.ask()
+        sweeplib.suggest(trial, space)
+        draws.append(json.dumps(trial.params, sort_keys=True))
+        study.tell(trial, 0.5)
+    assert len(set(draws)) == 4, draws
