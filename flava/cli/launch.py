@@ -116,8 +116,9 @@ def register(groups: argparse._SubParsersAction) -> None:
                        help="worker processes on the study (default launch.sweep.workers); more workers may run "
                             "`flava sweep` on the same storage from other machines")
     sweep.add_argument("--worker-index", type=int, default=0,
-                       help="index of this run's first worker (its sampler seed offset) when other `flava sweep` "
-                            "runs share the study, e.g. a Kubernetes sweep pod's completion index (default 0)")
+                       help="index of this run's first worker in its log lines when other `flava sweep` runs "
+                            "share the study, e.g. a Kubernetes sweep pod's completion index (default 0); seeds "
+                            "come from trial numbers, so workers never repeat each other's draws")
     sweep.add_argument("--apply", action="store_true",
                        help="write the best trial's values into params.yaml when the study is done (a finished "
                             "study only reports and applies)")

@@ -341,9 +341,9 @@ def _worker_process(cfg, sweep: SweepConfig, worker: int, threads: int, stage: S
 
 def _run_workers(cfg, sweep: SweepConfig, workers: int, stage: Stage | None, sweep_run: str,
                  first_worker: int = 0) -> None:
-    """``workers`` spawned processes on the study (indexes ``first_worker`` on), the machine's threads split."""
+    """``workers`` spawned processes on the study (named ``first_worker`` on in their logs), the threads split."""
     if workers == 1:
-        work(cfg, sweep, worker=first_worker, stage=stage, sweep_run=sweep_run)
+        work(cfg, sweep, stage=stage, sweep_run=sweep_run)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # no forked torch/MLflow/SQLAlchemy state
@@ -363,8 +363,9 @@ def run_sweep(cfg, *, sweep: SweepConfig | None = None, workers: int | None = No
     """Run (or resume) the study with ``workers`` processes (default ``launch.sweep.workers``) until its budget
     is spent; write ``paths.reports/sweep.json`` and the study's plots; log both to the sweep's MLflow run.
 
-    ``first_worker``: the index of this run's first worker (its sampler seed offset) when other runs work on the
-    same study too, e.g. the pods of the Kubernetes sweep Job (worker = the pod's completion index)."""
+    ``first_worker``: the index of this run's first worker in log lines when other runs work on the same study
+    too, e.g. a pod of the Kubernetes sweep Job (its completion index). Seeds do not depend on it: each trial
+    samples with a seed from its own number (``_TrialSeeded``)."""
     sweep = sweep if sweep is not None else launch_section(cfg).sweep
     check_space(cfg, sweep.space)
     open_study(sweep)  # create it (and its tables) once, before workers race to

@@ -5,7 +5,7 @@
   c10d rendezvous on loopback (the Service DNS names become 127.0.0.1 here); run again, as a replacement pod of
   a finished job would, it trains again to the same result;
 - a sweep worker Job's pod: ``flava sweep --workers 1 --worker-index <index>`` on a SQLite study with a budget
-  of one short trial; the index is the worker's sampler seed offset.
+  of one short trial, drawn with its trial number's seed (the index only names the worker in logs).
 
 Slow: the earlier stages run first (tiny preset), once for both."""
 from __future__ import annotations
@@ -21,8 +21,8 @@ import optuna
 import pytest
 
 from flava.config import load_config
-from flava.data.loader import derive_seed
 from flava.launch import k8s as k8slib
+from flava.launch import sweep as sweeplib
 from flava.launch.config import K8sConfig
 from flava.launch.space import suggest
 from flava.tracking.lineage import PARENT_RUN_ENV
@@ -109,7 +109,7 @@ def test_rendered_gang_command_trains_two_ranks_and_runs_again(workspace):
     assert second["final_loss"] == first["final_loss"]
 
 
-def test_rendered_sweep_worker_runs_its_trial_with_its_index_as_seed_offset(workspace):
+def test_rendered_sweep_worker_runs_its_trial_with_the_trials_seed(workspace):
     root, cfg, mp = workspace
     sweep_overrides = ["launch.sweep.n_trials=1", "launch.sweep.workers=1", "launch.sweep.pruner=none",
                        "launch.sweep.study_name=k8s-worker",
@@ -118,7 +118,7 @@ def test_rendered_sweep_worker_runs_its_trial_with_its_index_as_seed_offset(work
     spec = K8sConfig(gpus_per_node=0, config_mount=str(root / "etc-sweep"), env={"OMP_NUM_THREADS": "1"})
     config_map, job = k8slib.build_sweep_manifests(scfg, run_id="local", k8s=spec)
     assert job["spec"]["completions"] == 1
-    index = 1  # as the second pod of a two-worker Job would run it (its seed offset is 1)
+    index = 1  # as the second pod of a two-worker Job would run it
     command, env = pod_process(root, config_map, job, index, root / "etc-sweep")
     assert command[1:4] == ["-m", "flava", "sweep"] and command[command.index("--worker-index") + 1] == "1"
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
@@ -130,12 +130,9 @@ def test_rendered_sweep_worker_runs_its_trial_with_its_index_as_seed_offset(work
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.COMPLETE
 
-    def first_draw(worker: int) -> dict:
-        sampler = optuna.samplers.TPESampler(seed=derive_seed("sweep", scfg.seed, worker, 0) % 2**32,
-                                             n_startup_trials=sweep.n_startup_trials)
-        trial = optuna.create_study(sampler=sampler).ask()
-        suggest(trial, sweep.space)
-        return trial.params
-
-    assert trial.params == pytest.approx(first_draw(index))  # worker 1's seed drew it
-    assert trial.params != pytest.approx(first_draw(0))
+    # Drawn with the seed of its trial number, whichever worker (pod index) ran it: the first draw of a fresh study
+    # under the same sampler.
+    fresh = optuna.create_study(sampler=sweeplib.trial_seeded_sampler(scfg, sweep))
+    first = fresh.ask()
+    suggest(first, sweep.space)
+    assert trial.params == pytest.approx(first.params)
