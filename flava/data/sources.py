@@ -561,8 +561,7 @@ def _txt_documents(file: Path, min_words: int) -> Iterator[tuple[str, int, int]]
     separated) are merged until a document has ``min_words`` words, so headings and one-line paragraphs join
     their neighbours instead of becoming passages too short to keep."""
     lines: list[str] = []
-    words = chars = 0
-    start = lineno = 0
+    words = chars = start = end = 0
     with file.open("rb") as f:
         for lineno, raw_line in enumerate(f, 1):
             line = decode_text(raw_line).strip()
@@ -570,16 +569,17 @@ def _txt_documents(file: Path, min_words: int) -> Iterator[tuple[str, int, int]]
                 if not lines:
                     start = lineno
                 lines.append(line)
+                end = lineno
                 words += len(line.split())
                 chars += len(line) + 1
                 if chars < _MAX_DOCUMENT_CHARS:
                     continue
             elif not lines or words < min_words:  # paragraph end: keep merging while the document is short
                 continue
-            yield " ".join(lines), start, lineno
+            yield " ".join(lines), start, end
             lines, words, chars = [], 0, 0
     if lines:
-        yield " ".join(lines), start, lineno
+        yield " ".join(lines), start, end
 
 
 def read_text_documents(src: TextFiles, root: Path) -> Iterator[tuple[str, Item]]:
