@@ -122,7 +122,8 @@ def test_img2dataset_parquet_images_come_from_the_bytes_and_are_stored_once(tmp_
     result = run_validate(c)
     assert result["pairs"] == {"in": 4, "accepted": 4, "rejected": 0, "reject_rate": 0.0}
     validated = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
-    assert len({r["image"] for r in validated}) == 3 == len(list((tmp_path / "validated" / "images" / "pairs").iterdir()))
+    written = list((tmp_path / "validated" / "images" / "pairs").iterdir())
+    assert len({r["image"] for r in validated}) == 3 == len(written)
     assert Image.open(validated[2]["image"]).getpixel((5, 5))[1] > 120  # the green one, decoded from its bytes
 
 
@@ -238,7 +239,8 @@ def test_karpathy_splits_flickr30k_and_coco_layouts(tmp_path):
     flickr, coco = [], []
     for i, split in enumerate(["train", "train", "val", "test"]):
         (raw / "flickr30k-images" / f"{1000 + i}.jpg").write_bytes(jpeg(COLOURS[i]))
-        flickr.append({"filename": f"{1000 + i}.jpg", "imgid": i, "split": split, "sentids": [5 * i + k for k in range(5)],
+        flickr.append({"filename": f"{1000 + i}.jpg", "imgid": i, "split": split,
+                       "sentids": [5 * i + k for k in range(5)],
                        "sentences": [{"raw": f"Sentence {k} about picture {i}.", "tokens": ["sentence"],
                                       "imgid": i, "sentid": 5 * i + k} for k in range(5)]})
     (raw / "coco" / "val2014" / "COCO_val2014_000000000042.jpg").write_bytes(jpeg(COLOURS[4]))
