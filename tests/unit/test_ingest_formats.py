@@ -25,6 +25,7 @@ from flava.data.ingest import run_prepare
 from flava.data.prep_config import ManifestPairs, TextFiles
 from flava.data.validate import run_validate
 from flava.exitcodes import NON_RETRYABLE
+from flava.train.stages import require_zeroshot_eval
 from tests.helpers import tracking_in
 
 COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 220), (230, 200, 20), (120, 40, 160)]
@@ -410,3 +411,17 @@ def test_a_source_with_every_row_rejected_fails_prepare_with_exit_code_2(tmp_pat
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert cli_main(["data", "prepare", "--params", str(tmp_path / "params.yaml")]) == NON_RETRYABLE == 2
     assert "all 1 rows rejected" in capsys.readouterr().err
+
+
+def test_joint_without_a_zeroshot_eval_set_says_how_to_make_one(tmp_path):
+    with pytest.raises(ValueError) as err:
+        require_zeroshot_eval(tmp_path / "prepared" / "eval")
+    message = str(err.value)
+    assert "['classes.json', 'val.jsonl'] do not exist" in message
+    assert "classnames" in message and "templates" in message and "class_names" in message
+    (tmp_path / "zs" / "zeroshot").mkdir(parents=True)
+    (tmp_path / "zs" / "zeroshot" / "classes.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"\['val.jsonl'\] do not exist"):
+        require_zeroshot_eval(tmp_path / "zs")
+    (tmp_path / "zs" / "zeroshot" / "val.jsonl").write_text("")
+    require_zeroshot_eval(tmp_path / "zs")
