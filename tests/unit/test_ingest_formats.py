@@ -425,3 +425,13 @@ def test_joint_without_a_zeroshot_eval_set_says_how_to_make_one(tmp_path):
         require_zeroshot_eval(tmp_path / "zs")
     (tmp_path / "zs" / "zeroshot" / "val.jsonl").write_text("")
     require_zeroshot_eval(tmp_path / "zs")
+
+
+def test_readme_bring_your_own_data_example_is_a_valid_config():
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Bring your own data"):]
+    example = yaml.safe_load(section[section.index("```yaml") + 7:section.index("```", section.index("```yaml") + 7)])
+    ingest = PipelineConfig.model_validate(example).data.ingest
+    assert [type(s).__name__ for s in ingest.pairs] == ["WebdatasetPairs"] * 2 + ["ManifestPairs"] * 3 + [
+        "CocoPairs", "KarpathyPairs", "ManifestPairs"]
+    assert ingest.images[0].class_names == "LOC_synset_mapping.txt"
