@@ -219,6 +219,7 @@ def prepare(ing: IngestConfig, raw: str | Path, prepared: str | Path) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     if (out / EXTRACTED).exists():  # stale extractions from an earlier run
         shutil.rmtree(out / EXTRACTED)
+    (out / EXTRACTED).mkdir()  # a stage output (DVC), also when no source embeds image bytes
     metrics: dict[str, Any] = {
         "pairs": _prepare_pairs(ing, raw, out),
         "images": _prepare_images(ing, raw, out),
