@@ -129,7 +129,8 @@ STAGES: tuple[Stage, ...] = (
         name="prepare", command=("data", "prepare"), entry="flava.data.ingest:run_prepare",
         deps=("${paths.raw}",), params=("seed", "data.ingest"),
         outs=tuple(Out(f"{_PREPARED}/{c}.jsonl") for c in _CORPORA) + (Out(f"{_PREPARED}/eval"),)
-        + tuple(Out(f"{_PREPARED}/{c}.rejects.jsonl") for c in _CORPORA),
+        + tuple(Out(f"{_PREPARED}/{c}.rejects.jsonl") for c in _CORPORA)
+        + (Out(f"{_PREPARED}/extracted"),),  # image bytes taken out of tars, parquet and arrow sources
         metrics=(Out(f"{_PREPARED}/metrics.json", cache=False),),
         help="ingest raw corpora into per-corpus manifests",
     ),
@@ -137,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
         # Reads the images the manifests point at, which live under paths.raw: a raw image replaced under the
         # same name leaves the manifests unchanged but not the validated images.
         name="validate", command=("data", "validate"), entry="flava.data.validate:run_validate",
-        deps=tuple(f"{_PREPARED}/{c}.jsonl" for c in _CORPORA) + ("${paths.raw}",),
+        deps=tuple(f"{_PREPARED}/{c}.jsonl" for c in _CORPORA) + (f"{_PREPARED}/extracted", "${paths.raw}"),
         params=("data.validation",),
         outs=tuple(Out(f"{_VALIDATED}/{c}.jsonl") for c in _CORPORA) + (Out(f"{_VALIDATED}/images"),)
         + tuple(Out(f"{_VALIDATED}/{c}.rejects.jsonl") for c in _CORPORA)

@@ -2,12 +2,16 @@
 
 Sources come from ``data.ingest`` (default: the layout ``flava data generate`` writes). Rows dropped here go to
 ``{corpus}.rejects.jsonl`` with a reason; per corpus ``in == accepted + rejected`` (for text, counted in
-documents; the manifest holds their passages). Image bytes are not read here: validation decodes them (local
-files and ``s3://`` objects alike) and quarantines what it cannot read. Evaluation sets are copied to
-``paths.prepared/eval/`` with image paths resolved so that they open from the working directory.
+documents; the manifest holds their passages). A source whose rows are all rejected fails the stage
+(``ValueError`` naming it and its first reasons) once the outputs are written. Keys start with the source name,
+so several corpora with the same native keys (img2dataset's ``000000000``) never collide. Images referenced by
+path or ``s3://`` are not read here: validation decodes them and quarantines what it cannot read; image bytes
+embedded in a source (tar members, parquet/arrow cells) are written once per distinct content under
+``paths.prepared/extracted/<source>/``. Evaluation sets are copied to ``paths.prepared/eval/`` with image paths
+resolved so that they open from the working directory.
 
-Manifest rows: pairs ``{key, image, text, source}``, images ``{key, image, label, source}``,
-text ``{key, text, source}``.
+Manifest rows: pairs ``{key, image, text, source}`` (+ webdataset provenance such as ``url``, ``sha256``),
+images ``{key, image, label, source}`` (+ ``synset`` with a class-name map), text ``{key, text, source}``.
 """
 from __future__ import annotations
 
@@ -20,14 +24,15 @@ from typing import Any, Iterable
 
 from flava.data import sources
 from flava.data.jsonl import read_jsonl, write_jsonl
-from flava.data.prep_config import IngestConfig, ManifestPairs
+from flava.data.prep_config import CocoPairs, IngestConfig, KarpathyPairs, ManifestPairs, PairSource
 from flava.data.storage import is_s3
 from flava.tracking.runs import stage_run
 
 log = logging.getLogger(__name__)
 
 CORPORA = ("pairs", "images", "text")
-EXTRACTED = "extracted"  # webdataset images land in paths.prepared/extracted/<source>/
+EXTRACTED = "extracted"  # image bytes from tars, parquet and arrow land in paths.prepared/extracted/<source>/
+FIRST_REASONS = 3  # reject reasons quoted per source when all its rows are rejected
 
 
 def dump_row(row: dict[str, Any]) -> str:
@@ -44,10 +49,13 @@ class _Sink:
         self.accepted = self.rejected = 0
         self.reasons: Counter[str] = Counter()
         self.per_source: dict[str, Counter[str]] = {}
+        self.first_reasons: dict[str, list[str]] = {}  # per source, the first few, for the all-rejected error
 
     def add(self, item: sources.Item, source: str) -> None:
         counts = self.per_source.setdefault(source, Counter())
         counts["in"] += 1
+        if item.reason is not None and len(self.first_reasons.setdefault(source, [])) < FIRST_REASONS:
+            self.first_reasons[source].append(item.reason[:300])
         if item.reason is None:
             self.accepted_f.write(dump_row(item.row) + "\n")
             self.accepted += 1
@@ -64,26 +72,41 @@ class _Sink:
         total = self.accepted + self.rejected
         return {"in": total, "accepted": self.accepted, "rejected": self.rejected,
                 "reject_rate": self.rejected / total if total else 0.0, "reasons": dict(sorted(self.reasons.items())),
-                "sources": {k: dict(sorted(v.items())) for k, v in self.per_source.items()}}
+                "sources": {k: dict(sorted(v.items())) for k, v in self.per_source.items()},
+                "first_reasons": {k: v for k, v in self.first_reasons.items() if v}}
+
+
+def _names(corpus: str, srcs: list) -> list[str]:
+    """Source names (they prefix the keys); two sources of one corpus with one name would collide."""
+    names = [sources.source_name(src.path.rstrip("/"), src.name) for src in srcs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"data.ingest.{corpus}: several sources are named {dupes} (from their paths); keys carry "
+                         "the source name, so give each a distinct 'name'")
+    return names
+
+
+def _pair_items(src: PairSource, ing: IngestConfig, raw: Path, extract_to: Path) -> Iterable[sources.Item]:
+    if isinstance(src, ManifestPairs):
+        return sources.read_manifest(src, raw, ing.caption_filter, extract_to)
+    if isinstance(src, CocoPairs):
+        return sources.read_coco(src, raw)
+    if isinstance(src, KarpathyPairs):
+        return sources.read_karpathy(src, raw)
+    return sources.read_webdataset(src, raw, ing.caption_filter, extract_to, ing.s3)
 
 
 def _prepare_pairs(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
     sink = _Sink(out, "pairs")
-    for src in ing.pairs:
-        name = sources.source_name(src.path, src.name)
-        if isinstance(src, ManifestPairs):
-            items: Iterable[sources.Item] = sources.read_manifest(src, raw, ing.caption_filter)
-        else:
-            items = sources.read_webdataset(src, raw, ing.caption_filter, out / EXTRACTED / name)
-        for item in items:
+    for src, name in zip(ing.pairs, _names("pairs", ing.pairs)):
+        for item in _pair_items(src, ing, raw, out / EXTRACTED / name):
             sink.add(item, name)
     return sink.close()
 
 
 def _prepare_images(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
     sink = _Sink(out, "images")
-    for src in ing.images:
-        name = sources.source_name(src.path, src.name)
+    for src, name in zip(ing.images, _names("images", ing.images)):
         for item in sources.read_class_folders(src, raw):
             sink.add(item, name)
     result = sink.close()
@@ -94,8 +117,7 @@ def _prepare_images(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
 def _prepare_text(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
     sink = _Sink(out, "text")
     passages = 0
-    for src in ing.text:
-        name = sources.source_name(src.path, src.name)
+    for src, name in zip(ing.text, _names("text", ing.text)):
         for doc_id, item in sources.read_text_documents(src, raw):
             if item.reason is not None:
                 sink.add(item, name)
@@ -104,7 +126,7 @@ def _prepare_text(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
             if not chunks:
                 sink.add(sources.Item(None, item.raw, "empty document"), name)
                 continue
-            sink.accepted += 1
+            sink.accepted += 1  # counted in documents; the manifest holds their passages
             sink.per_source.setdefault(name, Counter()).update({"in": 1, "accepted": 1})
             for n, text in enumerate(chunks):
                 sink.accepted_f.write(dump_row({"key": sources.safe_key(f"{name}-{doc_id}-{n}"), "text": text,
@@ -197,6 +219,7 @@ def prepare(ing: IngestConfig, raw: str | Path, prepared: str | Path) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     if (out / EXTRACTED).exists():  # stale extractions from an earlier run
         shutil.rmtree(out / EXTRACTED)
+    (out / EXTRACTED).mkdir()  # a stage output (DVC), also when no source embeds image bytes
     metrics: dict[str, Any] = {
         "pairs": _prepare_pairs(ing, raw, out),
         "images": _prepare_images(ing, raw, out),
@@ -208,7 +231,20 @@ def prepare(ing: IngestConfig, raw: str | Path, prepared: str | Path) -> dict[st
         m = metrics[corpus]
         log.info("prepare %s: in=%d accepted=%d rejected=%d %s", corpus, m["in"], m["accepted"], m["rejected"],
                  m["reasons"])
+    _fail_on_dead_sources(metrics, out)
     return {corpus: {k: metrics[corpus][k] for k in ("in", "accepted", "rejected")} for corpus in CORPORA}
+
+
+def _fail_on_dead_sources(metrics: dict[str, Any], out: Path) -> None:
+    """A source that yields rows but none accepted is a misconfiguration (wrong columns, header, format or image
+    folder), not data to quarantine quietly: fail here, naming it and its first reasons, after the outputs and
+    rejects files are written for inspection."""
+    dead = [f"{corpus} source {name!r}: all {counts['in']} rows rejected, first reasons: "
+            f"{metrics[corpus]['first_reasons'].get(name, [])}"
+            for corpus in CORPORA for name, counts in metrics[corpus]["sources"].items()
+            if counts.get("in") and not counts.get("accepted")]
+    if dead:
+        raise ValueError("prepare: " + "; ".join(dead) + f". See {out}/<corpus>.rejects.jsonl")
 
 
 def run_prepare(cfg) -> dict[str, Any]:

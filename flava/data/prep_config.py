@@ -76,13 +76,23 @@ class GenerateConfig(StrictModel):
 
 # --------------------------------------------------------------------------------------------- ingest
 class ManifestPairs(StrictModel):
-    """Image-text pairs from a CSV / JSONL / Parquet manifest. ``image`` is a path relative to the manifest's
-    directory, an absolute path, or an ``s3://bucket/key`` URI."""
+    """Image-text pairs from a table: CSV / TSV / JSONL, Parquet (one file or a folder of parts, e.g.
+    img2dataset's parquet output or a Hugging Face dataset's parquet export) or Arrow (a Hugging Face
+    ``datasets`` ``save_to_disk`` directory, or one ``.arrow`` file). A value of ``image_column`` is a path
+    relative to the manifest's directory, an absolute path, an ``s3://bucket/key`` URI, the image's bytes
+    (img2dataset's ``jpg`` column) or a Hugging Face ``Image`` struct ``{bytes, path}`` (bytes when embedded,
+    else the path). Embedded bytes are written once per distinct image, named by their SHA-256, to
+    ``paths.prepared/extracted/<name>/``."""
 
     kind: Literal["manifest"] = "manifest"
     path: str = "pairs/captions.jsonl"
-    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"  # auto: from the file extension
-    key_column: str | None = "key"  # None: keys are "<name>-<row index>"
+    # auto: from the file extension; a directory is Arrow when it holds a save_to_disk layout, else parquet parts
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "arrow"] = "auto"
+    header: bool = True  # CSV/TSV: the first line names the columns (CC3M/CC12M as distributed have none)
+    column_names: list[str] | None = None  # CSV/TSV: the columns' names (required without a header)
+    pattern: str = "*.parquet"  # parquet parts when ``path`` is a directory
+    split: str | None = None  # Arrow: the split of a saved DatasetDict (None: every split, in saved order)
+    key_column: str | None = "key"  # None: keys are "<name>-<row index>"; else "<name>-<key>"
     image_column: str = "image"
     caption_column: str | None = "caption"
     # PMD/YFCC style: caption = description if it passes the caption filter, else title (needs caption_filter)
@@ -95,43 +105,79 @@ class ManifestPairs(StrictModel):
     def _caption_source(self) -> "ManifestPairs":
         if self.caption_column is None and self.title_column is None and self.description_column is None:
             raise ValueError(f"pair source {self.path}: set caption_column or title_column/description_column")
+        if not self.header and not self.column_names:
+            raise ValueError(f"pair source {self.path}: header: false needs column_names (e.g. [caption, url] "
+                             "for CC3M, [url, caption] for CC12M)")
         return self
 
 
 class WebdatasetPairs(StrictModel):
-    """Image-text pairs from existing webdataset tar shards (LAION/PMD style ``jpg`` + ``txt`` members; with
-    ``caption_filter`` the ``json`` member's title/description fields are used instead). Images are extracted
-    to ``paths.prepared/extracted/<name>/``."""
+    """Image-text pairs from existing webdataset tar shards (img2dataset / LAION / PMD style ``jpg`` + ``txt``
+    [+ ``json``] members), in a local directory or under an ``s3://bucket/prefix``. With ``caption_filter`` the
+    ``json`` member's title/description fields are used instead of ``txt``. The ``json`` member's
+    ``provenance_fields`` (img2dataset: the source url, sha256, ...) are kept as manifest columns. Images are
+    extracted to ``paths.prepared/extracted/<name>/``."""
 
     kind: Literal["webdataset"] = "webdataset"
-    path: str  # a directory holding the shards, or one .tar file
+    path: str  # a directory holding the shards, one .tar file, or an s3://bucket/prefix
     pattern: str = "*.tar"
     image_extensions: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     text_extension: str = "txt"
     caption_filter: bool = False
     title_field: str = "title"
     description_field: str = "description"
+    provenance_fields: list[str] = Field(default_factory=lambda: ["url", "sha256", "size"])
     name: str | None = None
 
 
-PairSource = Annotated[Union[ManifestPairs, WebdatasetPairs], Field(discriminator="kind")]
+class CocoPairs(StrictModel):
+    """COCO captions (``annotations/captions_<split>.json``: ``images`` with ``id`` and ``file_name``,
+    ``annotations`` with ``image_id`` and ``caption``). One pair per caption; the pairs of one image all
+    reference its one file, so an image with five captions is stored once."""
+
+    kind: Literal["coco"] = "coco"
+    path: str  # the captions JSON
+    images_dir: str  # the folder of the images' file names (e.g. train2017), relative to paths.raw
+    name: str | None = None
+
+
+class KarpathyPairs(StrictModel):
+    """Karpathy-split captions (``dataset_coco.json``, ``dataset_flickr30k.json``: ``images[]`` with
+    ``filename``, optional ``filepath``, ``split`` and ``sentences[].raw``). One pair per sentence, each
+    referencing the image's one file; images of splits outside ``splits`` are rejects (keep the test split out
+    of pretraining)."""
+
+    kind: Literal["karpathy"] = "karpathy"
+    path: str
+    images_dir: str  # the folder that ``filepath/filename`` is relative to, relative to paths.raw
+    splits: list[str] = Field(default_factory=lambda: ["train", "restval"])
+    name: str | None = None
+
+
+PairSource = Annotated[Union[ManifestPairs, WebdatasetPairs, CocoPairs, KarpathyPairs], Field(discriminator="kind")]
 
 
 class ClassFolderImages(StrictModel):
-    """Unpaired images in the ImageNet layout: ``<path>/<class>/<image>``; the label is the folder name."""
+    """Unpaired images in the ImageNet layout: ``<path>/<class>/<image>``; the label is the folder name, or its
+    name in ``class_names`` (a file under paths.raw: ``LOC_synset_mapping.txt`` lines ``<synset> <name>``, a
+    JSON object ``{synset: name}``, or Keras' ``imagenet_class_index.json`` ``{index: [synset, name]}``).
+    With a map, folders it does not name are rejects and the folder name is kept in ``synset``."""
 
     path: str = "images"
     extensions: list[str] = Field(default_factory=lambda: ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"])
+    class_names: str | None = None
     name: str | None = None
 
 
 class TextFiles(StrictModel):
-    """Unpaired text (CCNews/BookCorpus style): ``.txt`` files (paragraphs separated by blank lines) and
-    ``.jsonl`` files (one document per line, in ``jsonl_field``), split into passages."""
+    """Unpaired text (CCNews/BookCorpus style): ``.txt`` files (paragraphs separated by blank lines, read line
+    by line; consecutive paragraphs are merged into one document until it has ``min_document_words`` words)
+    and ``.jsonl`` files (one document per line, in ``jsonl_field``), split into passages."""
 
     path: str = "text"
     patterns: list[str] = Field(default_factory=lambda: ["*.txt", "*.jsonl"])
     jsonl_field: str = "text"
+    min_document_words: int = Field(8, ge=1)
     name: str | None = None
 
 

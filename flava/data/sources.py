@@ -1,33 +1,45 @@
 """Readers of raw corpora, one per source kind, each yielding accepted rows or rejects with a reason.
 
-- image-text manifests (CSV / JSONL / Parquet), images as paths relative to the manifest or ``s3://`` URIs;
-- webdataset tar shards (LAION/PMD style ``jpg`` + ``txt`` [+ ``json``]), images extracted to a directory;
-- class folders (ImageNet layout);
-- text files (``.txt`` paragraphs, ``.jsonl`` documents) split into passages.
+- image-text tables (CSV / TSV / JSONL / Parquet files or parts / HF ``save_to_disk`` Arrow), images as paths
+  relative to the manifest, ``s3://`` URIs, or embedded bytes (img2dataset ``jpg``, HF ``{bytes, path}``);
+- COCO captions and Karpathy split JSON: one pair per caption, all referencing the image's one file;
+- webdataset tar shards (img2dataset/LAION/PMD style ``jpg`` + ``txt`` [+ ``json``]), local or ``s3://``, streamed;
+- class folders (ImageNet layout), labels optionally named by a synset -> class-name map;
+- text files (``.txt`` paragraphs streamed and merged to a minimum length, ``.jsonl`` documents).
+
+Bytes read from a source (tar members, parquet/arrow cells) are written once per distinct content (``ImageStore``).
 
 Text is decoded as UTF-8 with ``surrogateescape``: undecodable bytes survive as lone surrogates (JSON escapes
 them), so validation can quarantine the row as "not valid UTF-8" instead of ingestion crashing on it.
 """
 from __future__ import annotations
 
+import csv
+import fnmatch
+import hashlib
 import json
 import math
 import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flava.data.prep_config import (
     CaptionFilterConfig,
     ClassFolderImages,
+    CocoPairs,
+    KarpathyPairs,
     ManifestPairs,
     TextFiles,
     WebdatasetPairs,
 )
-from flava.data.storage import is_s3
+from flava.data.storage import is_s3, s3_client, split_s3
+from flava.data.stream_config import S3Config
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -101,14 +113,107 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+# ------------------------------------------------------------------------------------ image bytes
+_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"), (b"BM", "bmp"),
+          (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
+
+
+def image_suffix(data: bytes) -> str:
+    """File suffix from the bytes' signature (``img`` when unknown: validation decodes whatever it is)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), "img")
+
+
+class ImageStore:
+    """Writes image bytes once per distinct content: ``<dir>/<sha256[:2]>/<sha256>.<suffix>``. Identical images
+    (one photo under several captions, or repeated across shards) share one file."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.written = 0
+
+    def put(self, data: bytes, suffix: str | None = None) -> tuple[str, str]:
+        """(path, sha256) of the stored copy."""
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.directory / digest[:2] / f"{digest}.{suffix or image_suffix(data)}"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+            self.written += 1
+        return str(target), digest
+
+
+def _printable_raw(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as a reject keeps it: embedded bytes are replaced by their size (never dumped as text)."""
+    def show(value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return f"<{len(value)} bytes>"
+        if isinstance(value, dict):
+            return {k: show(v) for k, v in value.items()}
+        return value
+
+    return {k: show(v) for k, v in row.items()}
+
+
 # ------------------------------------------------------------------------------------ manifests
-def _manifest_rows(path: Path, fmt: str) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
-    if fmt == "auto":
-        suffix = path.suffix.lower().lstrip(".")
-        fmt = {"csv": "csv", "tsv": "csv", "jsonl": "jsonl", "json": "jsonl", "parquet": "parquet",
-               "pq": "parquet"}.get(suffix, "")
-        if not fmt:
-            raise ValueError(f"cannot tell the format of manifest {path} from its extension; set format")
+def _detect_format(path: Path) -> str:
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "arrow"
+        return "parquet"
+    suffix = path.suffix.lower().lstrip(".")
+    fmt = {"csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl", "parquet": "parquet", "pq": "parquet",
+           "arrow": "arrow"}.get(suffix, "")
+    if not fmt:
+        raise ValueError(f"cannot tell the format of manifest {path} from its extension; set format "
+                         "(csv, tsv, jsonl, parquet, arrow)")
+    return fmt
+
+
+def _arrow_files(path: Path, split: str | None) -> list[Path]:
+    """The ``.arrow`` files of a ``datasets`` ``save_to_disk`` directory (a Dataset or a DatasetDict)."""
+    if path.is_file():
+        return [path]
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        if split is not None and split not in splits:
+            raise ValueError(f"split {split!r} is not in the saved DatasetDict {path} (splits: {splits})")
+        return [f for s in ([split] if split else splits) for f in _arrow_files(path / s, None)]
+    state = path / "state.json"
+    if not state.is_file():
+        raise ValueError(f"{path} is not a `datasets` save_to_disk directory (no state.json or dataset_dict.json)")
+    files = [path / f["filename"] for f in json.loads(state.read_text(encoding="utf-8")).get("_data_files", [])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise ValueError(f"{state} lists data files that do not exist: {missing or 'none listed'}")
+    return files
+
+
+def _arrow_batches(file: Path) -> Iterator[pa.RecordBatch]:
+    # datasets writes the Arrow IPC *stream* format; a plain .arrow file may be the IPC *file* format
+    with pa.memory_map(str(file), "r") as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+        yield from reader
+
+
+def _table_rows(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    for batch in batches:
+        for row in batch.to_pylist():
+            yield row, None
+
+
+def _manifest_rows(path: Path, src: ManifestPairs) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    fmt = _detect_format(path) if src.format == "auto" else src.format
     if fmt == "jsonl":
         with path.open("rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -117,37 +222,82 @@ def _manifest_rows(path: Path, fmt: str) -> Iterator[tuple[dict[str, Any] | None
                 try:
                     row = json.loads(decode_text(line))
                 except json.JSONDecodeError as err:
-                    yield {"line": lineno, "content": decode_text(line)[:200]}, f"invalid JSON on line {lineno}: {err.msg}"
+                    if lineno == 1 and path.suffix.lower() == ".json":
+                        raise ValueError(f"{path} is one JSON document, not JSON Lines: for COCO captions use "
+                                         "kind: coco, for Karpathy splits kind: karpathy") from err
+                    yield ({"line": lineno, "content": decode_text(line)[:200]},
+                           f"invalid JSON on line {lineno}: {err.msg}")
                     continue
                 if not isinstance(row, dict):
                     yield {"line": lineno}, f"line {lineno} is not a JSON object"
                     continue
+                if lineno == 1 and isinstance(row.get("images"), list):
+                    kind = "coco" if "annotations" in row else "karpathy"
+                    raise ValueError(f"{path} is a captions JSON ('images' + "
+                                     f"{'annotations' if kind == 'coco' else 'sentences'}), not a JSON Lines "
+                                     f"manifest: use kind: {kind} with images_dir")
                 yield row, None
         return
-    if fmt == "csv":
-        sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    if fmt in ("csv", "tsv"):
+        sep = "\t" if fmt == "tsv" or path.suffix.lower() == ".tsv" else ","
         bad: list[list[str]] = []
 
         def on_bad_line(fields: list[str]) -> None:  # a row with too many fields: a reject, not a crash
             bad.append(fields)
             return None
 
+        # quoting off for TSV: CC3M/CC12M captions hold bare quotes
         frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8",
-                            encoding_errors="surrogateescape", engine="python", on_bad_lines=on_bad_line)
+                            encoding_errors="surrogateescape", engine="python", on_bad_lines=on_bad_line,
+                            header=0 if src.header else None, names=src.column_names,
+                            quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
         for fields in bad:
             yield {"fields": fields}, f"malformed CSV row: {len(fields)} fields, expected {len(frame.columns)}"
-    else:
-        frame = pd.read_parquet(path)
-    for row in frame.to_dict(orient="records"):
-        yield row, None
+        for row in frame.to_dict(orient="records"):
+            yield row, None
+        return
+    if fmt == "arrow":
+        for file in _arrow_files(path, src.split):
+            yield from _table_rows(_arrow_batches(file))
+        return
+    parts = [path] if path.is_file() else sorted(path.glob(src.pattern))
+    if not parts:
+        raise ValueError(f"no parquet parts matching {src.pattern!r} in {path}")
+    for part in parts:  # row group by row group: embedded image bytes never all in memory
+        yield from _table_rows(pq.ParquetFile(part).iter_batches(batch_size=256))
 
 
-def read_manifest(src: ManifestPairs, root: Path, flt: CaptionFilterConfig) -> Iterator[Item]:
-    path = root / src.path if not Path(src.path).is_absolute() else Path(src.path)
-    if not path.is_file():
+def _image_ref(value: Any, base: Path, store: ImageStore) -> tuple[str | None, str | None]:
+    """(image reference, reject reason) of an image cell: a path or URI, bytes, or an HF ``{bytes, path}``."""
+    if isinstance(value, dict):  # Hugging Face Image feature: embedded bytes win, else the path
+        data, path = value.get("bytes"), value.get("path")
+        if data:
+            return store.put(bytes(data))[0], None
+        value = path
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return (store.put(bytes(value))[0], None) if len(value) else (None, "empty image bytes")
+    if _is_missing(value) or not str(value).strip():
+        return None, "no image reference"
+    ref = str(value).strip()
+    scheme = _URI_SCHEME.match(ref)
+    if scheme and scheme.group(1).lower() != "s3":
+        return None, (f"unsupported image URI scheme: {scheme.group(1)}:// (download the images first, e.g. with "
+                      "img2dataset, or use local paths or s3:// URIs)")
+    return resolve(ref, base), None
+
+
+def _source_path(path: str, root: Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else root / path
+
+
+def read_manifest(src: ManifestPairs, root: Path, flt: CaptionFilterConfig, extract_to: Path) -> Iterator[Item]:
+    path = _source_path(src.path, root)
+    if not path.exists():
         raise ValueError(f"pair manifest {path} (data.ingest.pairs path {src.path!r}) does not exist")
     name = source_name(src.path, src.name)
-    for index, (row, error) in enumerate(_manifest_rows(path, src.format)):
+    base = path if path.is_dir() else path.parent
+    store = ImageStore(extract_to)
+    for index, (row, error) in enumerate(_manifest_rows(path, src)):
         if error:
             yield Item(None, row or {}, error)
             continue
@@ -155,31 +305,88 @@ def read_manifest(src: ManifestPairs, root: Path, flt: CaptionFilterConfig) -> I
         if src.caption_filter:
             missing = [c for c in missing if c != src.caption_column]
         if missing:
-            yield Item(None, row, f"missing column(s) {missing}")
+            yield Item(None, _printable_raw(row), f"missing column(s) {missing} (columns: {sorted(row)})")
             continue
-        image = row[src.image_column]
-        if _is_missing(image) or not str(image).strip():
-            yield Item(None, row, "no image reference")
-            continue
-        scheme = _URI_SCHEME.match(str(image).strip())
-        if scheme and scheme.group(1).lower() != "s3":
-            yield Item(None, row, f"unsupported image URI scheme: {scheme.group(1)}:// (download the images first, "
-                                  "e.g. with img2dataset, or use local paths or s3:// URIs)")
+        image, reason = _image_ref(row[src.image_column], base, store)
+        if reason:
+            if "status" in row and row.get("error_message"):  # img2dataset: why the download failed
+                reason += f" (img2dataset status {row['status']}: {row['error_message']})"
+            yield Item(None, _printable_raw(row), reason)
             continue
         if src.caption_filter:
             description = row.get(src.description_column) if src.description_column else None
             title_column = src.title_column or src.caption_column  # no title column: the caption is the title
             caption = filtered_caption(description, row.get(title_column) if title_column else None, flt)
             if caption is None:
-                yield Item(None, row, "caption filter: neither description nor title is English with more than "
-                                      f"{flt.min_words - 1} words")
+                yield Item(None, _printable_raw(row), "caption filter: neither description nor title is English "
+                                                      f"with more than {flt.min_words - 1} words")
                 continue
         else:
             value = row[src.caption_column]
             caption = "" if _is_missing(value) else str(value)
-        key = safe_key(row[src.key_column]) if src.key_column else f"{name}-{index:08d}"
-        yield Item({"key": key, "image": resolve(str(image).strip(), path.parent), "text": caption,
-                    "source": name}, row)
+        key = f"{name}-{safe_key(row[src.key_column])}" if src.key_column else f"{name}-{index:08d}"
+        yield Item({"key": key, "image": image, "text": caption, "source": name}, _printable_raw(row))
+
+
+# ------------------------------------------------------------------------------------ captions JSON
+def _load_json(path: Path, what: str, needs: tuple[str, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    with path.open("rb") as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+    if not isinstance(doc, dict) or any(not isinstance(doc.get(k), list) for k in needs):
+        raise ValueError(f"{what} {path} needs the lists {list(needs)} at the top level")
+    return doc
+
+
+def read_coco(src: CocoPairs, root: Path) -> Iterator[Item]:
+    """One pair per annotation; every caption of an image references the image's one file."""
+    path = _source_path(src.path, root)
+    doc = _load_json(path, "COCO captions file", ("images", "annotations"))
+    images_dir = _source_path(src.images_dir, root)
+    name = source_name(src.path, src.name)
+    files = {img.get("id"): img.get("file_name") for img in doc["images"] if isinstance(img, dict)}
+    for n, ann in enumerate(doc["annotations"]):
+        raw = ann if isinstance(ann, dict) else {"annotation": n}
+        image_id = raw.get("image_id")
+        caption = raw.get("caption")
+        if not files.get(image_id):
+            yield Item(None, raw, f"annotation {raw.get('id', n)}: image_id {image_id!r} has no file_name in 'images'")
+            continue
+        if not isinstance(caption, str):
+            yield Item(None, raw, f"annotation {raw.get('id', n)}: no string 'caption'")
+            continue
+        key = safe_key(f"{name}-{image_id}-{raw.get('id', n)}")
+        yield Item({"key": key, "image": str(images_dir / files[image_id]), "text": caption, "source": name}, raw)
+
+
+def read_karpathy(src: KarpathyPairs, root: Path) -> Iterator[Item]:
+    """One pair per sentence of the images in ``splits``; sentences of one image reference its one file."""
+    path = _source_path(src.path, root)
+    doc = _load_json(path, "Karpathy split file", ("images",))
+    images_dir = _source_path(src.images_dir, root)
+    name = source_name(src.path, src.name)
+    for n, img in enumerate(doc["images"]):
+        img = img if isinstance(img, dict) else {}
+        image_id = img.get("imgid", img.get("cocoid", n))
+        sentences = img.get("sentences") or [{}]
+        for m, sentence in enumerate(sentences):
+            sent_id = sentence.get("sentid", m) if isinstance(sentence, dict) else m
+            raw = {"filename": img.get("filename"), "filepath": img.get("filepath"), "split": img.get("split"),
+                   "imgid": image_id, "sentid": sent_id}
+            if img.get("split") not in src.splits:
+                yield Item(None, raw, f"split {img.get('split')!r} not in splits {src.splits}")
+                continue
+            text = sentence.get("raw") if isinstance(sentence, dict) else None
+            if not isinstance(img.get("filename"), str) or not isinstance(text, str):
+                yield Item(None, raw, "image without 'filename' or sentence without 'raw'")
+                continue
+            image = images_dir / (img.get("filepath") or "") / img["filename"]
+            yield Item({"key": safe_key(f"{name}-{image_id}-{sent_id}"), "image": str(image), "text": text,
+                        "source": name}, raw)
 
 
 # ------------------------------------------------------------------------------------ webdataset shards
@@ -190,63 +397,122 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower() if dot else ""
 
 
-def read_webdataset(src: WebdatasetPairs, root: Path, flt: CaptionFilterConfig, extract_to: Path) -> Iterator[Item]:
-    path = root / src.path if not Path(src.path).is_absolute() else Path(src.path)
-    shards = [path] if path.is_file() else sorted(path.glob(src.pattern)) if path.is_dir() else []
-    if not shards:
-        raise ValueError(f"no webdataset shards at {path} (pattern {src.pattern!r})")
-    name = source_name(src.path, src.name)
-    extract_to.mkdir(parents=True, exist_ok=True)
-    for shard in shards:
-        try:
-            tar = tarfile.open(shard, "r:*")
-        except (tarfile.TarError, OSError) as err:
-            yield Item(None, {"shard": str(shard)}, f"unreadable tar shard: {err}")
+def _shard_uris(src: WebdatasetPairs, root: Path, s3: S3Config) -> list[str]:
+    if is_s3(src.path):
+        bucket, prefix = split_s3(src.path)
+        if prefix.endswith(".tar"):
+            return [src.path]
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        found = []
+        for page in s3_client(s3).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found += [o["Key"] for o in page.get("Contents", []) if "/" not in o["Key"][len(prefix):]
+                      and fnmatch.fnmatch(o["Key"][len(prefix):], src.pattern)]
+        return [f"s3://{bucket}/{k}" for k in sorted(found)]
+    path = _source_path(src.path, root)
+    return [str(path)] if path.is_file() else [str(p) for p in sorted(path.glob(src.pattern))] if path.is_dir() else []
+
+
+def _open_shard(uri: str, s3: S3Config) -> BinaryIO:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_client(s3).get_object(Bucket=bucket, Key=key)["Body"]  # streamed, never whole in memory
+    return open(uri, "rb")
+
+
+def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of a tar read as a stream: consecutive members sharing a key (the webdataset convention)."""
+    key, members = None, {}
+    for member in tar:
+        if not member.isfile():
             continue
-        with tar:
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for member in tar.getmembers():
-                if member.isfile():
-                    key, ext = _split_member(member.name)
-                    groups.setdefault(key, {})[ext] = member
-            for wds_key, members in groups.items():
-                raw = {"shard": shard.name, "__key__": wds_key, "members": sorted(members)}
-                image_ext = next((e for e in src.image_extensions if e in members), None)
-                if image_ext is None:
-                    yield Item(None, raw, f"no image member (one of {src.image_extensions})")
-                    continue
-                if src.caption_filter:
-                    meta: dict[str, Any] = {}
-                    if "json" in members:
-                        try:
-                            meta = json.loads(decode_text(tar.extractfile(members["json"]).read()))
-                        except json.JSONDecodeError as err:
-                            yield Item(None, raw, f"invalid json member: {err.msg}")
-                            continue
-                    title = meta.get(src.title_field)
-                    if title is None and src.text_extension in members:
-                        title = decode_text(tar.extractfile(members[src.text_extension]).read())
-                    caption = filtered_caption(meta.get(src.description_field), title, flt)
-                    if caption is None:
-                        yield Item(None, raw, "caption filter: neither description nor title is English with more "
-                                              f"than {flt.min_words - 1} words")
-                        continue
-                elif src.text_extension in members:
-                    caption = decode_text(tar.extractfile(members[src.text_extension]).read())
-                else:
-                    yield Item(None, raw, f"no {src.text_extension} member")
-                    continue
-                key = safe_key(wds_key)
-                target = extract_to / f"{key}.{image_ext}"
-                target.write_bytes(tar.extractfile(members[image_ext]).read())
-                yield Item({"key": key, "image": str(target), "text": caption, "source": name}, raw)
+        k, ext = _split_member(member.name)
+        if k != key and members:
+            yield key, members
+            members = {}
+        key = k
+        members[ext] = tar.extractfile(member).read()
+    if members:
+        yield key, members
+
+
+def read_webdataset(src: WebdatasetPairs, root: Path, flt: CaptionFilterConfig, extract_to: Path,
+                    s3: S3Config | None = None) -> Iterator[Item]:
+    s3 = s3 or S3Config()
+    shards = _shard_uris(src, root, s3)
+    if not shards:
+        raise ValueError(f"no webdataset shards at {src.path} (pattern {src.pattern!r})")
+    name = source_name(src.path.rstrip("/"), src.name)
+    store = ImageStore(extract_to)
+    for shard in shards:
+        shard_name = PurePosixPath(shard).name
+        try:
+            with _open_shard(shard, s3) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for wds_key, members in _samples(tar):
+                    yield _webdataset_item(src, flt, store, name, shard_name, wds_key, members)
+        except (tarfile.TarError, OSError) as err:
+            yield Item(None, {"shard": shard}, f"unreadable tar shard: {err}")
+
+
+def _webdataset_item(src: WebdatasetPairs, flt: CaptionFilterConfig, store: ImageStore, name: str, shard: str,
+                     wds_key: str, members: dict[str, bytes]) -> Item:
+    raw = {"shard": shard, "__key__": wds_key, "members": sorted(members)}
+    image_ext = next((e for e in src.image_extensions if e in members), None)
+    if image_ext is None:
+        return Item(None, raw, f"no image member (one of {src.image_extensions})")
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            meta = json.loads(decode_text(members["json"]))
+        except json.JSONDecodeError as err:
+            return Item(None, raw, f"invalid json member: {err.msg}")
+        meta = meta if isinstance(meta, dict) else {}
+    if src.caption_filter:
+        title = meta.get(src.title_field)
+        if title is None and src.text_extension in members:
+            title = decode_text(members[src.text_extension])
+        caption = filtered_caption(meta.get(src.description_field), title, flt)
+        if caption is None:
+            return Item(None, raw, "caption filter: neither description nor title is English with more than "
+                                   f"{flt.min_words - 1} words")
+    elif src.text_extension in members:
+        caption = decode_text(members[src.text_extension])
+    else:
+        return Item(None, raw, f"no {src.text_extension} member")
+    image, _ = store.put(members[image_ext], image_ext)
+    provenance = {f: meta[f] for f in src.provenance_fields if f in meta}
+    return Item({"key": f"{name}-{safe_key(wds_key)}", "image": image, "text": caption, "source": name,
+                 **provenance}, raw)
 
 
 # ------------------------------------------------------------------------------------ class folders
+def load_class_names(path: Path) -> dict[str, str]:
+    """synset -> class name from ``LOC_synset_mapping.txt`` (``<synset> <name>`` lines), a JSON object
+    ``{synset: name}`` or ``imagenet_class_index.json`` (``{index: [synset, name]}``)."""
+    if not path.is_file():
+        raise ValueError(f"class-name map {path} (data.ingest.images class_names) does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        doc = json.loads(text)
+        if isinstance(doc, dict) and all(isinstance(v, list) and len(v) == 2 for v in doc.values()):
+            return {str(v[0]): str(v[1]) for v in doc.values()}
+        if isinstance(doc, dict) and all(isinstance(v, str) for v in doc.values()):
+            return dict(doc)
+        raise ValueError(f"class-name map {path}: expected {{synset: name}} or {{index: [synset, name]}}")
+    names = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            synset, _, label = line.strip().partition(" ")
+            if not label.strip():
+                raise ValueError(f"class-name map {path}:{lineno}: expected '<synset> <class name>'")
+            names[synset] = label.strip()
+    return names
+
+
 def read_class_folders(src: ClassFolderImages, root: Path) -> Iterator[Item]:
-    path = root / src.path if not Path(src.path).is_absolute() else Path(src.path)
+    path = _source_path(src.path, root)
     if not path.is_dir():
         raise ValueError(f"image class folders {path} (data.ingest.images path {src.path!r}) do not exist")
+    names = load_class_names(_source_path(src.class_names, root)) if src.class_names else None
     name = source_name(src.path, src.name)
     extensions = {e.lower().lstrip(".") for e in src.extensions}
     for class_dir in sorted(p for p in path.iterdir() if p.is_dir()):
@@ -255,9 +521,15 @@ def read_class_folders(src: ClassFolderImages, root: Path) -> Iterator[Item]:
             if file.suffix.lower().lstrip(".") not in extensions:
                 yield Item(None, raw, f"unsupported file extension {file.suffix!r}")
                 continue
+            if names is not None and class_dir.name not in names:
+                yield Item(None, raw, f"class folder {class_dir.name!r} is not in the class-name map {src.class_names}")
+                continue
             stem = file.relative_to(class_dir).with_suffix("").as_posix()
-            yield Item({"key": safe_key(f"{class_dir.name}-{stem}"), "image": str(file), "label": class_dir.name,
-                        "source": name}, raw)
+            row = {"key": safe_key(f"{name}-{class_dir.name}-{stem}"), "image": str(file),
+                   "label": names[class_dir.name] if names is not None else class_dir.name, "source": name}
+            if names is not None:
+                row["synset"] = class_dir.name
+            yield Item(row, raw)
 
 
 # ------------------------------------------------------------------------------------ text
@@ -281,10 +553,40 @@ def split_passages(text: str, max_words: int) -> list[str]:
     return passages
 
 
+_MAX_DOCUMENT_CHARS = 1_000_000  # a .txt without blank lines is cut into documents of about this size
+
+
+def _txt_documents(file: Path, min_words: int) -> Iterator[tuple[str, int, int]]:
+    """(text, first line, last line) of the documents of a ``.txt`` file, read line by line: paragraphs (blank-line
+    separated) are merged until a document has ``min_words`` words, so headings and one-line paragraphs join
+    their neighbours instead of becoming passages too short to keep."""
+    lines: list[str] = []
+    words = chars = start = end = 0
+    with file.open("rb") as f:
+        for lineno, raw_line in enumerate(f, 1):
+            line = decode_text(raw_line).strip()
+            if line:
+                if not lines:
+                    start = lineno
+                lines.append(line)
+                end = lineno
+                words += len(line.split())
+                chars += len(line) + 1
+                if chars < _MAX_DOCUMENT_CHARS:
+                    continue
+            elif not lines or words < min_words:  # paragraph end: keep merging while the document is short
+                continue
+            yield " ".join(lines), start, end
+            lines, words, chars = [], 0, 0
+    if lines:
+        yield " ".join(lines), start, end
+
+
 def read_text_documents(src: TextFiles, root: Path) -> Iterator[tuple[str, Item]]:
     """Yields (document id, Item) where an accepted Item's row holds the document text."""
-    path = root / src.path if not Path(src.path).is_absolute() else Path(src.path)
-    files = [path] if path.is_file() else sorted({f for p in src.patterns for f in path.glob(p)}) if path.is_dir() else []
+    path = _source_path(src.path, root)
+    files = ([path] if path.is_file() else sorted({f for p in src.patterns for f in path.glob(p)}) if path.is_dir()
+             else [])
     if not files:
         raise ValueError(f"no text files at {path} (data.ingest.text path {src.path!r}, patterns {src.patterns})")
     for file in files:
@@ -306,6 +608,5 @@ def read_text_documents(src: TextFiles, root: Path) -> Iterator[tuple[str, Item]
                         continue
                     yield f"{stem}-{lineno}", Item({"text": text}, raw)
         else:
-            for n, paragraph in enumerate(p for p in _PARAGRAPH_BREAK.split(decode_text(file.read_bytes()))
-                                          if p.strip()):
-                yield f"{stem}-{n}", Item({"text": paragraph}, {"file": file.name, "paragraph": n})
+            for n, (text, first, last) in enumerate(_txt_documents(file, src.min_document_words)):
+                yield f"{stem}-{n}", Item({"text": text}, {"file": file.name, "lines": [first, last]})

@@ -4,7 +4,8 @@ For each corpus manifest in ``paths.prepared`` every row gets one column per che
 encoding and bounds, image decodability, mode and size, computed by decoding each image safely, local file or
 ``s3://`` object alike). The corpus's GE suite (``flava.data.expectations``) runs over those columns; a row that
 fails an expectation is rejected with the first failing expectation's reason. Accepted images are normalised
-(EXIF rotation, 8-bit RGB) and written to ``paths.validated/images/<corpus>/``; accepted rows point there.
+(EXIF rotation, 8-bit RGB) and written to ``paths.validated/images/<corpus>/``, once per image reference (rows
+sharing an image share the file); accepted rows point there.
 
 Outputs in ``paths.validated``: ``{corpus}.jsonl``, ``{corpus}.rejects.jsonl`` (row + ``reason`` +
 ``failed_expectations``), ``report.md``, ``metrics.json``, ``ge/{corpus}.json`` (the GE validation result).
@@ -53,8 +54,11 @@ class Fetcher:
     def __call__(self, ref: str) -> tuple[bytes | None, str | None]:
         if not is_s3(ref):
             path = Path(ref)
-            if not path.is_file():
-                return None, f"missing file: {ref}"
+            try:
+                if not path.is_file():
+                    return None, f"missing file: {ref[:200]}"
+            except OSError as err:  # e.g. a name too long: not a path at all
+                return None, f"missing file: not a usable path ({err.strerror}): {ref[:200]!r}"
             size = path.stat().st_size
             if size > self.max_bytes:  # do not read it into memory
                 return None, f"file too large: {size} bytes > {self.max_bytes}"
@@ -107,6 +111,9 @@ class _CorpusChecker:
         self.conversions: Counter[str] = Counter()
         self.exif_rotated = 0
         self.truncated = 0
+        # image reference -> its check columns and normalised file: an image shared by several rows (COCO's five
+        # captions per image) is fetched, decoded and written once
+        self._seen_images: dict[str, tuple[dict[str, Any], Path | None]] = {}
 
     def text_columns(self, row: dict[str, Any]) -> dict[str, Any]:
         text = row.get(TEXT_FIELD)
@@ -128,6 +135,11 @@ class _CorpusChecker:
             return empty, None
         if not isinstance(ref, str) or not ref:
             return {**empty, "image_error": "missing file: row has no image reference"}, None
+        if ref not in self._seen_images:
+            self._seen_images[ref] = self._check_image(ref, str(row["key"]), empty)
+        return self._seen_images[ref]
+
+    def _check_image(self, ref: str, key: str, empty: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
         data, error = self.fetch(ref)
         if error:
             return {**empty, "image_error": error}, None
@@ -145,7 +157,7 @@ class _CorpusChecker:
         if info.mode != "RGB":
             self.conversions[f"{info.mode}->RGB"] += 1
         self.exif_rotated += int(turned)
-        path = self.image_dir / image_name(str(row["key"]), v.image_format)
+        path = self.image_dir / image_name(key, v.image_format)
         if v.image_format == "png":
             rgb.save(path, format="PNG")
         else:
@@ -228,14 +240,15 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
 
     histogram: Counter[str] = Counter()
     accepted_idx = []
+    kept = {written[i] for i in range(len(rows)) if i not in reasons and written[i] is not None}
     with (out / f"{corpus}.jsonl").open("w", encoding="utf-8", newline="\n") as acc, \
             (out / f"{corpus}.rejects.jsonl").open("w", encoding="utf-8", newline="\n") as rej:
         for i, row in enumerate(rows):
             if i in reasons:
                 histogram[reasons[i].split(":")[0]] += 1
                 rej.write(dump_row({**row, "reason": reasons[i], "failed_expectations": failed[i]}) + "\n")
-                if written[i] is not None:  # decoded but rejected for another reason (e.g. caption)
-                    written[i].unlink()
+                if written[i] is not None and written[i] not in kept:  # decoded, rejected for another reason
+                    written[i].unlink(missing_ok=True)  # (e.g. caption) and not shared with an accepted row
                 continue
             accepted_idx.append(i)
             if written[i] is not None:

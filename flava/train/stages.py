@@ -319,9 +319,24 @@ def _build(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> Built:
                  device=device, settings=settings, fsdp=tc.strategy == "fsdp" and info.distributed)
 
 
+def require_zeroshot_eval(eval_root: Path) -> None:
+    """The joint stage selects its checkpoint by zero-shot accuracy on the val split: say how to make that set
+    before training starts, not at the first evaluation."""
+    zs = eval_root / "zeroshot"
+    missing = [p.name for p in (zs / "classes.json", zs / "val.jsonl") if not p.is_file()]
+    if missing:
+        raise ValueError(
+            f"the joint stage selects its model by zero-shot accuracy on {zs}/val.jsonl, but {missing} do not exist. "
+            "Make a zero-shot eval set and run `flava data prepare` again: under paths.raw/<data.ingest.eval_dir>/"
+            'zeroshot/ write classes.json ({"classnames": [...], "templates": ["a photo of a {}."]}) and '
+            'val.jsonl (rows {"image": <path>, "label": <class index>}), e.g. from held-out ImageNet-style class '
+            "folders whose synsets a class-name map (data.ingest.images[].class_names) names")
+
+
 def _zeroshot(cfg: PipelineConfig, info: ProcessInfo, built: Built) -> Callable[[], dict[str, float]]:
     """The joint stage's model-selection evaluation: zero-shot classification on the validation split."""
     eval_root = Path(cfg.paths.prepared) / "eval"
+    require_zeroshot_eval(eval_root)
     transform = transform_from_config(cfg, train=False)
 
     def evaluate() -> dict[str, float]:

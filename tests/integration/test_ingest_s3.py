@@ -3,6 +3,7 @@ object is prepared and validated; the existing one is fetched and normalised, th
 its reason. An endpoint nobody listens on is quarantined too, quickly and without crashing."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import socket
@@ -14,8 +15,10 @@ from PIL import Image
 
 from flava.config import PipelineConfig
 from flava.data.ingest import run_prepare
+from flava.data.prep_config import WebdatasetPairs
 from flava.data.validate import run_validate
 from tests.helpers import tracking_in
+from tests.unit.test_ingest_formats import img2dataset_tar, jpeg
 
 
 @pytest.fixture
@@ -78,11 +81,11 @@ def test_existing_object_is_fetched_and_missing_one_quarantined(tmp_path, s3_end
     assert result["pairs"]["in"] == 2 and result["pairs"]["accepted"] == 1 and result["pairs"]["rejected"] == 1
 
     [accepted] = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
-    assert accepted["key"] == "k0"
+    assert accepted["key"] == "pairs-k0"
     img = Image.open(accepted["image"])  # a local, normalised copy
     assert img.mode == "RGB" and img.size == (40, 30)
     [rejected] = read_jsonl(tmp_path / "validated" / "pairs.rejects.jsonl")
-    assert rejected["key"] == "k1" and rejected["image"] == "s3://corpus/img/absent.jpg"
+    assert rejected["key"] == "pairs-k1" and rejected["image"] == "s3://corpus/img/absent.jpg"
     assert rejected["reason"].startswith("s3 object not found:") and "absent.jpg" in rejected["reason"]
     metrics = json.loads((tmp_path / "validated" / "metrics.json").read_text())
     assert metrics["pairs"]["reasons"] == {"s3 object not found": 1}
@@ -99,3 +102,23 @@ def test_unreachable_endpoint_is_a_reject_not_a_crash(tmp_path, aws_env):
     assert result["pairs"]["accepted"] == 0 and result["pairs"]["rejected"] == 2
     reasons = [r["reason"] for r in read_jsonl(tmp_path / "validated" / "pairs.rejects.jsonl")]
     assert all(r.startswith("s3 object unreachable:") for r in reasons)
+
+
+def test_img2dataset_webdataset_on_s3_is_streamed_with_its_provenance(tmp_path, s3_endpoint):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="laion")
+    samples = [("000000000", "a red thing on a table", jpeg((200, 30, 30))),
+               ("000000001", "a green thing on a table", jpeg((30, 160, 40)))]
+    for name, chunk in (("00000.tar", samples[:1]), ("00001.tar", samples[1:])):
+        img2dataset_tar(tmp_path / "tars" / name, chunk)
+        s3.upload_file(str(tmp_path / "tars" / name), "laion", f"out/{name}")
+    s3.put_object(Bucket="laion", Key="out/00000_stats.json", Body=b"{}")  # img2dataset's side files: not shards
+    _raw(tmp_path, [])
+    cfg = _cfg(tmp_path, s3_endpoint)
+    cfg.data.ingest.pairs = [WebdatasetPairs(path="s3://laion/out/", name="laion")]
+    assert run_prepare(cfg)["pairs"] == {"in": 2, "accepted": 2, "rejected": 0}
+    rows = read_jsonl(tmp_path / "prepared" / "pairs.jsonl")
+    assert [r["key"] for r in rows] == ["laion-000000000", "laion-000000001"]
+    assert rows[1]["url"] == "http://127.0.0.1/000000001.jpg" and rows[1]["sha256"] == hashlib.sha256(
+        samples[1][2]).hexdigest()
+    assert run_validate(cfg)["pairs"]["accepted"] == 2

@@ -108,9 +108,9 @@ def test_csv_and_parquet_manifests_with_local_and_s3_images(tmp_path):
     result = run_prepare(cfg)
     prepared = tmp_path / "prepared"
     rows = {r["key"]: r for r in read_jsonl(prepared / "pairs.jsonl")}
-    assert rows["a"]["image"] == str(raw / "m" / "imgs" / "x.png")
-    assert rows["b_1"]["image"] == "s3://bucket/path/y.jpg"  # kept as a URI; validation fetches it
-    assert rows["d"]["text"] == ""  # empty captions are validation's to quarantine, with their reason
+    assert rows["pairs-a"]["image"] == str(raw / "m" / "imgs" / "x.png")
+    assert rows["pairs-b_1"]["image"] == "s3://bucket/path/y.jpg"  # kept as a URI; validation fetches it
+    assert rows["pairs-d"]["text"] == ""  # empty captions are validation's to quarantine, with their reason
     assert rows["extra-00000000"]["image"] == str(raw / "m" / "imgs" / "x.png")
     rejects = read_jsonl(prepared / "pairs.rejects.jsonl")
     assert [r["reason"] for r in rejects] == ["no image reference"] and rejects[0]["row"]["id"] == "c"
@@ -180,7 +180,7 @@ def test_webdataset_shards_are_extracted_and_incomplete_samples_rejected(tmp_pat
     result = run_prepare(cfg)
     assert result["pairs"] == {"in": 4, "accepted": 2, "rejected": 2}
     rows = read_jsonl(tmp_path / "prepared" / "pairs.jsonl")
-    assert [r["key"] for r in rows] == ["000001", "sub_000004"]
+    assert [r["key"] for r in rows] == ["wds-000001", "wds-sub_000004"]
     for row in rows:
         assert Path(row["image"]).is_file() and "extracted" in row["image"]
         assert Image.open(row["image"]).size == (24, 24)
@@ -204,7 +204,7 @@ def test_pmd_caption_filter_prefers_description_then_title(tmp_path):
         "images": [{"path": "cls"}], "text": [{"path": "txt"}], "eval_dir": None})
     result = run_prepare(cfg)
     rows = {r["key"]: r["text"] for r in read_jsonl(tmp_path / "prepared" / "pairs.jsonl")}
-    assert rows == {"desc": "a dog running on the grass", "title": "a boat on the lake"}
+    assert rows == {"yfcc-desc": "a dog running on the grass", "yfcc-title": "a boat on the lake"}
     assert result["pairs"]["rejected"] == 2
     assert all(r["reason"].startswith("caption filter") for r in read_jsonl(tmp_path / "prepared" / "pairs.rejects.jsonl"))
 
