@@ -5,10 +5,11 @@
 # for its CUDA build on Linux (nvidia-*, cuda-*, triton), which come with whichever torch build is installed.
 # Versions already in the lock are kept where they still fit (uv reads the output file as preferences);
 # `scripts/lock.sh --upgrade` moves everything to the newest allowed versions.
-# Needs uv (`pip install uv`, or UV=/path/to/uv). Resolves against PyPI only, never this machine's local indexes.
+# Needs uv: the one setup.sh installs in .venv, else `uv` on PATH, or UV=/path/to/uv.
+# Resolves against PyPI only (LOCK_INDEX_URL to change), never this machine's local indexes or pip config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-UV=${UV:-uv}
+UV=${UV:-$( [ -x .venv/bin/uv ] && echo .venv/bin/uv || echo uv)}
 INDEX=${LOCK_INDEX_URL:-https://pypi.org/simple}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -27,3 +28,7 @@ while read -r name; do no_emit+=(--no-emit-package "$name"); done < <(comm -23 "
 "$UV" pip compile pyproject.toml requirements/torch.txt --all-extras --universal --python-version 3.10 \
   --generate-hashes --index-url "$INDEX" \
   --custom-compile-command "scripts/lock.sh" "${no_emit[@]}" "$@" -o requirements/lock.txt
+
+# uv itself, hash-pinned, for setup.sh and the Dockerfile to install with pip before anything else.
+echo uv | "$UV" pip compile - --universal --python-version 3.10 --generate-hashes --index-url "$INDEX" \
+  --custom-compile-command "scripts/lock.sh" "$@" -o requirements/uv.txt
