@@ -12,10 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip=(.venv/bin/python -m pip)
-uv=(.venv/bin/uv pip install --python .venv/bin/python --quiet)
-"${pip[@]}" install -q --require-hashes --no-deps -r requirements/uv.txt
-"${uv[@]}" --require-hashes --no-deps -r requirements/lock.txt
-.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" install -q -r requirements/torch.txt
-"${uv[@]}" --no-deps --no-build-isolation -e .
-"${pip[@]}" check
+.venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements/uv.txt
+.venv/bin/uv pip install -q --python .venv/bin/python --require-hashes --no-deps -r requirements/lock.txt
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q -r requirements/torch.txt
+.venv/bin/uv pip install -q --python .venv/bin/python --no-deps --no-build-isolation -e .
+.venv/bin/python -m pip check
