@@ -1,6 +1,7 @@
 """Lineage facts for tags: git commit, data version (from ``data.dvc``), host. No MLflow import here."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -8,10 +9,12 @@ from pathlib import Path
 import yaml
 
 PARENT_RUN_ENV = "FLAVA_PARENT_RUN_ID"  # set by `flava pipeline run`; stage runs nest under it
+GIT_COMMIT_ENV = "FLAVA_GIT_COMMIT"  # baked into the image (infra/Dockerfile), which has no git checkout
 
 
 def git_commit(root: str | Path = ".") -> str:
-    """HEAD commit, with ``-dirty`` when tracked files differ; ``unknown`` outside a git checkout."""
+    """HEAD commit, with ``-dirty`` when tracked files differ; outside a git checkout the commit the image was built
+    from (``FLAVA_GIT_COMMIT``), else ``unknown``."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
@@ -20,7 +23,7 @@ def git_commit(root: str | Path = ".") -> str:
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get(GIT_COMMIT_ENV) or "unknown"
     return f"{sha}-dirty" if dirty else sha
 
 

@@ -36,7 +36,7 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-# Devices with torch's fused (single-kernel) AdamW: CUDA since torch 2.0, CPU since 2.4 (pyproject's floor), and
+# Devices with torch's fused (single-kernel) AdamW: CUDA since torch 2.0, CPU since 2.4 (below pyproject's floor), and
 # the other accelerators torch lists. It is the default there because one kernel over all parameters steps much
 # faster than the foreach implementation or the per-tensor loop (figures: benchmarks/README.md, "Figures cited by
 # the code").
