@@ -29,11 +29,25 @@ class PathsConfig(StrictModel):
     raw: str = "data/raw"
     prepared: str = "data/prepared"
     validated: str = "data/validated"
-    shards: str = "data/shards"
+    shards: str = "data/shards"  # where the shard tars are written: a local directory or s3://bucket/prefix
+    # The local directory DVC tracks for the shard stage: each corpus' index.json, and the tars themselves when
+    # they are written here. With shards elsewhere (s3://) each index records their location, so the stages
+    # downstream depend on the index (names, sizes, sha256) and never on a remote directory DVC cannot track.
+    # Left out, it follows a local `shards`.
+    shard_index: str = "data/shards"
     artifacts: str = "artifacts"
     models: str = "models"
     checkpoints: str = "checkpoints"  # trainer state for resume; outside DVC outs so a re-run can resume
     reports: str = "reports"
+
+    @model_validator(mode="after")
+    def _shard_index_is_local(self):
+        if "://" in self.shard_index:
+            raise ValueError(f"paths.shard_index must be a local directory (DVC tracks it), got {self.shard_index!r}; "
+                             "the shards themselves go to paths.shards, which may be s3://bucket/prefix")
+        if "shard_index" not in self.model_fields_set and "://" not in self.shards:
+            self.shard_index = self.shards
+        return self
 
 
 class TrackingConfig(StrictModel):

@@ -87,7 +87,9 @@ NOT_DEPENDENCIES: dict[str, str] = {
 
 _PREPARED = "${paths.prepared}"
 _VALIDATED = "${paths.validated}"
-_SHARDS = "${paths.shards}"
+# The shard stage's local directory (the shards themselves, or their index when they live on S3: see
+# flava.data.shards): DVC tracks it, never an s3:// prefix.
+_SHARDS = "${paths.shard_index}"
 _ARTIFACTS = "${paths.artifacts}"
 _MODELS = "${paths.models}"
 _REPORTS = "${paths.reports}"
@@ -149,7 +151,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="shard", command=("data", "shard"), entry="flava.data.shards:run_shard",
         deps=tuple(f"{_VALIDATED}/{c}.jsonl" for c in _CORPORA) + (f"{_VALIDATED}/images",),
-        params=("seed", "data.shards"),
+        # paths.shards: where the tars go is part of what the stage writes (the index records it) once that is not
+        # the tracked directory itself (another bucket must re-shard)
+        params=("seed", "data.shards", "paths.shards"),
         outs=tuple(Out(f"{_SHARDS}/{c}") for c in _CORPORA),
         metrics=(Out(f"{_SHARDS}/metrics.json", cache=False),),
         help="write webdataset shards (local or s3://) with an index",

@@ -22,6 +22,19 @@ LOCK_FILE = ".dvc/tmp/flava-pipeline.lock"  # under .dvc/tmp: untracked, and whe
 HELD_ENV = "FLAVA_WORKSPACE_LOCK"  # set (to the lock's path) for the processes a holder starts
 
 
+DVC_ROOT_ENV = "DVC_ROOT"  # DVC sets it for every stage it runs: the root of the project's repository
+
+
+def workspace_root(start: str | Path | None = None) -> Path:
+    """The project's root: ``$DVC_ROOT`` under DVC, else the nearest directory at or above ``start`` (default: the
+    current one) holding ``.dvc``, else ``start``. Relative locations that must mean one file for every process of
+    a run (the CLI, a flow-run pod, a sweep worker started elsewhere in the tree) resolve against it."""
+    if os.environ.get(DVC_ROOT_ENV):
+        return Path(os.environ[DVC_ROOT_ENV]).resolve()
+    here = Path(start or Path.cwd()).resolve()
+    return next((d for d in (here, *here.parents) if (d / ".dvc").is_dir()), here)
+
+
 class WorkspaceBusy(RuntimeError):
     """Another pipeline run holds this workspace."""
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flava.data import storage
 from flava.data.collate import KIND_OF_CORPUS, Collator
-from flava.data.shards import Sample, load_index, read_tar, verify_shard
+from flava.data.shards import Sample, load_index, read_tar, shard_location, verify_shard
 from flava.data.transforms import image_transform, model_image_geometry, transform_from_config
 
 if TYPE_CHECKING:
@@ -101,9 +101,10 @@ class SlotPlan:
 class ShardDataset(IterableDataset):
     """Yields collated batches for one rank; inside a DataLoader each worker yields its own logical slot."""
 
-    def __init__(self, *, root: str, corpus: str, index: dict[str, Any], collator: Collator, batch_size: int,
+    def __init__(self, *, location: str, corpus: str, index: dict[str, Any], collator: Collator, batch_size: int,
                  rank: int, world_size: int, num_workers: int, seed: int, s3=None, verify: bool = True):
-        self.root, self.corpus, self.index, self.collator = root, corpus, index, collator
+        # location: the directory or s3:// prefix holding the corpus' shards (``flava.data.shards.shard_location``)
+        self.location, self.corpus, self.index, self.collator = location, corpus, index, collator
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.workers = max(1, num_workers)
         self.seed, self.s3, self.verify = seed, s3, verify
@@ -114,7 +115,7 @@ class ShardDataset(IterableDataset):
 
     def _read_shard(self, i: int) -> list[Sample]:
         entry = self.index["shards"][i]
-        uri = storage.join(self.root, self.corpus, entry["name"])
+        uri = storage.join(self.location, entry["name"])
         data = storage.read_bytes(uri, s3=self.s3)
         if self.verify and entry["sha256"] not in self._verified:
             verify_shard(data, entry, uri)
@@ -269,8 +270,9 @@ def build_stream(
                         max_length=cfg.data.tokenizer.max_length, pad_to_max_length=lc.pad_to_max_length,
                         include_keys=include_keys,
                         codebook_transform=codebook_transform, codebook_eps=lc.codebook_pixel_eps)
-    index = load_index(cfg.paths.shards, corpus, s3=cfg.data.shards.s3)
-    dataset = ShardDataset(root=cfg.paths.shards, corpus=corpus, index=index, collator=collator,
+    index = load_index(cfg.paths.shard_index, corpus)  # local: the index DVC tracks
+    dataset = ShardDataset(location=shard_location(cfg.paths.shard_index, corpus, index), corpus=corpus,
+                           index=index, collator=collator,
                            batch_size=batch_size, rank=rank, world_size=world_size, num_workers=lc.num_workers,
                            seed=seed, s3=cfg.data.shards.s3, verify=lc.verify_checksums)
     return ShardStream(dataset, num_workers=lc.num_workers, prefetch_factor=lc.prefetch_factor,

@@ -6,6 +6,12 @@ Layout (``paths.shards`` may be ``s3://bucket/prefix``)::
     {root}/{corpus}/index.json             num_samples, num_shards, per shard: name, samples, bytes, sha256
     {root}/metrics.json                    per corpus counts and bytes
 
+DVC tracks ``paths.shard_index``, a local directory. By default it is ``paths.shards`` itself (tars, index and
+metrics, as above). When the shards are written elsewhere (``s3://``), it holds a copy of each corpus' index with
+one more key, ``location`` (the URI of ``{root}/{corpus}``), and of ``metrics.json``: the stages downstream depend
+on that index, which changes exactly when the shards' bytes do, and the loader reads the shards from ``location``
+and checks each against its sha256.
+
 Rows are shuffled once with ``cfg.seed`` before sharding (manifests are often ordered by class or source; the
 loader only shuffles shard order and within a shard). Tar headers are fixed (mtime 0, uid/gid 0, no user names,
 mode 0644), so the same input and seed give byte-identical shards and checksums. Every tar is built in a local
@@ -277,6 +283,11 @@ def _flush(batch: list[Sample], number: int, tmp: Path, out: str, cfg: ShardConf
     return entry
 
 
+def shard_location(index_dir: str, corpus: str, index: dict[str, Any]) -> str:
+    """Where the shards of an index live: its ``location``, else next to the index."""
+    return index.get("location") or storage.join(index_dir, corpus)
+
+
 def load_index(root: str, corpus: str, *, s3=None) -> dict[str, Any]:
     """The index of ``{root}/{corpus}``; a readable error when the corpus was never sharded."""
     uri = storage.join(root, corpus, INDEX_NAME)
@@ -303,8 +314,7 @@ def run_shard(cfg: "PipelineConfig") -> dict[str, Any]:
         metrics, seconds = _shard(cfg)
         run.log_metrics({**metrics, "seconds": seconds})
         for corpus in sc.corpora:
-            index = storage.read_bytes(storage.join(cfg.paths.shards, corpus, INDEX_NAME), s3=sc.s3)
-            run.log_dict(json.loads(index), f"index/{corpus}.json")
+            run.log_dict(load_index(cfg.paths.shard_index, corpus), f"index/{corpus}.json")
     return metrics
 
 
@@ -313,17 +323,32 @@ def _shard(cfg: "PipelineConfig") -> tuple[dict[str, Any], dict[str, float]]:
     metrics file holds deterministic numbers)."""
     sc = cfg.data.shards
     validated = Path(cfg.paths.validated)
-    root = cfg.paths.shards
+    root, index_dir = cfg.paths.shards, cfg.paths.shard_index
+    elsewhere = storage.is_s3(root) or Path(root).resolve() != Path(index_dir).resolve()
     metrics: dict[str, Any] = {"root": root, "samples_per_shard": sc.samples_per_shard, "corpora": {}}
     seconds: dict[str, float] = {}
     for corpus in sc.corpora:
         start = time.perf_counter()
         manifest = validated / f"{corpus}.jsonl"
         index = write_corpus(read_manifest(manifest), corpus, manifest.parent, root, sc, cfg.seed)
+        if elsewhere:
+            _write_local_index(index, storage.join(root, corpus), Path(index_dir) / corpus)
         metrics["corpora"][corpus] = {
             "num_samples": index["num_samples"], "num_shards": index["num_shards"], "bytes": index["bytes"],
         }
         seconds[corpus] = round(time.perf_counter() - start, 3)
         log.info("sharded %s: %d samples in %d shards", corpus, index["num_samples"], index["num_shards"])
-    storage.write_bytes(storage.join(root, "metrics.json"), json.dumps(metrics, indent=2).encode(), s3=sc.s3)
+    blob = json.dumps(metrics, indent=2).encode()
+    storage.write_bytes(storage.join(root, "metrics.json"), blob, s3=sc.s3)
+    if elsewhere:
+        storage.write_bytes(str(Path(index_dir) / "metrics.json"), blob)
     return metrics, seconds
+
+
+def _write_local_index(index: dict[str, Any], location: str, out: Path) -> None:
+    """The index DVC tracks when the shards live elsewhere: the index plus their location. Shards an earlier run
+    wrote here (``paths.shards`` was this directory then) go: the directory holds what its index lists."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("shard-*.tar"):
+        stale.unlink()
+    storage.write_bytes(str(out / INDEX_NAME), json.dumps({**index, "location": location}, indent=2).encode())

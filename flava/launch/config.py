@@ -203,7 +203,8 @@ class SweepConfig(StrictModel):
     """
 
     study_name: str = "flava-joint"
-    # SQLite file, or an RDB URL (postgresql://...) shared by workers on several machines; resumes by name.
+    # SQLite file (a relative path is under the workspace root, whatever the current directory), or an RDB URL
+    # (postgresql://...) shared by workers on several machines; resumes by name.
     storage: str = "reports/sweep/optuna.db"
     # Trials the study runs in all: complete, pruned, or failed by their own params (a diverging run). A trial
     # lost with its worker does not count: it is retried (max_retry) with the same params.

@@ -53,6 +53,7 @@ from flava.tracking import lineage
 from flava.tracking.runs import tracking_uri
 from flava.train.stages import run_pretrain
 from flava.train.stop import EarlyStop
+from flava.workspace import workspace_root
 
 log = logging.getLogger(__name__)
 # Heartbeats and their retry callback are marked experimental in Optuna 5; they are what makes workers safe.
@@ -92,15 +93,25 @@ def _link_encoders(cfg, trial_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ the study
 SCHEMA_ATTEMPTS = 5  # tries to open a storage whose schema another worker may be creating at the same moment
+SQLITE_URL = "sqlite:///"
 
 
-def _storage_url(path: str) -> str:
-    if "://" in path:
-        check_database_url(path, "launch.sweep.storage")  # a missing driver named before the study is opened
-        return path
-    file = Path(path).resolve()
+def storage_url(storage: str, root: str | Path | None = None) -> str:
+    """The study's RDB URL. A file path or a ``sqlite:///`` URL with a relative path is a SQLite file under the
+    workspace root (:func:`flava.workspace.workspace_root`), not under the current directory: the CLI, the flow
+    and a sweep worker started in another directory of the workspace open the same study."""
+    if storage.startswith(SQLITE_URL):
+        path = storage[len(SQLITE_URL):]
+        if not path or path == ":memory:" or Path(path).is_absolute():
+            return storage
+    elif "://" in storage:
+        check_database_url(storage, "launch.sweep.storage")  # a missing driver named before the study is opened
+        return storage
+    else:
+        path = storage
+    file = Path(root).resolve() / path if root is not None else workspace_root() / path
     file.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{file}"
+    return f"{SQLITE_URL}{file}"
 
 
 def _pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
@@ -114,7 +125,8 @@ def _pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
 
 def open_study(sweep: SweepConfig) -> optuna.Study:
     """The study on its storage, with heartbeats, stale-trial retries and the configured pruner."""
-    url = _storage_url(sweep.storage)
+    url = storage_url(sweep.storage)
+    log.info("optuna study %s on %s (launch.sweep.storage %r)", sweep.study_name, url, sweep.storage)
     # Concurrent workers on one SQLite file wait for its lock rather than failing at once.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     options = dict(engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_s,

@@ -36,6 +36,7 @@ from flava.config import PipelineConfig, flatten
 from flava.distributed import ProcessInfo
 from flava.stages import import_closure
 from flava.tracking import lineage
+from flava.workspace import DVC_ROOT_ENV, workspace_root
 
 # mlflow is imported inside the functions that use it ("mlflow: lazy" beside each): it takes ~1.5 s to import,
 # and flava.data.loader imports this module (through flava.data.shards), so every spawned DataLoader worker
@@ -47,7 +48,6 @@ STAGE_TAG = "flava.stage"  # the key the evaluation runs and the pipeline's pare
 MLFLOW_PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 
 
-DVC_ROOT_ENV = "DVC_ROOT"  # DVC sets it for every stage it runs: the root of the project's repository
 DVC_EXP_ENV = "DVC_EXP_NAME"  # DVC sets it for the stages of `dvc exp run`
 SQLITE_PREFIX = "sqlite:///"
 
@@ -284,6 +284,18 @@ def param_value(value: Any) -> str:
     return text[:MLFLOW_PARAM_VALUE_LIMIT]
 
 
+def checkpoint_locator(uri: str, root: str | Path | None = None) -> str:
+    """A checkpoint as a retry on another host finds it: a remote URI (``s3://``) as it is; a local path relative
+    to the workspace root (POSIX), which is where it lives in every mount of that workspace (the pods' shared
+    volume, the CLI's checkout), else absolute. Resuming never goes through this record: the stage reads
+    ``paths.checkpoints`` of the workspace it runs in and resumes only a checkpoint of its own identity."""
+    if "://" in uri:
+        return uri
+    path = Path(uri).resolve()
+    base = Path(root).resolve() if root is not None else workspace_root()
+    return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
+
+
 class StageRun:
     """Context manager around one stage's MLflow run. ``run_id`` is None on non-main ranks.
 
@@ -389,11 +401,17 @@ class StageRun:
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_checkpoint(self, step: int, uri: str, **info: Any) -> None:
-        """Record a checkpoint's URI (logged as ``checkpoints.json`` at the end, and as the latest tag now)."""
+        """Record where a checkpoint is (logged as ``checkpoints.json`` at the end, and as the latest tag now), in
+        a form that means the same on every host: see :func:`checkpoint_locator`. A local one is also tagged with
+        the workspace that holds it (``checkpoint.workspace``: host and root directory)."""
         if not self.active or self._run is None:
             return
-        self.checkpoints.append({"step": step, "uri": uri, **info})
-        self.set_tags({"checkpoint.latest": uri})
+        where = checkpoint_locator(uri)
+        self.checkpoints.append({"step": step, "uri": where, **info})
+        tags = {"checkpoint.latest": where}
+        if "://" not in where:
+            tags["checkpoint.workspace"] = f"{lineage.host()}:{workspace_root()}"
+        self.set_tags(tags)
 
     def log_dict(self, payload: Mapping[str, Any], artifact_file: str) -> None:
         if self.active and self._run is not None:

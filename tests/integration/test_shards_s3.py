@@ -175,3 +175,36 @@ def test_read_retries_a_broken_response_stream(monkeypatch):
     Client.calls = 0
     with pytest.raises(ResponseStreamingError):
         storage.read_bytes("s3://b/k", s3=S3Config(retry_backoff_s=0, max_attempts=2))
+
+
+def test_s3_shards_leave_a_local_index_that_the_loader_reads(tmp_path, s3_endpoint):
+    """With `paths.shards` on S3, `paths.shard_index` (local, what DVC tracks) holds each corpus' index with the
+    shards' location and the metrics; no tar is left there; the loader streams the bucket's shards through it and
+    refuses a shard whose bytes no longer match the index."""
+    from itertools import islice
+
+    from flava.data.loader import build_stream
+    from flava.data.tokenizer import fit_wordpiece
+
+    endpoint, client = s3_endpoint
+    make_validated(tmp_path, n_pairs=9, n_images=6, n_text=7)
+    cfg = s3_config(tmp_path, endpoint)
+    local_dir = tmp_path / "shard-index"
+    (local_dir / "pairs").mkdir(parents=True)
+    (local_dir / "pairs" / "shard-000009.tar").write_bytes(b"from a run that sharded here")
+    run_shard(cfg)
+    assert sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*")) == [
+        "images", "images/index.json", "metrics.json", "pairs", "pairs/index.json", "text", "text/index.json"]
+    for corpus in ("pairs", "images", "text"):
+        remote = json.loads(client.get_object(Bucket=BUCKET, Key=f"run1/{corpus}/index.json")["Body"].read())
+        local = json.loads((local_dir / corpus / "index.json").read_text())
+        assert local == {**remote, "location": f"s3://{BUCKET}/run1/{corpus}"}
+    assert json.loads((local_dir / "metrics.json").read_text())["root"] == f"s3://{BUCKET}/run1"
+
+    tok = fit_wordpiece([f"caption number {i}" for i in range(50)], 100, tmp_path / "tok")
+    batches = list(islice(build_stream(cfg, "pairs", batch_size=3, rank=0, world_size=1, seed=1, tokenizer=tok), 3))
+    assert sum(len(b["input_ids"]) for b in batches) == 9
+    # The bucket's shard replaced behind the index's back: the loader names the shard and stops.
+    client.put_object(Bucket=BUCKET, Key="run1/pairs/shard-000000.tar", Body=b"x" * 10)
+    with pytest.raises(ValueError, match="shard-000000.tar"):
+        list(islice(build_stream(cfg, "pairs", batch_size=3, rank=0, world_size=1, seed=1, tokenizer=tok), 3))

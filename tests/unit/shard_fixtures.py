@@ -43,7 +43,9 @@ def config(root: Path, out: str | None = None, **data) -> PipelineConfig:
     tree = {
         "seed": 0,
         "paths": {"validated": str(root / "validated"), "shards": out or str(root / "shards"),
-                  "artifacts": str(root / "artifacts")},
+                  "artifacts": str(root / "artifacts")}
+        # shards elsewhere (s3://): the local index DVC would track goes under the test's directory
+        | ({"shard_index": str(root / "shard-index")} if out and "://" in out else {}),
         "model": {"preset": "tiny"},
         "data": {"shards": {"samples_per_shard": 5}} | data,
         "tracking": tracking_in(root),

@@ -112,7 +112,7 @@ def test_stage_identity_moves_with_inputs_and_declared_params(workspace, tmp_pat
         other = load_config(ROOT / "params.yaml", [*_paths(cfg), override])
         assert stages.stage_identity(other, "pretrain_text") != base, override
     # byte-code next to a dependency does not count; a changed byte of data does
-    shard_dir = Path(stages.resolve("${paths.shards}/text", cfg))
+    shard_dir = Path(stages.resolve("${paths.shard_index}/text", cfg))
     (shard_dir / "__pycache__").mkdir()
     (shard_dir / "__pycache__" / "x.pyc").write_bytes(b"junk")
     assert stages.stage_identity(cfg, "pretrain_text") == base

@@ -372,3 +372,30 @@ def test_workers_that_start_at_the_same_moment_never_draw_the_same_params(worksp
         draws.append(json.dumps(trial.params, sort_keys=True))
         study.tell(trial, 0.5)
     assert len(set(draws)) == 4, draws
+
+
+def test_a_relative_study_storage_is_under_the_workspace_root(tmp_path, monkeypatch):
+    """`launch.sweep.storage` as a relative path (the default) or a relative sqlite:/// URL means one file under the
+    workspace root, so a worker started in a subdirectory (or a flow run whose cwd is elsewhere but runs under DVC)
+    opens the same study as the CLI at the root; absolute paths and server URLs are kept as given."""
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    root = tmp_path / "project"
+    (root / ".dvc").mkdir(parents=True)
+    (root / "flows" / "sub").mkdir(parents=True)
+    expected = f"sqlite:///{root / 'reports/sweep/optuna.db'}"
+    monkeypatch.chdir(root)
+    assert sweeplib.storage_url("reports/sweep/optuna.db") == expected
+    sweep = SweepConfig(study_name="s", storage="reports/sweep/optuna.db")
+    sweeplib.open_study(sweep).enqueue_trial({"x": 1})
+    monkeypatch.chdir(root / "flows" / "sub")
+    assert sweeplib.storage_url("reports/sweep/optuna.db") == expected
+    assert sweeplib.storage_url("sqlite:///reports/sweep/optuna.db") == expected
+    assert len(sweeplib.open_study(sweep).get_trials(deepcopy=False)) == 1  # the study written from the root
+    assert not (root / "flows" / "sub" / "reports").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    assert sweeplib.storage_url("reports/sweep/optuna.db") == expected
+    for kept in ("postgresql://optuna@db/optuna", f"sqlite:///{tmp_path}/abs.db", "sqlite:///:memory:"):
+        assert sweeplib.storage_url(kept) == kept

@@ -80,3 +80,28 @@ def test_input_example_fits_what_the_logged_model_can_embed():
     image_only = _input_example(False, 32)  # else the image row alone, a PNG at the model's size in base64
     assert list(image_only.columns) == ["image"] and image_only["image"][0] == mixed["image"][1]
     assert Image.open(io.BytesIO(base64.b64decode(image_only["image"][0]))).size == (32, 32)
+
+
+def test_checkpoint_locations_mean_the_same_on_every_host(cfg, tmp_path, monkeypatch):
+    """A checkpoint under the workspace is recorded relative to its root (as every mount of the workspace sees it)
+    with the workspace that holds it; an S3 one as its URI; one outside the workspace as an absolute path."""
+    from flava.tracking.lineage import host
+    from flava.tracking.runs import checkpoint_locator
+
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    root = tmp_path / "project"
+    (root / ".dvc").mkdir(parents=True)
+    (root / "sub").mkdir()
+    monkeypatch.chdir(root / "sub")  # a stage started below the root records the same location
+    assert checkpoint_locator("../checkpoints/joint/step-000008") == "checkpoints/joint/step-000008"
+    assert checkpoint_locator("s3://bucket/ck/joint/step-000008") == "s3://bucket/ck/joint/step-000008"
+    assert checkpoint_locator(str(tmp_path / "elsewhere" / "step-1")) == str(tmp_path / "elsewhere" / "step-1")
+    with StageRun(cfg, "joint") as run:
+        run.log_checkpoint(8, str(root / "checkpoints/joint/step-000008"))
+    tags = MlflowClient(tracking_uri(cfg)).get_run(run.run_id).data.tags
+    assert tags["checkpoint.latest"] == "checkpoints/joint/step-000008"
+    assert tags["checkpoint.workspace"] == f"{host()}:{root}"
+    with StageRun(cfg, "joint") as run:
+        run.log_checkpoint(8, "s3://bucket/ck/joint/step-000008")
+    tags = MlflowClient(tracking_uri(cfg)).get_run(run.run_id).data.tags
+    assert tags["checkpoint.latest"] == "s3://bucket/ck/joint/step-000008" and "checkpoint.workspace" not in tags
