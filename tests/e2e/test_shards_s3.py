@@ -11,35 +11,23 @@ import json
 import time
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
 
 from tests.e2e.conftest import dvc_status, git, make_project, run, set_params
+from tests.helpers import AWS_TEST_ENV as AWS
+from tests.helpers import moto_s3
 from tests.unit.test_synthetic import SMALL
 
 BUCKET = "flava-shards"
-AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 CORPORA = ("pairs", "images", "text")
 READERS = {"pretrain_text", "pretrain_image", "joint"}  # the stages that depend on the shards
 
 
 @pytest.fixture
 def s3_endpoint(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for name, value in AWS.items():
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    with moto_s3(monkeypatch, BUCKET) as (endpoint, client):
         yield endpoint, client
-    finally:
-        server.stop()
 
 
 def _keys(client) -> set[str]:

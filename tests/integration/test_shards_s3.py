@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 
-import boto3
 import numpy as np
 import pytest
 from PIL import Image
 
 from flava.data import storage
 from flava.data.shards import run_shard
+from tests.helpers import moto_s3
 from tests.unit.shard_fixtures import config, make_validated
 
 BUCKET = "flava-shards"
@@ -19,21 +19,8 @@ BUCKET = "flava-shards"
 
 @pytest.fixture
 def s3_endpoint(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for name, value in [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")]:
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    with moto_s3(monkeypatch, BUCKET) as (endpoint, client):
         yield endpoint, client
-    finally:
-        server.stop()
 
 
 def s3_config(tmp_path, endpoint, **shards):
