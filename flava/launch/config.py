@@ -151,22 +151,38 @@ class SearchParam(StrictModel):
       probability simplex, uniformly (Dirichlet(1): one exponential draw per part, normalised), so the corpus
       ratios are searched as the shares they are rather than as independent ranges renormalised afterwards.
 
+    - ``categorical``: a params key set to one of ``choices``.
+
     ``fraction_of`` (``float`` only) makes the drawn value a fraction of another params key: the applied value is
     ``round(fraction * <that key>)`` of whichever config it is applied to, so a warm-up found on short trials keeps
     its share of the steps when the winner is applied to the full joint stage.
+
+    ``when`` makes the param conditional: it is drawn (and applied) only in trials where each named param, a
+    ``categorical`` or ``int`` one earlier in the space, drew the given value; elsewhere the config keeps its value.
+    Fixed params are not searched: ``trial_overrides`` sets them for every trial.
     """
 
     key: str
-    kind: Literal["float", "int", "simplex"] = "float"
+    kind: Literal["float", "int", "simplex", "categorical"] = "float"
     low: float | None = None
     high: float | None = None
     log: bool = False
     parts: list[str] = Field(default_factory=list)
     fraction_of: str | None = None
+    choices: list[bool | int | float | str] = Field(default_factory=list)
+    when: dict[str, bool | int | float | str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _range(self) -> "SearchParam":
         where = f"launch.sweep.space[{self.key}]"
+        if self.kind == "categorical":
+            if len(self.choices) < 2 or len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError(f"{where}: a categorical needs two or more distinct choices, got {self.choices}")
+            if self.low is not None or self.high is not None or self.log or self.fraction_of or self.parts:
+                raise ValueError(f"{where}: a categorical takes choices only (no low/high/log/fraction_of/parts)")
+            return self
+        if self.choices:
+            raise ValueError(f"{where}: choices are for kind categorical only")
         if self.kind == "simplex":
             if len(self.parts) < 2 or len(set(self.parts)) != len(self.parts):
                 raise ValueError(f"{where}: a simplex needs two or more distinct parts, got {self.parts}")

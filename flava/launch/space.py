@@ -1,6 +1,7 @@
 """The sweep's search space: which Optuna params a trial draws and the config values they stand for.
 
-A ``float``/``int`` param is its config value. A ``simplex`` (the corpus ratios) is drawn as one uniform
+A ``float``/``int``/``categorical`` param is its config value; a conditional one (``when``) only where its
+condition holds. A ``simplex`` (the corpus ratios) is drawn as one uniform
 ``u`` per part and applied as the normalised exponentials ``-log(1-u)``: a uniform point on the simplex
 (Dirichlet(1)). A ``fraction_of`` param is applied as that share of another key's value, rounded (a warm-up found
 on short trials keeps its share of the steps when applied to the full stage).
@@ -38,14 +39,34 @@ def check_space(cfg, space: list[SearchParam]) -> None:
                 missing.append(key)
     if missing:
         raise ValueError(f"launch.sweep.space keys {missing} are not params keys of this config")
+    earlier: dict[str, SearchParam] = {}
+    for p in space:
+        for key, value in p.when.items():
+            cond = earlier.get(key)
+            if cond is None or cond.kind not in ("categorical", "int"):
+                raise ValueError(f"launch.sweep.space[{p.key}].when names {key}: it must be a categorical or int "
+                                 f"param earlier in the space")
+            if cond.kind == "categorical" and value not in cond.choices:
+                raise ValueError(f"launch.sweep.space[{p.key}].when: {value!r} is not among {key}'s choices "
+                                 f"{cond.choices}")
+        earlier[p.key] = p
+
+
+def _active(p: SearchParam, params: dict[str, Any]) -> bool:
+    """A conditional param's condition holds for the params drawn so far (always for an unconditional one)."""
+    return all(key in params and params[key] == value for key, value in p.when.items())
 
 
 def suggest(trial, space: list[SearchParam]) -> dict[str, float | int]:
     """Draw the trial's Optuna params (what the sampler models); ``applied`` turns them into config values."""
     for p in space:
+        if not _active(p, trial.params):
+            continue
         if p.kind == "simplex":
             for part in p.parts:
                 trial.suggest_float(f"{p.key}.{part}:u", 0.0, 1.0)
+        elif p.kind == "categorical":
+            trial.suggest_categorical(p.key, p.choices)
         elif p.kind == "int":
             trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log)
         else:
@@ -59,6 +80,8 @@ def applied(tree: dict[str, Any], space: list[SearchParam], params: dict[str, An
     counts of their ``fraction_of`` key."""
     values: dict[str, Any] = {}
     for p in space:
+        if not _active(p, params):
+            continue  # a conditional param this trial did not draw: the config keeps its value
         if p.kind == "simplex":
             draws = {part: -math.log(max(1.0 - params[f"{p.key}.{part}:u"], _EPS)) for part in p.parts}
             total = sum(draws.values()) or 1.0

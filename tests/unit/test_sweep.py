@@ -251,6 +251,44 @@ def test_simplex_ratios_are_uniform_shares_and_fractions_scale_with_steps():
         assert sum(c > 0.5 for c in column) / len(column) == pytest.approx(0.25, abs=0.05)
 
 
+def test_categorical_and_conditional_params():
+    """A categorical param takes one of its choices; a conditional one (``when``) is drawn and applied only in the
+    trials where its condition holds, and the config keeps its own value elsewhere."""
+    space = [SearchParam(key="train.schedule.decay", kind="categorical", choices=["cosine", "linear", "constant"]),
+             SearchParam(key="train.schedule.min_lr_ratio", low=0.0, high=0.5,
+                         when={"train.schedule.decay": "cosine"})]
+    cfg = PipelineConfig()
+    sweeplib.check_space(cfg, space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    tree = cfg.model_dump(mode="json")
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        params = sweeplib.suggest(trial, space)
+        values = sweeplib.applied(tree, space, params)
+        study.tell(trial, 0.0)
+        decay = params["train.schedule.decay"]
+        seen.add(decay)
+        assert ("train.schedule.min_lr_ratio" in params) == (decay == "cosine") == (
+            "train.schedule.min_lr_ratio" in values)
+        applied_cfg = sweeplib.apply_best(cfg, {"best_overrides": sweeplib.as_overrides(values)})
+        assert applied_cfg.train.schedule.decay == decay
+        expected = values.get("train.schedule.min_lr_ratio", cfg.train.schedule.min_lr_ratio)
+        assert applied_cfg.train.schedule.min_lr_ratio == pytest.approx(expected)
+    assert seen == {"cosine", "linear", "constant"}
+
+    with pytest.raises(ValueError, match="two or more distinct choices"):
+        SearchParam(key="train.schedule.decay", kind="categorical", choices=["cosine"])
+    with pytest.raises(ValueError, match="choices are for kind categorical only"):
+        SearchParam(key="train.schedule.min_lr_ratio", low=0.0, high=0.5, choices=[0.1, 0.2])
+    later = [space[1], space[0]]  # the condition's param must come first
+    with pytest.raises(ValueError, match="earlier in the space"):
+        sweeplib.check_space(cfg, later)
+    wrong = [space[0], space[1].model_copy(update={"when": {"train.schedule.decay": "step"}})]
+    with pytest.raises(ValueError, match="not among"):
+        sweeplib.check_space(cfg, wrong)
+
+
 def test_hopeless_trials_are_pruned_at_their_evaluations(workspace, monkeypatch, tracking_uri):
     fake = FakeJoint()
     sweep = make(fake, monkeypatch, n_trials=10, pruner="median", prune_startup_trials=2, prune_after_steps=0,
