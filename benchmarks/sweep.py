@@ -10,8 +10,8 @@ real, short trials: worker processes sharing one SQLite study, heartbeats, the b
 2. Pruning: the same seeded study with 1 worker, median pruner vs none. Reports the trial-steps spent (sum of
    each trial's last evaluated step) and the best value found.
 
-    python benchmarks/sweep.py                 # 6 trials of 96 joint steps, evaluations every 16 steps
-    python benchmarks/sweep.py --trials 8 --steps 160 --eval-every 20
+    python benchmarks/sweep.py                 # 6 trials of 1200 joint steps, evaluations every 200 steps (~6 min)
+    python benchmarks/sweep.py --trials 8 --steps 480 --eval-every 80
 
 Trials must be long next to a worker process's start (importing torch and MLflow: several seconds), or the
 2-worker ratio measures process start-up rather than the sweep.
@@ -96,8 +96,8 @@ def sweep_once(cfg: PipelineConfig, root: Path, name: str, args, *, workers: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=96)
-    parser.add_argument("--eval-every", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
