@@ -3,10 +3,25 @@ the session. Without PostgreSQL's binaries or the team extra's drivers, the test
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
+from typing import Iterator, TypeVar
 
 import pytest
 
 from tests import team
+
+Server = TypeVar("Server")
+
+
+def _running(server: Server, root: Path | None = None) -> Iterator[Server]:
+    """Start ``server``, yield it, and stop it (and remove its temp dir ``root``) however the session ends."""
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -18,36 +33,19 @@ def team_postgres():
     if team.psycopg is None:
         pytest.skip("psycopg (3) is not installed: pip install -e '.[team]'")
     root = team.temp_root("flava-pg-")
-    pg = team.Postgres(bindir=bindir, root=root)
-    try:
-        pg.start()
-        yield pg
-    finally:
-        pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _running(team.Postgres(bindir=bindir, root=root), root)
 
 
 @pytest.fixture(scope="session")
 def team_s3():
-    s3 = team.S3()
-    s3.start()
-    try:
-        yield s3
-    finally:
-        s3.stop()
+    yield from _running(team.S3())
 
 
 @pytest.fixture(scope="session")
 def team_mlflow(team_postgres, team_s3):
     root = team.temp_root("flava-mlflow-")
-    server = team.MlflowServer(backend_uri=team_postgres.url("mlflow", "psycopg"), s3_endpoint=team_s3.endpoint,
-                               root=root)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _running(team.MlflowServer(backend_uri=team_postgres.url("mlflow", "psycopg"),
+                                          s3_endpoint=team_s3.endpoint, root=root), root)
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +53,4 @@ def team_prefect(team_postgres):
     pytest.importorskip("asyncpg", reason="asyncpg (Prefect's PostgreSQL driver) is not installed: "
                                           "pip install -e '.[team]'")
     root = team.temp_root("flava-prefect-")
-    server = team.PrefectServer(database_url=team_postgres.url("prefect", "asyncpg"), root=root)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _running(team.PrefectServer(database_url=team_postgres.url("prefect", "asyncpg"), root=root), root)
