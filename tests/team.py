@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import multiprocessing
 import os
 import pwd
 import shutil
@@ -88,6 +89,20 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- PostgreSQL
+def run_together(target: Callable[..., None], arg_tuples: list[tuple], timeout_s: float) -> list:
+    """One spawned process per args tuple, each called as ``target(*args, barrier, queue)``: they wait at the shared
+    barrier so their work overlaps, and each puts one result on the queue. Returns the results in arrival order."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(len(arg_tuples)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, queue)) for args in arg_tuples]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=timeout_s) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    return results
+
+
 def pg_bindir() -> Path | None:
     """The directory of PostgreSQL's server binaries (``$FLAVA_PG_BIN``, ``initdb`` on PATH, or Debian's layout)."""
     if os.environ.get("FLAVA_PG_BIN"):

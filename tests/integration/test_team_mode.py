@@ -9,7 +9,6 @@ promoters whose checkouts and spellings of the server's address differ.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from flava.tracking.runs import StageRun, parent_run, stage_run
 from flows import pipeline as pipe
 from tests.integration.flow_workspace import make_workspace
 from tests.integration.test_flows import server_view
-from tests.team import psycopg
+from tests.team import psycopg, run_together
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -203,14 +202,7 @@ def test_concurrent_promoters_with_other_checkouts_and_spellings_never_crown_the
         cand_run, cand_source = logged_model(client, name, tmp_path)
         cfgs[root] = checkout(root, server.uri(host), team_postgres.url("mlflow", "psycopg", host=host), cand_run,
                               cand_source, score)
-    ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=promoter, args=(cfgs[root], str(root), barrier, queue)) for root in (better, worse)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    results = run_together(promoter, [(cfgs[root], str(root)) for root in (better, worse)], timeout_s=300)
     assert all("error" not in r for r in results), results
     by_score = {json.loads((root / "reports" / "promotion.json").read_text())["version"]: root for root in cfgs}
     better_version = next(v for v, root in by_score.items() if root == better)

@@ -6,7 +6,6 @@ database all open the study; a PostgreSQL URL whose driver is missing is named a
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 
 import optuna
@@ -15,7 +14,7 @@ import pytest
 from flava.config import PipelineConfig
 from flava.launch import sweep as sweeplib
 from flava.launch.config import SweepConfig
-from tests.team import psycopg
+from tests.team import psycopg, run_together
 from tests.unit.test_sweep import quick_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -44,18 +43,11 @@ def test_two_sweeps_on_one_postgresql_study_share_its_budget_without_repeats(tea
     # The same database spelled two ways: plain postgresql:// (SQLAlchemy 2.1 picks psycopg 3) and explicit.
     storages = [team_postgres.url("optuna"), team_postgres.url("optuna", "psycopg", host="localhost")]
     sweeplib.open_study(sweep_config(storages[0]))  # an existing study both resume: they see the same history
-    ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
-    procs = []
-    for i, storage in enumerate(storages):
-        root = tmp_path / f"checkout-{i}"
+    roots = [tmp_path / f"checkout-{i}" for i in range(len(storages))]
+    for root in roots:
         root.mkdir()
-        procs.append(ctx.Process(target=sweeper, args=(storage, team_mlflow.uri(), str(root), barrier, queue)))
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=400) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    results = run_together(sweeper, [(storage, team_mlflow.uri(), str(root)) for storage, root in zip(storages, roots)],
+                           timeout_s=400)
     assert all("error" not in r for r in results), results
 
     study = optuna.load_study(study_name="flava-team-sweep", storage=storages[0])
@@ -85,14 +77,7 @@ def test_workers_started_together_on_a_fresh_database_all_open_the_study(team_po
     """Each creates Optuna's schema; on PostgreSQL all but one fail on a duplicate type unless they retry."""
     with psycopg.connect(team_postgres.url("postgres"), autocommit=True) as conn:
         conn.execute('CREATE DATABASE "optuna_fresh"')
-    ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(3), ctx.Queue()
-    procs = [ctx.Process(target=opener, args=(team_postgres.url("optuna_fresh"), barrier, queue)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    opened = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    opened = run_together(opener, [(team_postgres.url("optuna_fresh"),)] * 3, timeout_s=120)
     assert opened == ["flava-team-sweep"] * 3, opened
 
 
