@@ -472,8 +472,7 @@ def run_joint(
     caller reads ``paths.reports/joint.json`` from there. A failed Job raises ``JobFailed`` (a ``ValueError``
     too when the failure is non-retryable)."""
     k8s = k8s_section(cfg, k8s)
-    parent_run_id = parent_run_id or os.environ.get(lineage.PARENT_RUN_ENV)
-    run_id = run_id or (deterministic_run_id(cfg, parent_run_id) if parent_run_id else new_run_id(cfg))
+    parent_run_id, run_id = _run_ids(cfg, parent_run_id, run_id)
     manifests = build_manifests(cfg, run_id=run_id, k8s=k8s, parent_run_id=parent_run_id)
     return _launch(cfg, k8s, manifests, api, sleep, clock)
 
@@ -492,11 +491,17 @@ def run_sweep_job(
     """The sweep's workers as one Indexed Job (``launch.sweep.workers`` pods on the study), watched like
     :func:`run_joint`; the study's report is written by the workers to ``paths.reports`` on the workspace."""
     k8s = k8s_section(cfg, k8s)
-    parent_run_id = parent_run_id or os.environ.get(lineage.PARENT_RUN_ENV)
-    run_id = run_id or (deterministic_run_id(cfg, parent_run_id) if parent_run_id else new_run_id(cfg))
+    parent_run_id, run_id = _run_ids(cfg, parent_run_id, run_id)
     manifests = build_sweep_manifests(cfg, run_id=run_id, k8s=k8s, sweep=sweep or launch_section(cfg).sweep,
                                       parent_run_id=parent_run_id)
     return _launch(cfg, k8s, manifests, api, sleep, clock)
+
+
+def _run_ids(cfg, parent_run_id: str | None, run_id: str | None) -> tuple[str | None, str]:
+    """The parent run (given, else ``$FLAVA_PARENT_RUN_ID``) and the Job's run id (given, else derived from the
+    config and the parent run so that a retried task re-attaches, else fresh)."""
+    parent_run_id = parent_run_id or os.environ.get(lineage.PARENT_RUN_ENV)
+    return parent_run_id, run_id or (deterministic_run_id(cfg, parent_run_id) if parent_run_id else new_run_id(cfg))
 
 
 def _launch(cfg, k8s: K8sConfig, manifests: list[dict[str, Any]], api, sleep, clock) -> dict[str, Any]:
