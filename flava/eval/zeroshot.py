@@ -51,6 +51,18 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int])
     return {f"top{k}": hit[:, min(k, kmax) - 1].float().mean().item() for k in ks}
 
 
+def mean_reciprocal_rank(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean of 1 / (rank of the true class), rank 1 = the top prediction: a smooth companion of top-1 that moves
+    while a model's top-1 is still at chance (a sweep's pruner compares trials on it early on)."""
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"logits (N, C) and labels (N,) expected, got {tuple(logits.shape)}, {tuple(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("cannot compute a rank on an empty set")
+    true = logits.gather(1, labels[:, None])  # (N, 1)
+    rank = 1 + (logits > true).sum(dim=1)  # ties count in the true class's favour
+    return (1.0 / rank.double()).mean().item()
+
+
 def zeroshot_logits(
     model: torch.nn.Module,
     tokenizer,
@@ -86,7 +98,8 @@ def evaluate_zeroshot(
     max_length: int = _TEXT_DEFAULTS.max_length,
     top_k: Sequence[int] = tuple(ZeroShotConfig().top_k),
 ) -> dict[str, float]:
-    """Zero-shot top-K accuracy on ``eval_root/zeroshot/{split}.jsonl`` -> ``{"top1": ..., "top5": ...}``.
+    """Zero-shot top-K accuracy and mean reciprocal rank on ``eval_root/zeroshot/{split}.jsonl``
+    -> ``{"top1": ..., "top5": ..., "mrr": ...}``.
 
     ``device`` is where the inputs go (default: where the model's parameters live; ``"auto"`` picks CUDA when
     present); the model must already live there. Its train/eval flag is restored afterwards.
@@ -96,7 +109,7 @@ def evaluate_zeroshot(
         model, tokenizer, eval_root, split, batch_size=batch_size, device=device, transform=transform,
         max_length=max_length,
     )
-    return topk_accuracy(logits, labels, top_k)
+    return {**topk_accuracy(logits, labels, top_k), "mrr": mean_reciprocal_rank(logits, labels)}
 
 
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

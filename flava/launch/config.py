@@ -241,6 +241,9 @@ class SweepConfig(StrictModel):
     pruner: Literal["none", "median", "hyperband"] = "median"
     prune_after_steps: int = Field(default=20, ge=0)  # never prune before this step (warm-up of the pruner)
     prune_startup_trials: int = Field(default=2, ge=0)  # median: trials that finish before any is pruned
+    # What each zero-shot evaluation reports to the pruner (a key of its results: top1, top5, mrr). Early in a
+    # trial top-1 sits at chance in steps of 1/rows; the mean reciprocal rank of the true class already moves.
+    prune_metric: str = "mrr"
     heartbeat_s: int = Field(default=30, ge=1)  # a running trial records a heartbeat this often
     grace_s: int | None = Field(default=None, ge=1)  # stale after this long without one (None: 2 x heartbeat)
     max_retry: int = Field(default=1, ge=0)  # retries of a trial lost with its worker

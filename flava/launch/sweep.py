@@ -34,7 +34,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import optuna
 import sqlalchemy
@@ -65,8 +65,8 @@ UNIMODAL = ("text", "image")  # encoders under paths.models that the joint stage
 Stage = Callable[..., dict[str, Any]]
 
 
-def run_joint_stage(cfg, on_eval: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """The joint stage itself; ``on_eval(step, best_so_far)`` after each zero-shot evaluation may stop it."""
+def run_joint_stage(cfg, on_eval: Callable[[int, Mapping[str, float]], None] | None = None) -> dict[str, Any]:
+    """The joint stage itself; ``on_eval(step, results)`` after each zero-shot evaluation may stop it."""
     return run_pretrain(cfg, "joint", on_eval=on_eval)
 
 
@@ -290,8 +290,12 @@ class Objective:
             self.tracker.client.log_param(run_id, key, value)
         _link_encoders(self.cfg, trial_dir)
 
-        def on_eval(step: int, value: float) -> None:
-            trial.report(float(value), step)
+        def on_eval(step: int, results: Mapping[str, float]) -> None:
+            key = self.sweep.prune_metric
+            if key not in results:
+                raise ValueError(f"launch.sweep.prune_metric {key!r} is not in the evaluation's {sorted(results)}")
+            value = float(results[key])
+            trial.report(value, step)
             if trial.should_prune():
                 raise EarlyStop(f"pruned by the {self.sweep.pruner} pruner at step {step} ({value:.4f})")
 

@@ -121,7 +121,7 @@ class Trainer:
         evaluate: Callable[[], Mapping[str, float]] | None = None,
         evaluate_on_all_ranks: bool = False,
         on_best: Callable[[int, Mapping[str, float]], None] | None = None,
-        on_eval: Callable[[int, float], None] | None = None,
+        on_eval: Callable[[int, Mapping[str, float]], None] | None = None,
         sink: Sink | None = None,
         flops_per_batch: Callable[[Mapping[str, Any]], float] | None = None,
         peak_flops: float | None = None,
@@ -132,7 +132,8 @@ class Trainer:
         self.settings, self.device, self.info, self.scaler = settings, device, info, scaler
         self.checkpointer, self.unused, self.check_batch = checkpointer, unused, check_batch
         self.evaluate, self.evaluate_on_all_ranks, self.on_best = evaluate, evaluate_on_all_ranks, on_best
-        self.on_eval = on_eval  # (step, best so far) after each evaluation; may raise EarlyStop (a sweep's pruner)
+        # (step, this evaluation's results) after each evaluation; may raise EarlyStop (a sweep's pruner)
+        self.on_eval = on_eval
         self.sink, self.flops_per_batch, self.peak_flops = sink, flops_per_batch, peak_flops
         self.progress = progress or Progress(settings.stage, settings.steps, enabled=False)
         self.generators = dict(generators or {})  # per-rank random streams the model draws from, checkpointed
@@ -446,7 +447,7 @@ class Trainer:
         reason = None
         if self.info.is_main:
             try:
-                self.on_eval(step, self.state.best_metric)
+                self.on_eval(step, self.state.last_eval)
             except EarlyStop as stop:
                 reason = str(stop)
         reason = broadcast_object(reason)

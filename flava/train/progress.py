@@ -16,7 +16,8 @@ def _fmt(metrics: Mapping[str, float], keys: list[str]) -> str:
 
 
 class Progress:
-    def __init__(self, stage: str, total: int, start: int = 0, *, enabled: bool = True, interactive: bool | None = None):
+    def __init__(self, stage: str, total: int, start: int = 0, *, enabled: bool = True,
+                 interactive: bool | None = None):
         self.stage, self.total, self.enabled = stage, total, enabled
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.bar = None

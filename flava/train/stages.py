@@ -38,7 +38,7 @@ import traceback
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -218,13 +218,14 @@ class Built:
 
 
 def run_pretrain(cfg: PipelineConfig, stage: str,
-                 on_eval: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+                 on_eval: Callable[[int, Mapping[str, float]], None] | None = None) -> dict[str, Any]:
     """One pretraining stage (see the module docstring). Returns the report's metrics together with the run's
     record (the contents of ``<name>.json`` and ``<name>.run.json``).
 
-    ``on_eval(step, best so far)`` is called after each zero-shot evaluation of the joint stage; raising
-    ``flava.train.stop.EarlyStop`` there ends the stage early: its curves so far are written, its MLflow run
-    ends KILLED with the reason, no model is exported, and the EarlyStop reaches the caller."""
+    ``on_eval(step, results)`` is called after each zero-shot evaluation of the joint stage (``results``: that
+    evaluation's ``{"top1", "top5", "mrr"}``); raising ``flava.train.stop.EarlyStop`` there ends the stage
+    early: its curves so far are written, its MLflow run ends KILLED with the reason, no model is exported, and
+    the EarlyStop reaches the caller."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     started_group = not torch.distributed.is_initialized()
@@ -241,7 +242,7 @@ def run_pretrain(cfg: PipelineConfig, stage: str,
 
 
 def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo,
-         on_eval: Callable[[int, float], None] | None) -> dict[str, Any]:
+         on_eval: Callable[[int, Mapping[str, float]], None] | None) -> dict[str, Any]:
     out = Outputs.of(cfg, stage)
     built = _build(cfg, stage, info)
     client = s3_client(cfg.data.shards.s3) if cfg.paths.checkpoints.startswith("s3://") else None
@@ -355,7 +356,7 @@ def _zeroshot(cfg: PipelineConfig, info: ProcessInfo, built: Built) -> Callable[
 
 
 def _trainer(cfg: PipelineConfig, stage: str, info: ProcessInfo, built: Built, checkpointer: Checkpointer,
-             run: StageRun, on_eval: Callable[[int, float], None] | None = None) -> Trainer:
+             run: StageRun, on_eval: Callable[[int, Mapping[str, float]], None] | None = None) -> Trainer:
     model_cfg = built.model.config
     peak = peak_flops(built.device, cfg.train.peak_tflops)
     return Trainer(

@@ -165,8 +165,8 @@ def test_joint_stopped_at_an_evaluation_ends_killed_with_its_curve(world, tmp_pa
 
     seen = []
 
-    def on_eval(step, best):
-        seen.append((step, best))
+    def on_eval(step, results):
+        seen.append((step, dict(results)))
         if step >= 4:
             raise EarlyStop(f"pruned at step {step}")
 
@@ -174,7 +174,8 @@ def test_joint_stopped_at_an_evaluation_ends_killed_with_its_curve(world, tmp_pa
                "train.eval_every=2")
     with pytest.raises(EarlyStop, match="pruned at step 4"):
         run_pretrain(cfg, "joint", on_eval=on_eval)
-    assert [step for step, _ in seen] == [2, 4] and all(0.0 <= best <= 1.0 for _, best in seen)
+    assert [step for step, _ in seen] == [2, 4]
+    assert all(set(r) == {"top1", "top5", "mrr"} and 0.0 < r["mrr"] <= 1.0 for _, r in seen)
     curve = (tmp_path / "reports" / "curves" / "joint_zeroshot.csv").read_text().splitlines()
     assert len(curve) == 3  # header + the evaluations at steps 2 and 4
     assert not (tmp_path / "models" / "joint").exists()

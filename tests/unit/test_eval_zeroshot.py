@@ -12,6 +12,7 @@ from flava.eval.zeroshot import (
     class_embeddings,
     confusion_matrix,
     evaluate_zeroshot,
+    mean_reciprocal_rank,
     topk_accuracy,
     zeroshot_logits,
 )
@@ -34,6 +35,19 @@ def test_topk_accuracy_by_hand():
     assert acc["top5"] == 1.0  # K beyond the number of classes saturates
 
 
+def test_mean_reciprocal_rank_by_hand():
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1], [0.5, 0.4, 0.1]])
+    labels = torch.tensor([0, 1, 1, 2])  # true class ranked 1, 2, 1, 3
+    assert mean_reciprocal_rank(logits, labels) == pytest.approx((1 + 1 / 2 + 1 + 1 / 3) / 4)
+    # it moves where top-1 cannot: the true class climbing from last to second leaves top-1 at 0
+    worse = torch.tensor([[0.0, 0.1, 0.9]]), torch.tensor([0])
+    better = torch.tensor([[0.5, 0.1, 0.9]]), torch.tensor([0])
+    assert topk_accuracy(*worse, (1,)) == topk_accuracy(*better, (1,)) == {"top1": 0.0}
+    assert mean_reciprocal_rank(*worse) == pytest.approx(1 / 3) and mean_reciprocal_rank(*better) == 0.5
+    with pytest.raises(ValueError, match="empty"):
+        mean_reciprocal_rank(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
 def test_class_embedding_is_renormalised_mean_of_normalised_templates(world):
     _, tok = world
     model = OracleModel(tok)
@@ -52,8 +66,8 @@ def test_oracle_model_is_perfect_and_a_scrambled_one_is_not(world):
     root, tok = world
     model = OracleModel(tok).train()
     acc = evaluate_zeroshot(model, tok, root, "val", batch_size=5, device="cpu", transform=to_tensor)
-    assert set(acc) == {"top1", "top5"}
-    assert acc["top1"] == 1.0 and acc["top5"] == 1.0
+    assert set(acc) == {"top1", "top5", "mrr"}
+    assert acc["top1"] == 1.0 and acc["top5"] == 1.0 and acc["mrr"] == 1.0
     assert model.training  # the flag is restored
 
     scrambled = OracleModel(tok)

@@ -58,7 +58,8 @@ class FakeJoint:
         final = score(cfg)
         if on_eval is not None:  # a curve rising to the final score, reported at each evaluation
             for step in range(cfg.train.eval_every, cfg.train.joint.steps + 1, cfg.train.eval_every):
-                on_eval(step, final - 0.3 * (1 - step / cfg.train.joint.steps))
+                early = final - 0.3 * (1 - step / cfg.train.joint.steps)
+                on_eval(step, {"top1": early, "mrr": (1 + early) / 2})
         return {self.metric: final, "steps": cfg.train.joint.steps}
 
 
@@ -437,3 +438,15 @@ def test_a_relative_study_storage_is_under_the_workspace_root(tmp_path, monkeypa
     assert sweeplib.storage_url("reports/sweep/optuna.db") == expected
     for kept in ("postgresql://optuna@db/optuna", f"sqlite:///{tmp_path}/abs.db", "sqlite:///:memory:"):
         assert sweeplib.storage_url(kept) == kept
+
+
+def test_the_pruner_is_told_the_configured_evaluation_metric(workspace, monkeypatch, tracking_uri):
+    fake = FakeJoint()
+    sweep = make(fake, monkeypatch, n_trials=2, pruner="median", prune_metric="top1",
+                 trial_overrides=["train.joint.steps=60", "train.eval_every=20"])
+    sweeplib.run_sweep(PipelineConfig(), sweep=sweep)
+    for t in trials_of(sweep):  # the fake's top-1 curve ends at the trial's value; its mrr curve does not
+        assert sorted(t.intermediate_values) == [20, 40, 60] and t.intermediate_values[60] == t.value
+    bad = make(FakeJoint(), monkeypatch, n_trials=1, study_name="bad-metric", prune_metric="loss")
+    with pytest.raises(ValueError, match="launch.sweep.prune_metric 'loss' is not in the evaluation's"):
+        sweeplib.run_sweep(PipelineConfig(), sweep=bad)
