@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from flava.data.sources import load_class_names
 from flava.eval.datasets import RetrievalSet, TextSet, VqaSet, ZeroShotSet
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -26,54 +27,21 @@ KARPATHY_SPLITS = ("train", "val", "test", "restval")
 VQA_FULL_CREDIT = 3
 
 
-def _class_name(names: str, where: str) -> str:
-    """``"tench, Tinca tinca"`` -> ``"tench"`` (the first of WordNet's comma-separated synonyms)."""
-    name = names.split(",")[0].strip()
-    if not name:
-        raise ValueError(f"{where}: empty class name")
-    return name
-
-
-def _check_synset(synset: Any, where: str) -> str:
-    if not isinstance(synset, str) or not _SYNSET.match(synset):
-        raise ValueError(f"{where}: {synset!r} is not a WordNet synset id like 'n01440764'")
-    return synset
-
-
 def read_synset_names(path: str | Path) -> dict[str, str]:
-    """Synset -> class name, from ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca`` per line), a JSON
-    ``{synset: name}`` or Keras' ``imagenet_class_index.json`` ``{"0": [synset, name]}``."""
-    path = Path(path)
-    out: dict[str, str] = {}
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not data:
-            raise ValueError(f"{path}: expected a JSON object {{synset: name}} or {{index: [synset, name]}}")
-        for key, value in data.items():
-            where = f"{path}: entry {key!r}"
-            if isinstance(value, list):  # Keras form: index -> [synset, name]
-                if len(value) != 2 or not all(isinstance(v, str) for v in value):
-                    raise ValueError(f"{where}: expected [synset, name]")
-                synset, names = value
-            elif isinstance(value, str):
-                synset, names = key, value
-            else:
-                raise ValueError(f"{where}: expected a class name string or [synset, name]")
-            out[_check_synset(synset, where)] = _class_name(names, where)
-    else:
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            parts = line.strip().split(maxsplit=1)
-            if len(parts) != 2:
-                raise ValueError(f"{where}: expected '<synset> <class names>', got {line!r}")
-            if parts[0] in out:
-                raise ValueError(f"{where}: synset {parts[0]} listed twice")
-            out[_check_synset(parts[0], where)] = _class_name(parts[1], where)
-    if len(out) < 2:
-        raise ValueError(f"{path}: needs at least two synsets, found {len(out)}")
-    return out
+    """Synset -> class name from a class-name map in any form ingest reads (``LOC_synset_mapping.txt`` lines
+    ``n01440764 tench, Tinca tinca``, JSON ``{synset: name}``, Keras' ``{"0": [synset, name]}``), keeping the
+    first of WordNet's comma-separated synonyms (``tench``) as the prompt's class name."""
+    names = {}
+    for synset, label in load_class_names(Path(path)).items():
+        if not _SYNSET.match(synset):
+            raise ValueError(f"class-name map {path}: {synset!r} is not a WordNet synset id like 'n01440764'")
+        name = label.split(",")[0].strip()
+        if not name:
+            raise ValueError(f"class-name map {path}: synset {synset} has an empty class name")
+        names[synset] = name
+    if len(names) < 2:
+        raise ValueError(f"class-name map {path}: needs at least two synsets, found {len(names)}")
+    return names
 
 
 def _images_in(folder: Path) -> list[Path]:

@@ -133,10 +133,10 @@ def test_synset_map_forms(tmp_path):
     keras.write_text(json.dumps({"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"]}))
     assert read_synset_names(plain) == read_synset_names(keras) == read_synset_names(txt)
     txt.write_text("n01440764 tench, Tinca tinca\nn0144 goldfish\n")
-    with pytest.raises(ValueError, match=r"LOC_synset_mapping.txt:2: 'n0144' is not a WordNet synset id"):
+    with pytest.raises(ValueError, match=r"LOC_synset_mapping.txt: 'n0144' is not a WordNet synset id"):
         read_synset_names(txt)
     txt.write_text("n01440764 tench\nn01443537\n")
-    with pytest.raises(ValueError, match=r":2: expected '<synset> <class names>'"):
+    with pytest.raises(ValueError, match=r"LOC_synset_mapping.txt:2: expected '<synset> <class name>'"):
         read_synset_names(txt)
 
 
