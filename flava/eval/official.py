@@ -223,7 +223,7 @@ def load_vqav2(questions: str | Path, annotations: str | Path, images: str | Pat
             raise ValueError(f"{where}: 'multiple_choice_answer' must be a non-empty string")
         by_id[ann["question_id"]] = ann
     index = _coco_image_index(Path(images))
-    out = VqaSet([], [], [], [])
+    paths, texts, answers, scores = [], [], [], []
     for i, q in enumerate(qs):
         where = f"{questions}: questions[{i}]"
         if not isinstance(q, dict) or not isinstance(q.get("question_id"), int) or not isinstance(
@@ -238,8 +238,8 @@ def load_vqav2(questions: str | Path, annotations: str | Path, images: str | Pat
             raise ValueError(f"{where}: question_id {q['question_id']} has no entry in {annotations}")
         if q["image_id"] not in index:
             raise ValueError(f"{where}: no image for image_id {q['image_id']} in {images}")
-        out.images.append(index[q["image_id"]])
-        out.questions.append(text)
-        out.answers.append(ann["multiple_choice_answer"].strip().lower())
-        out.answer_scores.append(vqa_scores([a["answer"] for a in ann["answers"]]))
-    return out
+        paths.append(index[q["image_id"]])
+        texts.append(text)
+        answers.append(ann["multiple_choice_answer"].strip().lower())
+        scores.append(vqa_scores([a["answer"] for a in ann["answers"]]))
+    return VqaSet(paths, texts, answers, scores)
