@@ -8,7 +8,8 @@ plots need); :func:`run_evaluate` loads ``paths.models/joint/best`` (tokenizer b
 ``{zeroshot: {top1, top5}, retrieval: {i2t_r1, ..., mean_recall}, linear_probe: {accuracy, best_c, ...},
 text_cls: {accuracy | pearson, ...}, vqa: {accuracy, ...}, tasks: {task: score}, chance: {task: baseline},
 macro: {vision, language, multimodal, overall}}``, plus ``benchmarks: {name: {...} | {skipped: reason}}`` when
-``eval.benchmarks`` configures any of the paper's benchmarks (:mod:`flava.eval.benchmarks`; not in the macros).
+``eval.benchmarks`` configures any of the paper's benchmarks (:mod:`flava.eval.benchmarks`; not in the macros;
+``dvc metrics show`` lists the skip notes as text).
 """
 from __future__ import annotations
 
