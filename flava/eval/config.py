@@ -91,6 +91,119 @@ class MultimodalFinetuneConfig(FinetuneConfig):
     """VQA-style closed-answer classification on the multimodal CLS."""
 
 
+class ImageNetConfig(StrictModel):
+    """ImageNet-1k in its official folder layout (``<folder>/n01440764/*.JPEG``): zero-shot on ``val``, the linear
+    probe trained on ``train`` and tested on ``val``."""
+
+    val: str | None = None  # folder of synset folders; null = ImageNet is not evaluated
+    train: str | None = None  # same layout; null = no ImageNet linear probe
+    # Synset -> class name: LOC_synset_mapping.txt lines ``n01440764 tench, Tinca tinca``, or JSON, either
+    # {synset: name} or Keras' {"0": [synset, name]}. The first comma-separated name is the class name.
+    synsets: str | None = None
+    # Prompt templates with a '{}' for the class name; null = those of the eval sets' zeroshot/classes.json.
+    templates: list[str] | None = None
+    # Train images per class the probe encodes (the first in name order); null = all of them.
+    probe_train_per_class: int | None = Field(default=None, ge=2)
+
+    @field_validator("templates")
+    @classmethod
+    def _placeholders(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any("{}" not in t for t in value)):
+            raise ValueError("eval.benchmarks.imagenet.templates must be a non-empty list of strings with '{}'")
+        return value
+
+    @model_validator(mode="after")
+    def _needs_synsets(self) -> "ImageNetConfig":
+        if self.train is not None and self.val is None:
+            raise ValueError("eval.benchmarks.imagenet.train needs eval.benchmarks.imagenet.val (the probe's test)")
+        if self.val is not None and self.synsets is None:
+            raise ValueError("eval.benchmarks.imagenet.val needs eval.benchmarks.imagenet.synsets, the synset -> "
+                             "class-name file (e.g. LOC_synset_mapping.txt)")
+        return self
+
+
+class KarpathyConfig(StrictModel):
+    """A Karpathy-split retrieval set: ``dataset_coco.json`` / ``dataset_flickr30k.json`` and its image folder."""
+
+    karpathy_json: str | None = None  # null = this set is not evaluated
+    image_root: str | None = None  # images at image_root/[filepath/]filename
+    split: Literal["test", "val"] = "test"
+    captions_per_image: int = Field(default=5, ge=1)  # the first N captions of each image (COCO has a few with 6-7)
+
+    @model_validator(mode="after")
+    def _both(self) -> "KarpathyConfig":
+        if (self.karpathy_json is None) != (self.image_root is None):
+            raise ValueError("karpathy_json and image_root of a Karpathy retrieval set are set together")
+        return self
+
+
+GLUE_TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
+
+
+class GlueConfig(StrictModel):
+    """GLUE from its TSVs as distributed (``<root>/SST-2/{train,dev}.tsv``, ...): fine-tuned on train, scored on dev."""
+
+    root: str | None = None  # null = GLUE is not evaluated
+    # Tasks to evaluate; null = every known task whose folder is under root (the others are reported skipped).
+    tasks: list[str] | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            unknown = sorted(set(value) - set(GLUE_TASK_NAMES))
+            if not value or unknown:
+                raise ValueError(f"eval.benchmarks.glue.tasks must name tasks among {list(GLUE_TASK_NAMES)}, "
+                                 f"got unknown {unknown}" if unknown else "eval.benchmarks.glue.tasks is empty")
+        return value
+
+
+class VqaV2Config(StrictModel):
+    """VQAv2 from the official JSONs: fine-tuned on train2014, scored on val2014 with the VQA accuracy."""
+
+    val_questions: str | None = None  # v2_OpenEnded_mscoco_val2014_questions.json; null = VQAv2 is not evaluated
+    val_annotations: str | None = None  # v2_mscoco_val2014_annotations.json
+    val_images: str | None = None  # folder of COCO_val2014_%012d.jpg
+    train_questions: str | None = None  # the train2014 counterparts; fine-tuning needs them
+    train_annotations: str | None = None
+    train_images: str | None = None
+    # The answer classes: the most frequent train answers (3129 is the usual VQAv2 answer head).
+    num_answers: int = Field(default=3129, ge=2)
+
+    @model_validator(mode="after")
+    def _triples(self) -> "VqaV2Config":
+        for split in ("val", "train"):
+            keys = [f"{split}_{part}" for part in ("questions", "annotations", "images")]
+            given = [getattr(self, k) is not None for k in keys]
+            if any(given) and not all(given):
+                raise ValueError(f"eval.benchmarks.vqav2: {', '.join(keys)} are set together")
+        return self
+
+
+class BenchmarksConfig(StrictModel):
+    """The paper's benchmarks from local copies in their official layouts; every path null = none is evaluated
+    (then metrics.json and the report are those of the evaluation sets alone). Relative paths are taken from the
+    working directory."""
+
+    imagenet: ImageNetConfig = Field(default_factory=ImageNetConfig)
+    coco: KarpathyConfig = Field(default_factory=KarpathyConfig)
+    flickr30k: KarpathyConfig = Field(default_factory=KarpathyConfig)
+    glue: GlueConfig = Field(default_factory=GlueConfig)
+    vqav2: VqaV2Config = Field(default_factory=VqaV2Config)
+    # Share of a benchmark's train split held out (evenly spread; by image for VQAv2, per class for ImageNet) to
+    # pick the fine-tune epoch or the probe's C; the official dev/val split is the one reported.
+    select_fraction: float = Field(default=0.1, gt=0, lt=1)
+
+    @property
+    def configured(self) -> bool:
+        """True when any benchmark is set (then every benchmark appears in the metrics, run or skipped)."""
+        return any(
+            v is not None
+            for v in (self.imagenet.val, self.coco.karpathy_json, self.flickr30k.karpathy_json, self.glue.root,
+                      self.vqav2.val_questions)
+        )
+
+
 class RegistryConfig(StrictModel):
     """MLflow Model Registry and the promotion gate against ``@champion``."""
 
@@ -147,6 +260,7 @@ class EvalConfig(StrictModel):
     text_finetune: TextFinetuneConfig = Field(default_factory=TextFinetuneConfig)
     multimodal_finetune: MultimodalFinetuneConfig = Field(default_factory=MultimodalFinetuneConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
     # Report plots.
     plot_dpi: int = Field(default=100, ge=20)
     # Log the evaluated model as an MLflow pyfunc of the evaluate run; the registry version points at it.

@@ -125,10 +125,14 @@ def load_retrieval(eval_root: str | Path, split: str = "test") -> RetrievalSet:
 class TextSet:
     sentences: list[str]
     labels: list[str]  # raw label strings; the fine-tuner decides classes vs regression targets
+    pairs: list[str] | None = None  # second sentences of sentence-pair tasks (tokenised as a pair), else None
+
+
+_TEXT_HEADERS = (["sentence", "label"], ["sentence1", "sentence2", "label"])
 
 
 def load_text_cls(eval_root: str | Path, split: str) -> TextSet:
-    """GLUE-style TSV with header ``sentence<TAB>label``."""
+    """GLUE-style TSV with header ``sentence<TAB>label``, or ``sentence1<TAB>sentence2<TAB>label`` for pairs."""
     _check_split(split)
     path = Path(eval_root) / "text_cls" / f"{split}.tsv"
     if not path.exists():
@@ -136,19 +140,24 @@ def load_text_cls(eval_root: str | Path, split: str) -> TextSet:
     with path.open(newline="") as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["sentence", "label"]:
-            raise ValueError(f"{path}: header must start with 'sentence\\tlabel', got {header!r}")
-        sentences, labels = [], []
+        columns = next((h for h in _TEXT_HEADERS if header and [f.strip() for f in header[: len(h)]] == h), None)
+        if columns is None:
+            raise ValueError(f"{path}: header must start with 'sentence\\tlabel' or 'sentence1\\tsentence2\\tlabel', "
+                             f"got {header!r}")
+        width = len(columns)
+        texts: list[list[str]] = [[] for _ in range(width - 1)]
+        labels = []
         for lineno, fields in enumerate(reader, 2):
             if not fields or all(not f.strip() for f in fields):
                 continue
-            if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
-                raise ValueError(f"{path}:{lineno}: expected a sentence and a label separated by a tab")
-            sentences.append(fields[0])
-            labels.append(fields[1].strip())
-    if not sentences:
+            if len(fields) < width or not all(f.strip() for f in fields[:width]):
+                raise ValueError(f"{path}:{lineno}: expected {' and '.join(columns)} separated by tabs")
+            for column, value in zip(texts, fields):
+                column.append(value)
+            labels.append(fields[width - 1].strip())
+    if not labels:
         raise ValueError(f"{path} holds no rows")
-    return TextSet(sentences, labels)
+    return TextSet(texts[0], labels, texts[1] if width == 3 else None)
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,9 @@ class VqaSet:
     images: list[str]
     questions: list[str]
     answers: list[str]
+    # Open-ended sets (VQAv2): per question {answer: VQA accuracy of giving it}; the fine-tuner then scores with
+    # these and lets test answers fall outside the answer classes. None: exact match with ``answers``.
+    answer_scores: list[dict[str, float]] | None = None
 
 
 def load_vqa(eval_root: str | Path, split: str) -> VqaSet:

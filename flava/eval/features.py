@@ -42,10 +42,16 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Texts -> ``input_ids`` and ``attention_mask`` (B, T), padded to the longest, truncated at max_length."""
+def tokenize(
+    tokenizer, texts: Sequence[str], max_length: int, pairs: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts (or sentence pairs ``[CLS] a [SEP] b [SEP]``) -> ``input_ids`` and ``attention_mask`` (B, T), padded
+    to the longest, truncated at max_length (pairs: the longer sentence first)."""
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"{len(texts)} first sentences but {len(pairs)} second sentences")
     enc = tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        list(texts), list(pairs) if pairs is not None else None, padding=True, truncation=True,
+        max_length=max_length, return_tensors="pt",
     )
     return enc["input_ids"], enc["attention_mask"]
 

@@ -38,6 +38,9 @@ class _Split:
     attention_mask: torch.Tensor
     targets: torch.Tensor
     images: list[str] | None = None
+    # Open-ended VQA: per question {answer class: VQA accuracy}; the metric is then the mean score of the predicted
+    # class (an answer outside the classes scores 0) instead of exact-match accuracy.
+    soft: list[dict[int, float]] | None = None
 
     def __len__(self) -> int:
         return self.targets.shape[0]
@@ -49,10 +52,13 @@ def _pearson(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred * target).sum() / denom) if denom > 0 else 0.0
 
 
-def _metric(outputs: torch.Tensor, targets: torch.Tensor, regression: bool) -> float:
+def _metric(outputs: torch.Tensor, split: _Split, regression: bool) -> float:
     if regression:
-        return _pearson(outputs.squeeze(-1), targets)
-    return float((outputs.argmax(dim=-1) == targets).float().mean())
+        return _pearson(outputs.squeeze(-1), split.targets)
+    pred = outputs.argmax(dim=-1)
+    if split.soft is not None:
+        return sum(scores.get(p, 0.0) for scores, p in zip(split.soft, pred.tolist())) / len(split)
+    return float((pred == split.targets).float().mean())
 
 
 def _run(
@@ -102,11 +108,11 @@ def _run(
             loss.backward()
             optimizer.step()
             total, steps = total + float(loss.detach()), steps + 1
-        val = _metric(predict(splits["val"]), splits["val"].targets, regression)
-        test = _metric(predict(splits["test"]), splits["test"].targets, regression)
+        val = _metric(predict(splits["val"]), splits["val"], regression)
+        test = _metric(predict(splits["test"]), splits["test"], regression)
         history.append({"epoch": epoch + 1, "train_loss": total / max(steps, 1), "val": val, "test": test})
     best = max(history, key=lambda h: h["val"])  # first best epoch on ties
-    name = "pearson" if regression else "accuracy"
+    name = "pearson" if regression else "vqa_accuracy" if splits["test"].soft is not None else "accuracy"
     return {
         name: best["test"],
         f"val_{name}": best["val"],
@@ -124,10 +130,15 @@ def _feature_dim(model: torch.nn.Module, fn: Callable[[], torch.Tensor]) -> int:
     return int(dim)
 
 
-def _class_targets(labels: Sequence[str], classes: list[str], where: str) -> torch.Tensor:
+def _class_targets(
+    labels: Sequence[str], classes: list[str], where: str, unknown: int | None = None
+) -> torch.Tensor:
     """Label strings -> class indices. Labels may be the class names or (GLUE style) integer indices into the
-    declared closed set, e.g. TSV labels ``0..3`` with ``labels.json`` naming the four classes."""
+    declared closed set, e.g. TSV labels ``0..3`` with ``labels.json`` naming the four classes. With ``unknown``
+    set, a label outside the classes maps to it (open-ended VQA test questions) instead of raising."""
     index = {c: i for i, c in enumerate(classes)}
+    if unknown is not None:
+        return torch.tensor([index.get(label, unknown) for label in labels], dtype=torch.long)
     if not set(labels) & set(index) and all(v.isdigit() for v in labels):
         out_of_range = sorted({int(v) for v in labels if int(v) >= len(classes)})
         if out_of_range:
@@ -172,7 +183,7 @@ def finetune_text(
             raise ValueError("text fine-tuning needs at least two classes in the train split")
     splits = {}
     for name, ds in data.items():
-        ids, mask = tokenize(tokenizer, ds.sentences, max_length)
+        ids, mask = tokenize(tokenizer, ds.sentences, max_length, pairs=ds.pairs)
         if regression:
             try:
                 targets = torch.tensor([float(v) for v in ds.labels], dtype=torch.float32)
@@ -204,16 +215,26 @@ def finetune_multimodal(
     answers: list[str] | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Closed-answer classification head on ``model.multimodal_features`` (multimodal CLS) for VQA-style data."""
+    """Closed-answer classification head on ``model.multimodal_features`` (multimodal CLS) for VQA-style data.
+
+    Splits with ``answer_scores`` (VQAv2) are scored by VQA accuracy (``vqa_accuracy``); their val/test answers
+    may fall outside ``answers`` (a question the head cannot answer scores 0)."""
     device = torch.device(device)
     max_length = text_length(model, max_length)
     answers = answers or sorted(set(data["train"].answers))
     if len(answers) < 2:
         raise ValueError("multimodal fine-tuning needs at least two answers")
     splits = {}
+    index = {a: i for i, a in enumerate(answers)}
     for name, ds in data.items():
         ids, mask = tokenize(tokenizer, ds.questions, max_length)
-        splits[name] = _Split(ids, mask, _class_targets(ds.answers, answers, f"vqa {name}"), list(ds.images))
+        open_ended = ds.answer_scores is not None
+        # Out-of-set answers are no class to train on: only the scored splits may hold them (as target -1).
+        targets = _class_targets(ds.answers, answers, f"vqa {name}", -1 if open_ended and name != "train" else None)
+        soft = None
+        if open_ended:
+            soft = [{index[a]: v for a, v in scores.items() if a in index} for scores in ds.answer_scores]
+        splits[name] = _Split(ids, mask, targets, list(ds.images), soft)
     cache: dict[str, ImageDataset] = {}
 
     def pixels(split: _Split, idx) -> torch.Tensor:

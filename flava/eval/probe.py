@@ -16,7 +16,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from flava.eval.config import ProbeConfig
-from flava.eval.datasets import load_zeroshot
+from flava.eval.datasets import ZeroShotSet, load_zeroshot
 from flava.eval.features import encode_images
 
 
@@ -87,9 +87,26 @@ def evaluate_linear_probe(
     splits: Sequence[str] = ("train", "val", "test"),
 ) -> dict[str, float | dict[str, float]]:
     """Frozen ``model.image_features`` on the zero-shot set's splits -> :func:`linear_probe`."""
+    train, val, test = (load_zeroshot(eval_root, split) for split in splits)
+    return probe_sets(model, train, val, test, pcfg, transform=transform, batch_size=batch_size, device=device,
+                      seed=seed)
+
+
+def probe_sets(
+    model: torch.nn.Module,
+    train: ZeroShotSet,
+    val: ZeroShotSet,
+    test: ZeroShotSet,
+    pcfg: ProbeConfig,
+    *,
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    device: torch.device | str,
+    seed: int = 0,
+) -> dict[str, float | dict[str, float]]:
+    """The probe on sets already in memory (train fits, val picks C, test is reported)."""
     data = []
-    for split in splits:
-        ds = load_zeroshot(eval_root, split)
+    for ds in (train, val, test):
         x = encode_images(model, ds.images, transform, batch_size=batch_size, device=device, method="image_features")
         data.append((x.numpy().astype(np.float64), np.asarray(ds.labels)))
     return linear_probe(*data, pcfg, seed=seed)

@@ -38,6 +38,14 @@ def render_markdown(metrics: dict[str, Any], info: dict[str, Any], plots: dict[s
         for key, value in values.items():
             if not isinstance(value, dict):
                 lines.append(f"| {key} | {_fmt(value)} |")
+    if "benchmarks" in metrics:
+        lines += ["", "## Paper benchmarks", "", "| benchmark | result |", "|---|---|"]
+        for name, values in metrics["benchmarks"].items():
+            if "skipped" in values:
+                result = f"skipped: {values['skipped']}"
+            else:
+                result = ", ".join(f"{k} {_fmt(v)}" for k, v in values.items() if not isinstance(v, dict))
+            lines.append(f"| {name} | {result} |")
     if plots:
         lines += ["", "## Plots", ""]
         for title, rel in plots.items():

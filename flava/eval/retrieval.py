@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from flava.eval.datasets import load_retrieval
+from flava.eval.datasets import RetrievalSet, load_retrieval
 from flava.eval.features import encode_images, encode_texts
 
 
@@ -193,7 +193,24 @@ def evaluate_retrieval(
 
     ``rcfg`` is :class:`flava.eval.config.RetrievalConfig` (ks, chunk sizes, curve length).
     """
-    data = load_retrieval(eval_root, split)
+    return evaluate_retrieval_set(
+        model, tokenizer, load_retrieval(eval_root, split), rcfg, transform=transform, batch_size=batch_size,
+        device=device, max_length=max_length,
+    )
+
+
+def evaluate_retrieval_set(
+    model: torch.nn.Module,
+    tokenizer,
+    data: RetrievalSet,
+    rcfg,
+    *,
+    transform,
+    batch_size: int,
+    device: torch.device | str,
+    max_length: int,
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, float]]:
+    """:func:`evaluate_retrieval` for a set already in memory (e.g. a Karpathy split)."""
     texts, owners = flatten_captions([{"image": i, "captions": c} for i, c in zip(data.images, data.captions)])
     image_emb = encode_images(model, data.images, transform, batch_size=batch_size, device=device)
     text_emb = encode_texts(model, tokenizer, texts, batch_size=batch_size, device=device, max_length=max_length)

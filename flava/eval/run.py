@@ -7,7 +7,9 @@ plots need); :func:`run_evaluate` loads ``paths.models/joint/best`` (tokenizer b
 ``metrics.json`` layout (nested dicts of numbers, so ``dvc metrics diff`` compares it):
 ``{zeroshot: {top1, top5}, retrieval: {i2t_r1, ..., mean_recall}, linear_probe: {accuracy, best_c, ...},
 text_cls: {accuracy | pearson, ...}, vqa: {accuracy, ...}, tasks: {task: score}, chance: {task: baseline},
-macro: {vision, language, multimodal, overall}}``.
+macro: {vision, language, multimodal, overall}}``, plus ``benchmarks: {name: {...} | {skipped: reason}}`` when
+``eval.benchmarks`` configures any of the paper's benchmarks (:mod:`flava.eval.benchmarks`; not in the macros;
+``dvc metrics show`` lists the skip notes as text).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from flava.data.tokenizer import load_tokenizer
 from flava.data.transforms import image_transform
 from flava.eval import plots
 from flava.eval.aggregate import macro_averages, majority_rate
+from flava.eval.benchmarks import check_benchmark_paths, run_benchmarks
 from flava.eval.config import EvalConfig
 from flava.eval.datasets import load_closed_set, load_retrieval, load_text_cls, load_vqa, load_zeroshot
 from flava.eval.features import pick_device
@@ -148,6 +151,7 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the enabled tasks -> (metrics, extras for plots: confusion matrix, classnames, recall curves)."""
     ctx = _Context(model, tokenizer, eval_root, ecfg, transform, torch.device(device), max_length, seed)
+    check_benchmark_paths(ecfg.benchmarks)  # a mistyped benchmark path fails before the tasks run
     metrics: dict[str, Any] = {}
     tasks: dict[str, float] = {}
     chance: dict[str, float] = {}
@@ -168,6 +172,12 @@ def evaluate_model(
     metrics["tasks"] = tasks
     metrics["chance"] = chance
     metrics["macro"] = macro_averages(tasks)
+    start = time.perf_counter()
+    benchmarks = run_benchmarks(model, tokenizer, eval_root, ecfg, transform=transform, device=ctx.device,
+                                max_length=max_length, seed=seed)
+    if benchmarks is not None:
+        metrics["benchmarks"] = benchmarks
+        timings["benchmarks"] = time.perf_counter() - start
     extras["timings_s"] = timings
     return metrics, extras
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from flava.data.stream_config import TokenizerConfig
 from flava.eval.config import EvalConfig, ZeroShotConfig
-from flava.eval.datasets import load_zeroshot
+from flava.eval.datasets import ZeroShotSet, load_zeroshot
 from flava.eval.features import default_transform, encode_images, encode_texts, model_device, pick_device
 
 _DEFAULTS = EvalConfig()
@@ -75,7 +75,23 @@ def zeroshot_logits(
     max_length: int = _TEXT_DEFAULTS.max_length,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(cosine logits (N, C), labels (N,), classnames) for one split."""
-    data = load_zeroshot(eval_root, split)
+    return set_logits(
+        model, tokenizer, load_zeroshot(eval_root, split), batch_size=batch_size, device=device, transform=transform,
+        max_length=max_length,
+    )
+
+
+def set_logits(
+    model: torch.nn.Module,
+    tokenizer,
+    data: ZeroShotSet,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    max_length: int = _TEXT_DEFAULTS.max_length,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """:func:`zeroshot_logits` for a set already in memory (e.g. ImageNet read from its official layout)."""
     if transform is None:
         transform = default_transform(model)
     classes = class_embeddings(

@@ -1,0 +1,316 @@
+"""The paper's benchmarks from local copies in their official layouts (eval.benchmarks): readers, skips, errors,
+sentence pairs, VQA accuracy and one evaluation of the oracle model with benchmarks configured."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from flava.eval.benchmarks import held_out, run_benchmarks, split_off
+from flava.eval.config import GLUE_TASK_NAMES, EvalConfig
+from flava.eval.datasets import TextSet, load_text_cls
+from flava.eval.features import tokenize
+from flava.eval.official import (
+    GLUE_TASKS,
+    load_glue_task,
+    load_imagenet_folder,
+    load_karpathy,
+    load_vqav2,
+    read_glue_tsv,
+    read_synset_names,
+    vqa_scores,
+)
+from flava.eval.report import write_reports
+from flava.eval.run import evaluate_model
+from tests.unit.test_eval_fakes import COLOURS, OracleModel, make_tokenizer, to_tensor, write_eval_root
+from tests.unit.test_eval_run import FAST
+
+NAMES = list(COLOURS)
+SYNSETS = {f"n{i + 1:08d}": name for i, name in enumerate(NAMES)}  # n00000001 -> red, ...
+
+
+def _image(path: Path, rgb, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 6, (8, 8, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def write_imagenet(root: Path, per_class: int = 3) -> Path:
+    """``root/{train,val}/<synset>/*.JPEG`` and ``root/LOC_synset_mapping.txt`` over the colour world."""
+    for split in ("train", "val"):
+        for synset, name in SYNSETS.items():
+            for i in range(per_class):
+                _image(root / split / synset / f"{synset}_{i}.JPEG", COLOURS[name], seed=i)
+    (root / "LOC_synset_mapping.txt").write_text(
+        "".join(f"{s} {n}, {n} thing, Colourus {n}\n" for s, n in SYNSETS.items()))
+    return root
+
+
+def write_karpathy(root: Path, name: str = "coco") -> tuple[Path, Path]:
+    """``dataset_<name>.json`` with one test image per colour (plus a train one) and its image folder."""
+    images = root / "images"
+    entries = []
+    for i, colour in enumerate(NAMES + ["red"]):
+        filename = f"COCO_val2014_{i:012d}.jpg"
+        sub = "val2014" if name == "coco" else ""
+        _image(images / sub / filename, COLOURS[colour], seed=i)
+        captions = [f"a photo of a {colour}.", colour, f"this is {colour}.", f"nice {colour} square.",
+                    f"the {colour} shape.", "a sixth caption left out."]
+        entry = {"filename": filename, "split": "test" if i < len(NAMES) else "train", "imgid": i,
+                 "sentences": [{"raw": c, "tokens": c.split()} for c in captions]}
+        if name == "coco":
+            entry["filepath"] = sub
+        entries.append(entry)
+    path = root / f"dataset_{name}.json"
+    path.write_text(json.dumps({"images": entries, "dataset": name}))
+    return path, images
+
+
+WARM = {"red", "yellow", "purple"}
+
+
+def write_glue(root: Path, rows: int = 36) -> Path:
+    """SST-2 (single sentences), QNLI (pairs whose label depends on the second sentence only) and CoLA (no header)
+    in the GLUE download layout; the other tasks are absent."""
+    def colour(i: int) -> str:
+        return NAMES[i % len(NAMES)]
+
+    for split, n in (("train", rows), ("dev", len(NAMES) * 2)):
+        sst = ["sentence\tlabel"] + [f"a photo of a {colour(i)} \t{int(colour(i) in WARM)}" for i in range(n)]
+        qnli = ["index\tquestion\tsentence\tlabel"] + [
+            f"{i}\twhat is it?\tthe {colour(i)} shape.\t{'entailment' if colour(i) in WARM else 'not_entailment'}"
+            for i in range(n)]
+        cola = [f"gj04\t{int(colour(i) in WARM)}\t\tthe {colour(i)} shape." for i in range(n)]
+        for task, lines in (("SST-2", sst), ("QNLI", qnli), ("CoLA", cola)):
+            (root / task).mkdir(parents=True, exist_ok=True)
+            (root / task / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_vqav2(root: Path, per_colour: int = 4) -> dict[str, str]:
+    """train2014 and val2014 questions + annotations JSONs and COCO image folders; one val question's answer is
+    outside the train answers."""
+    keys = {}
+    for subtype, n in (("train2014", per_colour), ("val2014", 2)):
+        questions, annotations = [], []
+        for c, colour in enumerate(NAMES):
+            for i in range(n):
+                image_id = 1000 * (c + 1) + i
+                _image(root / subtype / f"COCO_{subtype}_{image_id:012d}.jpg", COLOURS[colour], seed=i)
+                qid = image_id * 10
+                questions.append({"image_id": image_id, "question": "what colour is it?", "question_id": qid})
+                humans = [colour] * 9 + [NAMES[(c + 1) % len(NAMES)]]  # one annotator names the next colour
+                annotations.append({"question_id": qid, "image_id": image_id, "multiple_choice_answer": colour,
+                                    "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(humans)]})
+        if subtype == "val2014":
+            annotations[0]["multiple_choice_answer"] = "magenta"
+            annotations[0]["answers"] = [{"answer": "magenta"}] * 10
+        q = root / f"v2_OpenEnded_mscoco_{subtype}_questions.json"
+        a = root / f"v2_mscoco_{subtype}_annotations.json"
+        q.write_text(json.dumps({"data_subtype": subtype, "questions": questions}))
+        a.write_text(json.dumps({"data_subtype": subtype, "annotations": annotations}))
+        split = subtype[: -len("2014")]
+        keys.update({f"{split}_questions": str(q), f"{split}_annotations": str(a),
+                     f"{split}_images": str(root / subtype)})
+    return keys
+
+
+# --- readers -------------------------------------------------------------------------------------------------
+
+
+def test_synset_map_forms(tmp_path):
+    txt = tmp_path / "LOC_synset_mapping.txt"
+    txt.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    assert read_synset_names(txt) == {"n01440764": "tench", "n01443537": "goldfish"}
+    plain = tmp_path / "names.json"
+    plain.write_text(json.dumps({"n01440764": "tench", "n01443537": "goldfish"}))
+    keras = tmp_path / "imagenet_class_index.json"
+    keras.write_text(json.dumps({"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"]}))
+    assert read_synset_names(plain) == read_synset_names(keras) == read_synset_names(txt)
+    txt.write_text("n01440764 tench, Tinca tinca\nn0144 goldfish\n")
+    with pytest.raises(ValueError, match=r"LOC_synset_mapping.txt: 'n0144' is not a WordNet synset id"):
+        read_synset_names(txt)
+    txt.write_text("n01440764 tench\nn01443537\n")
+    with pytest.raises(ValueError, match=r"LOC_synset_mapping.txt:2: expected '<synset> <class name>'"):
+        read_synset_names(txt)
+
+
+def test_imagenet_folder_reads_synset_folders_in_id_order(tmp_path):
+    root = write_imagenet(tmp_path / "imagenet", per_class=2)
+    synsets = read_synset_names(root / "LOC_synset_mapping.txt")
+    ds = load_imagenet_folder(root / "val", synsets, ["a photo of a {}."], per_class=1)
+    assert ds.classnames == NAMES and ds.templates == ["a photo of a {}."]
+    assert ds.labels == list(range(len(NAMES))) and ds.images[0].endswith("n00000001/n00000001_0.JPEG")
+    (root / "val" / "n09999999").mkdir()
+    with pytest.raises(ValueError, match="class folder 'n09999999' is not in the synset map"):
+        load_imagenet_folder(root / "val", synsets, ["{}"])
+
+
+def test_karpathy_reader_takes_the_split_and_five_captions(tmp_path):
+    path, images = write_karpathy(tmp_path, "coco")
+    ds = load_karpathy(path, images, "test", 5)
+    assert len(ds.images) == len(NAMES) and all(len(c) == 5 for c in ds.captions)
+    assert ds.images[0] == str(images / "val2014" / "COCO_val2014_000000000000.jpg")
+    assert "a sixth caption left out." not in ds.captions[0]
+    flickr, flickr_images = write_karpathy(tmp_path / "f", "flickr30k")
+    assert len(load_karpathy(flickr, flickr_images, "test").images) == len(NAMES)
+    with pytest.raises(ValueError, match=r"images\[0\]: 6 captions, fewer than captions_per_image=7"):
+        load_karpathy(path, images, "test", 7)
+    data = json.loads(path.read_text())
+    data["images"][2]["sentences"] = [{"tokens": []}]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"dataset_coco.json: images\[2\]: every sentence needs a non-empty 'raw'"):
+        load_karpathy(path, images)
+
+
+def test_glue_readers_single_pair_and_headerless(tmp_path):
+    root = write_glue(tmp_path / "glue_data")
+    train, dev = load_glue_task(root, "sst2")
+    assert train.pairs is None and dev.labels[:2] == ["1", "0"]
+    train, dev = load_glue_task(root, "qnli")
+    assert train.sentences[0] == "what is it?" and train.pairs[0] == "the red shape."
+    assert set(dev.labels) == {"entailment", "not_entailment"}
+    _, cola = load_glue_task(root, "cola")
+    assert cola.sentences[0] == "the red shape." and cola.labels[0] == "1" and cola.pairs is None
+    mnli = tmp_path / "dev_matched.tsv"
+    header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+              "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
+    row = "0\t1\t1e\tfiction\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tThe cat sat.\tA cat sat.\t" + "\t".join(
+        ["entailment"] * 6)
+    mnli.write_text(f"{header}\n{row}\n0\t1\tshort row\n")
+    with pytest.raises(ValueError, match=r"dev_matched.tsv:3: 3 fields, expected at least 16"):
+        read_glue_tsv(mnli, GLUE_TASKS["mnli"])
+    mnli.write_text(f"{header}\n{row}\n")
+    ds = read_glue_tsv(mnli, GLUE_TASKS["mnli"])
+    assert (ds.sentences, ds.pairs, ds.labels) == (["The cat sat."], ["A cat sat."], ["entailment"])
+    mrpc = tmp_path / "mrpc.tsv"
+    mrpc.write_text("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t7\t8\tHe said.\tShe said.\n")
+    assert read_glue_tsv(mrpc, GLUE_TASKS["mrpc"]).pairs == ["She said."]
+    assert tuple(GLUE_TASKS) == GLUE_TASK_NAMES
+
+
+def test_sentence_pairs_are_tokenised_as_pairs(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    ids, mask = tokenize(tok, ["what is it?"], 16, pairs=["red"])
+    assert tok.convert_ids_to_tokens(ids[0][mask[0].bool()]) == ["[CLS]", "what", "is", "it", "?", "[SEP]", "red",
+                                                                  "[SEP]"]
+    (tmp_path / "eval" / "text_cls").mkdir(parents=True)
+    (tmp_path / "eval" / "text_cls" / "train.tsv").write_text("sentence1\tsentence2\tlabel\nwhat?\tred\t1\n")
+    ds = load_text_cls(tmp_path / "eval", "train")
+    assert (ds.sentences, ds.pairs, ds.labels) == (["what?"], ["red"], ["1"])
+
+
+def test_vqav2_reader_and_vqa_accuracy(tmp_path):
+    keys = write_vqav2(tmp_path)
+    ds = load_vqav2(keys["val_questions"], keys["val_annotations"], keys["val_images"])
+    assert len(ds.questions) == 2 * len(NAMES) and ds.answers[0] == "magenta"
+    assert ds.answer_scores[1] == {"red": 1.0, "green": pytest.approx(1 / 3)}
+    assert ds.images[1].endswith("COCO_val2014_000000001001.jpg")
+    assert vqa_scores(["Yes", "yes", "no", "maybe", "maybe", "maybe", "maybe"]) == {
+        "yes": pytest.approx(2 / 3), "no": pytest.approx(1 / 3), "maybe": 1.0}
+    anns = Path(keys["val_annotations"])
+    data = json.loads(anns.read_text())
+    data["annotations"] = data["annotations"][1:]
+    anns.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"questions.json: questions\[0\]: question_id 10000 has no entry"):
+        load_vqav2(keys["val_questions"], anns, keys["val_images"])
+
+
+def test_held_out_parts_are_spread_and_never_straddle_an_image():
+    assert held_out(10, 0.2) == [0, 5] and held_out(2, 0.1) == [0]
+    with pytest.raises(ValueError, match="cannot spare"):
+        held_out(1, 0.5)
+    ds = TextSet([f"s{i}" for i in range(8)], [str(i % 2) for i in range(8)])
+    kept, held = split_off(ds, [i // 2 for i in range(8)], 0.25, whole_groups=True)  # 4 groups of 2 -> 1 group
+    assert held.sentences == ["s0", "s1"] and len(kept.sentences) == 6
+    kept, held = split_off(ds, ds.labels, 0.25, whole_groups=False)  # stratified: one row per label
+    assert sorted(held.labels) == ["0", "1"]
+
+
+# --- configuration, skips and errors -----------------------------------------------------------------------------
+
+
+def test_config_checks_benchmark_sections():
+    with pytest.raises(ValidationError, match="imagenet.synsets"):
+        EvalConfig.model_validate({"benchmarks": {"imagenet": {"val": "/x"}}})
+    with pytest.raises(ValidationError, match="glue.tasks"):
+        EvalConfig.model_validate({"benchmarks": {"glue": {"root": "/x", "tasks": ["sst2", "squad"]}}})
+    with pytest.raises(ValidationError, match="set together"):
+        EvalConfig.model_validate({"benchmarks": {"vqav2": {"val_questions": "/q"}}})
+    assert not EvalConfig().benchmarks.configured
+
+
+def test_unconfigured_is_absent_and_a_missing_configured_path_names_its_key(tmp_path):
+    root = write_eval_root(tmp_path / "eval", per_class=2)
+    tok = make_tokenizer(tmp_path / "tok")
+    only_zs = {"retrieval": {"enabled": False}, "probe": {"enabled": False},
+               "text_finetune": {"enabled": False}, "multimodal_finetune": {"enabled": False}}
+    model = OracleModel(tok)
+    metrics, _ = evaluate_model(model, tok, root, EvalConfig.model_validate(only_zs), transform=to_tensor,
+                                device="cpu", max_length=16)
+    assert "benchmarks" not in metrics  # the default pipeline's outputs are unchanged
+    missing = EvalConfig.model_validate({**only_zs, "benchmarks": {"coco": {
+        "karpathy_json": str(tmp_path / "nope.json"), "image_root": str(tmp_path)}}})
+    with pytest.raises(FileNotFoundError, match=r"eval.benchmarks.coco.karpathy_json: .*nope.json not found"):
+        evaluate_model(model, tok, root, missing, transform=to_tensor, device="cpu", max_length=16)
+    glue = write_glue(tmp_path / "glue_data")
+    listed = EvalConfig.model_validate({**only_zs, "benchmarks": {"glue": {"root": str(glue), "tasks": ["rte"]}}})
+    with pytest.raises(FileNotFoundError, match="glue.tasks lists 'rte' but .*RTE lacks train.tsv and dev.tsv"):
+        run_benchmarks(model, tok, root, listed, transform=to_tensor, device="cpu", max_length=16)
+
+
+def test_vqav2_finetune_scores_vqa_accuracy(tmp_path):
+    root = write_eval_root(tmp_path / "eval", per_class=2)
+    tok = make_tokenizer(tmp_path / "tok")
+    ecfg = EvalConfig.model_validate({**FAST, "benchmarks": {"vqav2": write_vqav2(tmp_path / "vqa"),
+                                                             "select_fraction": 0.25}})
+    out = run_benchmarks(OracleModel(tok), tok, root, ecfg, transform=to_tensor, device="cpu", max_length=16)
+    vqa = out["vqav2"]
+    assert vqa["num_classes"] == len(NAMES)
+    # Every val question but the 'magenta' one can score 1; that one scores 0 whatever the model says.
+    assert vqa["vqa_accuracy"] == pytest.approx((2 * len(NAMES) - 1) / (2 * len(NAMES)))
+    # Best constant answer: e.g. 'blue' scores 1 on its 2 questions and 1/3 on the 2 green ones (of 12).
+    assert vqa["chance"] == pytest.approx((2 + 2 / 3) / 12)
+    assert out["imagenet_zeroshot"] == {"skipped": "eval.benchmarks.imagenet.val is not set"}
+
+
+# --- one evaluation end to end -----------------------------------------------------------------------------------
+
+
+def test_evaluate_model_with_official_layouts_then_report(tmp_path):
+    root = write_eval_root(tmp_path / "eval", per_class=2)
+    tok = make_tokenizer(tmp_path / "tok")
+    imagenet = write_imagenet(tmp_path / "imagenet")
+    coco, coco_images = write_karpathy(tmp_path / "coco", "coco")
+    glue = write_glue(tmp_path / "glue_data")
+    ecfg = EvalConfig.model_validate({**FAST, "benchmarks": {
+        "imagenet": {"val": str(imagenet / "val"), "train": str(imagenet / "train"),
+                     "synsets": str(imagenet / "LOC_synset_mapping.txt")},
+        "coco": {"karpathy_json": str(coco), "image_root": str(coco_images)},
+        "glue": {"root": str(glue)},
+    }})
+    metrics, extras = evaluate_model(OracleModel(tok), tok, root, ecfg, transform=to_tensor, device="cpu",
+                                     max_length=16)
+    bench = metrics["benchmarks"]
+    assert bench["imagenet_zeroshot"]["top1"] == 1.0 and bench["imagenet_zeroshot"]["chance"] == 1 / len(NAMES)
+    assert bench["imagenet_linear_probe"]["accuracy"] == 1.0
+    assert bench["coco_retrieval"]["i2t_r1"] == 1.0 and bench["coco_retrieval"]["num_images"] == len(NAMES)
+    assert bench["flickr30k_retrieval"] == {"skipped": "eval.benchmarks.flickr30k.karpathy_json is not set"}
+    assert bench["vqav2"] == {"skipped": "eval.benchmarks.vqav2.val_questions is not set"}
+    # The QNLI label is in the second sentence only: learning it shows the pair reaches the model.
+    assert bench["glue_qnli"]["accuracy"] == 1.0 and bench["glue_sst2"]["accuracy"] == 1.0
+    assert bench["glue_mnli"]["skipped"].startswith("no train.tsv or dev_matched.tsv in ")
+    assert set(metrics["tasks"]) == {"zeroshot", "retrieval_i2t", "retrieval_t2i", "linear_probe", "text_cls",
+                                     "vqa"}  # benchmarks stay out of the macros the promotion gate reads
+    assert "benchmarks" in extras["timings_s"]
+    json.dumps(metrics)
+    (tmp_path / "out").mkdir()
+    write_reports(tmp_path / "out", metrics, {"model": "oracle"}, {})
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Paper benchmarks" in md and "| imagenet_zeroshot | top1 1.0000, top5 1.0000" in md
+    assert "| vqav2 | skipped: eval.benchmarks.vqav2.val_questions is not set |" in md
