@@ -358,10 +358,11 @@ def read_coco(src: CocoPairs, root: Path) -> Iterator[Item]:
     an unusable annotation (no string caption, or an ``image_id`` without a file) is a reject of its own.
 
     Memory: a captions file is one JSON document and the standard library has no streaming parser, so the whole
-    document is loaded (for COCO 2017 train, a 92 MB file, Python objects several times that). The annotations are
-    then grouped by image holding references to their caption strings (no per-caption copies or rows), and the
-    document is released before the first row is yielded: from then on memory is the captions' text plus one
-    file name per image.
+    document is loaded: the peak is the document as Python objects, about 5x the file's size (measured on a
+    12.6 MB file of 100k annotations: 68 MB; COCO 2017 train's 92 MB file would peak near 0.5 GB). The annotations
+    are then grouped by image holding references to their caption strings (no per-caption copies or rows), and
+    the document is released before the first row is yielded: from then on memory is the captions' text plus one
+    file name per image (18 MB, 1.4x the file, in the same measurement).
     """
     path = _source_path(src.path, root)
     doc = _load_json(path, "COCO captions file", ("images", "annotations"))
