@@ -75,12 +75,17 @@ def image_checks(v: ValidateConfig) -> list[Check]:
     ]
 
 
+def caption_checks(v: ValidateConfig) -> list[Check]:
+    """The checks of one caption: of a pair's ``text``, and of each of a multi-caption sample's ``captions``."""
+    return text_checks(v, "caption", min_words=v.min_caption_words, max_words=v.max_caption_words,
+                       max_chars=v.max_caption_chars)
+
+
 def corpus_checks(corpus: str, v: ValidateConfig) -> list[Check]:
     """The suite of one corpus, in reason-priority order."""
     checks = key_checks()
     if corpus == "pairs":
-        checks += text_checks(v, "caption", min_words=v.min_caption_words, max_words=v.max_caption_words,
-                              max_chars=v.max_caption_chars)
+        checks += caption_checks(v)
     if corpus == "text":
         checks += text_checks(v, "text", min_words=v.min_text_words, max_words=v.max_text_words,
                               max_chars=v.max_text_chars)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flava.data import storage
+from flava.data.captions import row_captions
 from flava.data.shards import read_manifest, resolve_image
 from flava.data.tokenizer import fit_wordpiece, load_tokenizer
 from flava.data.transforms import decode_image, model_image_geometry, transform_from_config
@@ -53,9 +54,10 @@ def fit_tokenizer(cfg: "PipelineConfig", out_dir: Path) -> dict[str, Any]:
     texts: list[str] = []
     for corpus in tc.fit_corpora:
         for row in read_manifest(Path(cfg.paths.validated) / f"{corpus}.jsonl"):
-            text = row.get("text", row.get("caption"))
-            if isinstance(text, str) and text.strip():
-                texts.append(text)
+            captions = row_captions(row)  # a multi-caption pair: every caption is fitting text
+            for text in captions if captions is not None else [row.get("text", row.get("caption"))]:
+                if isinstance(text, str) and text.strip():
+                    texts.append(text)
     if tc.max_fit_texts is not None:
         texts = texts[: tc.max_fit_texts]
     if not texts:

@@ -2,7 +2,8 @@
 
 Sources come from ``data.ingest`` (default: the layout ``flava data generate`` writes). Rows dropped here go to
 ``{corpus}.rejects.jsonl`` with a reason; per corpus ``in == accepted + rejected`` (for text, counted in
-documents; the manifest holds their passages). A source whose rows are all rejected fails the stage
+documents; the manifest holds their passages; for a captions JSON, in images plus the annotations that name
+no usable image or caption). A source whose rows are all rejected fails the stage
 (``ValueError`` naming it and its first reasons) once the outputs are written. Keys start with the source name,
 so several corpora with the same native keys (img2dataset's ``000000000``) never collide. Images referenced by
 path or ``s3://`` are not read here: validation decodes them and quarantines what it cannot read; image bytes
@@ -10,7 +11,8 @@ embedded in a source (tar members, parquet/arrow cells) are written once per dis
 ``paths.prepared/extracted/<source>/``. Evaluation sets are copied to ``paths.prepared/eval/`` with image paths
 resolved so that they open from the working directory.
 
-Manifest rows: pairs ``{key, image, text, source}`` (+ webdataset provenance such as ``url``, ``sha256``),
+Manifest rows: pairs ``{key, image, text, source}`` (+ webdataset provenance such as ``url``, ``sha256``), or
+``{key, image, captions, source}`` for an image with several captions (COCO, Karpathy: ``flava.data.captions``),
 images ``{key, image, label, source}`` (+ ``synset`` with a class-name map), text ``{key, text, source}``.
 """
 from __future__ import annotations

@@ -10,6 +10,9 @@ communication, and a resumed run regenerates exactly where it stopped):
   positions ``s, s + S, ...`` of the shard's shuffled order. Either way the slots of one epoch are disjoint. Within
   a shard the samples are shuffled by ``(seed, corpus, e, shard)`` (a shard is read whole; ``samples_per_shard``
   bounds the memory). Epochs follow each other forever (resampling): the stream never ends.
+- *captions*: a sample stored with several captions (``flava.data.captions``) gives one per visit: in epoch ``e``
+  caption ``perm[e % n]`` of its ``n``, the permutation drawn by ``(seed, corpus, key, e // n)``, so each caption
+  is seen once every ``n`` epochs, in an order that differs per sample and per round.
 - *batches*: a slot packs its sample stream into batches of ``batch_size``; global batch ``n`` of a rank comes from
   worker ``n % W`` (the DataLoader's round-robin order). Masking/augmentation draw from a generator seeded by
   ``(seed, corpus, rank, n)``.
@@ -24,12 +27,14 @@ Evaluation turns image paths into pixel batches with the same transform:
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flava.data import storage
+from flava.data.captions import CAPTIONS_MEMBER
 from flava.data.collate import KIND_OF_CORPUS, Collator
 from flava.data.shards import Sample, load_index, read_tar, shard_location, verify_shard
 from flava.data.transforms import image_transform, model_image_geometry, transform_from_config
@@ -53,6 +58,27 @@ def _count_congruent(lo: int, hi: int, residue: int, modulus: int) -> int:
     def upto(x: int) -> int:  # count in [0, x)
         return (x - residue + modulus - 1) // modulus if x > residue else 0
     return upto(hi) - upto(lo)
+
+
+def caption_index(n: int, *, seed: int, corpus: str, key: str, epoch: int) -> int:
+    """Which of a sample's ``n`` captions its visit in ``epoch`` reads (see the module docstring): a pure function
+    of its arguments, drawn from its own seeded generator (never a process-global RNG)."""
+    if n < 1:
+        raise ValueError(f"sample {key!r} has no caption")
+    rounds, slot = divmod(epoch, n)
+    return _perm(n, seed, corpus, "captions", key, rounds)[slot]
+
+
+def with_caption(sample: Sample, *, seed: int, corpus: str, epoch: int) -> Sample:
+    """A multi-caption sample as the collator reads it, its ``txt`` the caption of this visit; others as they are."""
+    blob = sample.files.get(CAPTIONS_MEMBER)
+    if blob is None:
+        return sample
+    captions = json.loads(blob)
+    text = captions[caption_index(len(captions), seed=seed, corpus=corpus, key=sample.key, epoch=epoch)]
+    files = {ext: data for ext, data in sample.files.items() if ext != CAPTIONS_MEMBER}
+    files["txt"] = text.encode("utf-8")
+    return Sample(sample.key, files)
 
 
 class SlotPlan:
@@ -143,7 +169,7 @@ class ShardDataset(IterableDataset):
                     continue
                 samples = self._read_shard(shard)
                 for pos in plan.positions(e, shard)[skip:]:
-                    yield samples[pos]
+                    yield with_caption(samples[pos], seed=self.seed, corpus=self.corpus, epoch=e)
                 skip = 0
             e += 1
 

@@ -132,8 +132,8 @@ class WebdatasetPairs(StrictModel):
 
 class CocoPairs(StrictModel):
     """COCO captions (``annotations/captions_<split>.json``: ``images`` with ``id`` and ``file_name``,
-    ``annotations`` with ``image_id`` and ``caption``). One pair per caption; the pairs of one image all
-    reference its one file, so an image with five captions is stored once."""
+    ``annotations`` with ``image_id`` and ``caption``). One sample per image holding all its captions
+    (``flava.data.captions``), so an image with five captions is stored once."""
 
     kind: Literal["coco"] = "coco"
     path: str  # the captions JSON
@@ -143,9 +143,9 @@ class CocoPairs(StrictModel):
 
 class KarpathyPairs(StrictModel):
     """Karpathy-split captions (``dataset_coco.json``, ``dataset_flickr30k.json``: ``images[]`` with
-    ``filename``, optional ``filepath``, ``split`` and ``sentences[].raw``). One pair per sentence, each
-    referencing the image's one file; images of splits outside ``splits`` are rejects (keep the test split out
-    of pretraining)."""
+    ``filename``, optional ``filepath``, ``split`` and ``sentences[].raw``). One sample per image holding all
+    its sentences (``flava.data.captions``); images of splits outside ``splits`` are rejects (keep the test split
+    out of pretraining)."""
 
     kind: Literal["karpathy"] = "karpathy"
     path: str

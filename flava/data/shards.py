@@ -3,6 +3,8 @@
 Layout (``paths.shards`` may be ``s3://bucket/prefix``)::
 
     {root}/{corpus}/shard-000000.tar ...   samples: {key}.png|jpg (image), {key}.txt (text), {key}.json (metadata)
+                                           (a pair with several captions: {key}.captions.json, a JSON list,
+                                           instead of {key}.txt; its image is stored once)
     {root}/{corpus}/index.json             num_samples, num_shards, per shard: name, samples, bytes, sha256
     {root}/metrics.json                    per corpus counts and bytes
 
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from PIL import Image
 
 from flava.data import storage
+from flava.data.captions import CAPTIONS_FIELD, CAPTIONS_MEMBER, row_captions
 from flava.data.jsonl import read_jsonl
 from flava.data.stream_config import ShardConfig
 from flava.data.transforms import to_rgb
@@ -222,14 +225,19 @@ def build_samples(
             raise ValueError(f"{corpus}: keys {seen[key]!r} and {row['key']!r} collide as shard key {key!r}")
         seen[key] = row["key"]
         files: dict[str, bytes] = {}
-        meta = {k: v for k, v in row.items() if k not in ("text", "caption")}
+        meta = {k: v for k, v in row.items() if k not in ("text", "caption", CAPTIONS_FIELD)}
         if corpus in ("pairs", "images"):
             if not row.get("image"):
                 raise ValueError(f"{corpus}: row {row['key']!r} has no 'image'")
             uri = resolve_image(str(row["image"]), manifest_dir)
             ext, data = encode_image(storage.read_bytes(uri, s3=cfg.s3), cfg, f"{uri} (row {row['key']!r})")
             files[ext] = data
-        if corpus in ("pairs", "text"):
+        captions = row_captions(row) if corpus == "pairs" else None
+        if captions is not None:
+            if not captions or any(not isinstance(c, str) or not c.strip() for c in captions):
+                raise ValueError(f"{corpus}: row {row['key']!r} needs a non-empty list of non-empty captions")
+            files[CAPTIONS_MEMBER] = json.dumps(captions, ensure_ascii=False).encode("utf-8")
+        elif corpus in ("pairs", "text"):
             text = row.get("text", row.get("caption"))
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{corpus}: row {row['key']!r} has no text")

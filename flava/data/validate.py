@@ -7,6 +7,11 @@ fails an expectation is rejected with the first failing expectation's reason. Ac
 (EXIF rotation, 8-bit RGB) and written to ``paths.validated/images/<corpus>/``, once per image reference (rows
 sharing an image share the file); accepted rows point there.
 
+A pair with several captions (``captions``, ``flava.data.captions``) has each caption checked on its own (GE suite
+``pairs_captions``): a failing caption is dropped from the row and written to the rejects file as
+``{key, caption_index, caption, reason, failed_expectations}``; a row left with no caption is rejected ("no valid
+caption"). Then ``metrics["pairs"]["captions"]`` counts captions too (``in == accepted + rejected``).
+
 Outputs in ``paths.validated``: ``{corpus}.jsonl``, ``{corpus}.rejects.jsonl`` (row + ``reason`` +
 ``failed_expectations``), ``report.md``, ``metrics.json``, ``ge/{corpus}.json`` (the GE validation result).
 Per corpus ``in == accepted + rejected``. The stage fails with a ``ValueError`` (after writing its outputs)
@@ -27,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from flava.data import images as imaging
-from flava.data.expectations import SuiteRunner, accepted_checks, corpus_checks
+from flava.data.captions import CAPTIONS_FIELD, TEXT_FIELD, row_captions
+from flava.data.expectations import SuiteRunner, accepted_checks, caption_checks, corpus_checks
 from flava.data.ingest import CORPORA, dump_row
 from flava.data.jsonl import read_jsonl
 from flava.data.prep_config import ValidateConfig
@@ -38,7 +44,6 @@ from flava.tracking.runs import StageLog, stage_run
 
 log = logging.getLogger(__name__)
 
-TEXT_FIELD = "text"
 IMAGE_CORPORA = ("pairs", "images")
 
 
@@ -114,17 +119,60 @@ class _CorpusChecker:
         # image reference -> its check columns and normalised file: an image shared by several rows (COCO's five
         # captions per image) is fetched, decoded and written once
         self._seen_images: dict[str, tuple[dict[str, Any], Path | None]] = {}
+        # row index -> caption check columns of a multi-caption row (set by check_captions)
+        self.caption_columns: dict[int, dict[str, Any]] = {}
 
     def text_columns(self, row: dict[str, Any]) -> dict[str, Any]:
         text = row.get(TEXT_FIELD)
+        cols, cut = self._text(text)
+        if cut != ("" if text is None else str(text)):  # truncated
+            row[TEXT_FIELD] = cut
+        return cols
+
+    def _text(self, text: Any) -> tuple[dict[str, Any], str]:
+        """Check columns of one text, and the text as kept (captions over the bounds truncated when configured)."""
         text = "" if text is None else str(text)
         if self.corpus == "pairs" and self.v.truncate_captions and _valid_utf8(text):
             cut = _truncate(text, self.v.max_caption_words, self.v.max_caption_chars)
             if cut != text:
                 self.truncated += 1
-                row[TEXT_FIELD] = text = cut
+                text = cut
         return {"text_valid_utf8": _valid_utf8(text), "text_stripped": _printable(text.strip()),
-                "text_chars": len(text), "text_words": len(text.split())}
+                "text_chars": len(text), "text_words": len(text.split())}, text
+
+    def check_captions(self, rows: list[dict[str, Any]], runner: SuiteRunner) -> tuple[dict[int, list[dict]], Any]:
+        """Every caption of the multi-caption rows (``captions``) through the caption checks, as one GE suite
+        (``{corpus}_captions``, one row per caption). A failing caption is dropped from its row; returned, per row
+        index, as ``{key, caption_index, caption, reason, failed_expectations}``, with the GE result (None when
+        no row has several captions). The row's own caption columns become those of its first kept caption, or,
+        when none is kept, of its first caption, so the row fails the suite with that caption's reason."""
+        records, where = [], []
+        for i, row in enumerate(rows):
+            for j, caption in enumerate(row_captions(row) or []):
+                cols, text = self._text(caption)
+                records.append(cols)
+                where.append((i, j, text))
+        if not records:
+            return {}, None
+        checks = caption_checks(self.v)
+        frame = pd.DataFrame.from_records(records)
+        result = runner.run(f"{self.corpus}_captions", checks, frame)
+        reasons, failed, _ = _row_reasons(result, checks, frame)
+        dropped: dict[int, list[dict]] = {}
+        kept: dict[int, list[str]] = {}
+        for n, (i, j, text) in enumerate(where):
+            if n in reasons:
+                dropped.setdefault(i, []).append({"key": rows[i].get("key"), "caption_index": j, "caption": text,
+                                                  "reason": reasons[n], "failed_expectations": failed[n]})
+            else:
+                if i not in kept:
+                    self.caption_columns[i] = records[n]
+                kept.setdefault(i, []).append(text)
+            self.caption_columns.setdefault(i, records[n])  # no caption kept: the first one's columns
+        for i, row in enumerate(rows):
+            if row_captions(row) is not None:
+                row[CAPTIONS_FIELD] = kept.get(i, [])
+        return dropped, result
 
     def image_columns(self, row: dict[str, Any], decode: bool) -> tuple[dict[str, Any], Path | None]:
         """Check columns of the row's image; when it decodes, the normalised image is written (path returned)."""
@@ -178,7 +226,7 @@ class _CorpusChecker:
                 "duplicate_of": np.nan if duplicate_of is None else float(duplicate_of),
             }
             if self.corpus in ("pairs", "text"):
-                record.update(self.text_columns(row))
+                record.update(self.caption_columns.get(i) or self.text_columns(row))
             path = None
             if self.corpus in IMAGE_CORPORA:
                 cols, path = self.image_columns(row, decode=key is not None and duplicate_of is None)
@@ -233,10 +281,12 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
     if corpus in IMAGE_CORPORA:
         image_dir.mkdir(parents=True)
     checker = _CorpusChecker(corpus, v, fetch, image_dir)
+    dropped, caption_result = checker.check_captions(rows, runner) if corpus == "pairs" else ({}, None)
     frame, written = checker.frame(rows)
     checks = corpus_checks(corpus, v)
     result = runner.run(corpus, checks, frame)
     reasons, failed, summary = _row_reasons(result, checks, frame)
+    _name_captionless(rows, reasons, failed, dropped, v)
 
     histogram: Counter[str] = Counter()
     accepted_idx = []
@@ -249,11 +299,13 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
                 rej.write(dump_row({**row, "reason": reasons[i], "failed_expectations": failed[i]}) + "\n")
                 if written[i] is not None and written[i] not in kept:  # decoded, rejected for another reason
                     written[i].unlink(missing_ok=True)  # (e.g. caption) and not shared with an accepted row
-                continue
-            accepted_idx.append(i)
-            if written[i] is not None:
-                row = {**row, "image": str(written[i])}
-            acc.write(dump_row(row) + "\n")
+            else:
+                accepted_idx.append(i)
+                if written[i] is not None:
+                    row = {**row, "image": str(written[i])}
+                acc.write(dump_row(row) + "\n")
+            for drop in dropped.get(i, []):  # the captions dropped from a multi-caption row
+                rej.write(dump_row(drop) + "\n")
 
     # Post-condition: the accepted set passes every expectation, keys unique (guards the reason mapping above).
     accepted_frame = frame.iloc[accepted_idx].reset_index(drop=True)
@@ -262,11 +314,13 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
         failing = [r.expectation_config.type for r in final.results if not r.success]
         raise RuntimeError(f"{corpus}: accepted rows fail {failing}; the reject mapping is broken")
     (out / "ge").mkdir(exist_ok=True)
-    (out / "ge" / f"{corpus}.json").write_text(
-        json.dumps(_stable_result(result), sort_keys=True, indent=1, default=str) + "\n", encoding="utf-8")
+    for name, res in ((corpus, result), (f"{corpus}_captions", caption_result)):
+        if res is not None:
+            (out / "ge" / f"{name}.json").write_text(
+                json.dumps(_stable_result(res), sort_keys=True, indent=1, default=str) + "\n", encoding="utf-8")
 
     total = len(rows)
-    return {  # metrics (numbers, for `dvc metrics`), details (for the report)
+    metrics = {  # metrics (numbers, for `dvc metrics`), details (for the report)
         "in": total, "accepted": len(accepted_idx), "rejected": len(reasons),
         "reject_rate": len(reasons) / total if total else 0.0,
         "accept_fraction": len(accepted_idx) / total if total else 1.0,
@@ -274,7 +328,40 @@ def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, f
         "converted": dict(sorted(checker.conversions.items())),
         "exif_rotated": checker.exif_rotated,
         "truncated": checker.truncated,
-    }, {"expectations": summary, "examples": _examples(rows, reasons, v.report_examples)}
+    }
+    if any(row_captions(row) is not None for row in rows):  # single-caption corpora: metrics as they were
+        metrics["captions"] = _caption_counts(rows, reasons, dropped)
+    return metrics, {"expectations": summary, "examples": _examples(rows, reasons, v.report_examples)}
+
+
+def _name_captionless(rows: list[dict[str, Any]], reasons: dict[int, str], failed: dict[int, list[str]],
+                      dropped: dict[int, list[dict]], v: ValidateConfig) -> None:
+    """A multi-caption row left with no caption fails a caption check (its first caption's); say so."""
+    caption_labels = {f"{c.name}({c.column})" for c in caption_checks(v)}
+    for i, row in enumerate(rows):
+        if row_captions(row) == [] and i in reasons and failed[i][0] in caption_labels:
+            n = len(dropped.get(i, []))
+            reasons[i] = f"no valid caption: all {n} captions dropped (first: {reasons[i]})"
+
+
+def _caption_counts(rows: list[dict[str, Any]], reasons: dict[int, str],
+                    dropped: dict[int, list[dict]]) -> dict[str, Any]:
+    """Caption-level counts (a ``text`` row counts one caption): ``in == accepted + rejected``, where a caption is
+    rejected when dropped (its reason) or when its sample is (``sample rejected``)."""
+    total = accepted = 0
+    histogram: Counter[str] = Counter()
+    for i, row in enumerate(rows):
+        captions = row_captions(row)
+        kept = len(captions) if captions is not None else 1
+        drops = dropped.get(i, [])
+        total += kept + len(drops)
+        histogram.update(d["reason"].split(":")[0] for d in drops)
+        if i in reasons:
+            histogram["sample rejected"] += kept
+        else:
+            accepted += kept
+    return {"in": total, "accepted": accepted, "rejected": total - accepted,
+            "reasons": {k: n for k, n in sorted(histogram.items()) if n}}
 
 
 _VOLATILE_RESULT_KEYS = ("unexpected_list", "unexpected_index_list", "unexpected_index_query")
@@ -316,6 +403,9 @@ def render_report(metrics: dict[str, Any], details: dict[str, Any], v: ValidateC
         if m["reasons"]:
             lines += ["", "Reject reasons:", ""] + [f"- {r}: {n}" for r, n in m["reasons"].items()]
             lines += ["", "Examples:", ""] + [f"- {e}" for ex in details[corpus]["examples"].values() for e in ex]
+        if "captions" in m:
+            c = m["captions"]
+            lines += ["", f"Captions: in {c['in']}, accepted {c['accepted']}, rejected {c['rejected']} {c['reasons']}."]
         if m["converted"] or m["exif_rotated"] or m["truncated"]:
             lines += ["", f"Normalised: conversions {m['converted'] or '{}'}, EXIF-rotated {m['exif_rotated']}, "
                           f"captions truncated {m['truncated']}."]

@@ -66,3 +66,18 @@ def test_errors(tmp_path):
         run_fit(cfg_for(tmp_path, tokenizer={"pretrained_dir": str(tmp_path / "missing")}))
     with pytest.raises(ValueError, match="dalle_dir"):
         cfg_for(tmp_path, codebook={"kind": "dalle"})
+
+
+def test_the_tokenizer_is_fit_on_every_caption_of_a_multi_caption_pair(tmp_path):
+    make_validated(tmp_path, n_pairs=10, n_images=8, n_text=12)
+    manifest = tmp_path / "validated" / "pairs.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    first = rows[0]
+    rows[0] = {k: v for k, v in first.items() if k != "text"} | {
+        "captions": [first["text"], "an xylophone beside a zeppelin", "a quokka under an umbrella"]}
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = cfg_for(tmp_path, tokenizer={"vocab_size": 300})
+    metrics = run_fit(cfg)
+    assert metrics["fit_texts"] == 24  # 10 pairs, one of them with 3 captions, + 12 passages
+    tok = load_tokenizer(tmp_path / "artifacts" / "tokenizer")
+    assert tok.unk_token_id not in tok("xylophone zeppelin quokka")["input_ids"]

@@ -205,34 +205,7 @@ def test_hf_save_to_disk_arrow_dataset_dict(tmp_path):
         run_prepare(cfg(tmp_path, [{"path": "ds", "split": "validation"}]))
 
 
-# ------------------------------------------------------------------------------ COCO and Karpathy JSON
-def test_coco_captions_five_per_image_store_the_image_once(tmp_path):
-    raw = raw_with_other_corpora(tmp_path)
-    (raw / "coco" / "annotations").mkdir(parents=True)
-    (raw / "coco" / "train2017").mkdir()
-    images = [{"id": 9, "file_name": "000000000009.jpg", "height": 32, "width": 40},
-              {"id": 25, "file_name": "000000000025.jpg", "height": 32, "width": 40}]
-    for i, img in enumerate(images):
-        (raw / "coco" / "train2017" / img["file_name"]).write_bytes(jpeg(COLOURS[i]))
-    annotations = [{"image_id": img["id"], "id": 100 * img["id"] + k, "caption": f"caption {k} of image {img['id']}"}
-                   for img in images for k in range(5)]
-    annotations.append({"image_id": 77, "id": 1, "caption": "an image that is not listed"})
-    (raw / "coco" / "annotations" / "captions_train2017.json").write_text(json.dumps(
-        {"info": {}, "licenses": [], "images": images, "annotations": annotations}))
-    c = cfg(tmp_path, [{"kind": "coco", "path": "coco/annotations/captions_train2017.json",
-                        "images_dir": "coco/train2017", "name": "coco"}])
-    assert run_prepare(c)["pairs"] == {"in": 11, "accepted": 10, "rejected": 1}
-    rows, rejects, _ = prepared_pairs(tmp_path)
-    assert rows[0] == {"key": "coco-9-900", "image": str(raw / "coco" / "train2017" / "000000000009.jpg"),
-                       "text": "caption 0 of image 9", "source": "coco"}
-    assert len({r["image"] for r in rows}) == 2 and len({r["key"] for r in rows}) == 10
-    assert "image_id 77 has no file_name" in rejects[0]["reason"]
-    assert run_validate(c)["pairs"]["accepted"] == 10
-    validated = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
-    assert len({r["image"] for r in validated}) == 2
-    assert len(list((tmp_path / "validated" / "images" / "pairs").iterdir())) == 2  # not ten copies
-
-
+# ----------------------------------------------------------- Karpathy JSON (COCO: test_ingest_captions.py)
 def test_karpathy_splits_flickr30k_and_coco_layouts(tmp_path):
     raw = raw_with_other_corpora(tmp_path)
     (raw / "flickr30k-images").mkdir()
@@ -252,15 +225,18 @@ def test_karpathy_splits_flickr30k_and_coco_layouts(tmp_path):
     (raw / "dataset_coco.json").write_text(json.dumps({"images": coco, "dataset": "coco"}))
     c = cfg(tmp_path, [{"kind": "karpathy", "path": "dataset_flickr30k.json", "images_dir": "flickr30k-images"},
                        {"kind": "karpathy", "path": "dataset_coco.json", "images_dir": "coco"}])
-    assert run_prepare(c)["pairs"] == {"in": 22, "accepted": 12, "rejected": 10}
+    assert run_prepare(c)["pairs"] == {"in": 5, "accepted": 3, "rejected": 2}  # counted in images
     rows, rejects, metrics = prepared_pairs(tmp_path)
-    assert metrics["pairs"]["sources"] == {"dataset_flickr30k": {"accepted": 10, "in": 20, "rejected": 10},
-                                           "dataset_coco": {"accepted": 2, "in": 2}}
-    assert rows[0]["key"] == "dataset_flickr30k-0-0" and rows[0]["text"] == "Sentence 0 about picture 0."
-    assert rows[-1]["image"] == str(raw / "coco" / "val2014" / "COCO_val2014_000000000042.jpg")
+    assert metrics["pairs"]["sources"] == {"dataset_flickr30k": {"accepted": 2, "in": 4, "rejected": 2},
+                                           "dataset_coco": {"accepted": 1, "in": 1}}
+    assert rows[0]["key"] == "dataset_flickr30k-0" and "text" not in rows[0]
+    assert rows[0]["captions"] == [f"Sentence {k} about picture 0." for k in range(5)]
+    assert rows[-1] == {"key": "dataset_coco-0", "source": "dataset_coco",
+                        "image": str(raw / "coco" / "val2014" / "COCO_val2014_000000000042.jpg"),
+                        "captions": ["A man riding a horse.", "A horse with a rider."]}
     assert {r["reason"] for r in rejects} == {"split 'val' not in splits ['train', 'restval']",
                                               "split 'test' not in splits ['train', 'restval']"}
-    assert run_validate(c)["pairs"]["accepted"] == 12
+    assert run_validate(c)["pairs"]["accepted"] == 3
     assert len(list((tmp_path / "validated" / "images" / "pairs").iterdir())) == 3
 
 
