@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from flava.configbase import StrictModel
+from flava.configbase import StrictModel, flatten
 from flava.data.config import DataConfig
 from flava.eval.config import EvalConfig
 from flava.launch.config import LaunchConfig
@@ -88,15 +88,6 @@ class PipelineConfig(StrictModel):
         """Stable short hash of the effective config (lineage tag ``params_hash``)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: tree}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

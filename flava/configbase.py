@@ -29,3 +29,13 @@ class StrictModel(BaseModel):
     a default)."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict -> ``{"a.b.c": leaf}`` (an empty nested dict stays a leaf ``{}``)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}

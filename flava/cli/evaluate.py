@@ -8,6 +8,10 @@ from flava.cli import config_from, stage_command
 
 
 def _evaluate(args: argparse.Namespace):
+    if args.model:  # a pretrained baseline, outside the DVC stage: its own modules, imported only then
+        from flava.eval.pretrained import run_evaluate_pretrained
+
+        return run_evaluate_pretrained(config_from(args), args.model)
     # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
     from flava.eval.run import run_evaluate
 
@@ -38,8 +42,11 @@ def _export_hf(args: argparse.Namespace):
 
 
 def register(groups: argparse._SubParsersAction) -> None:
-    stage_command(groups, "evaluate", "evaluate models/joint/best: zero-shot, retrieval, probe, fine-tunes, report",
-                  _evaluate)
+    evaluate = stage_command(groups, "evaluate",
+                             "evaluate models/joint/best: zero-shot, retrieval, probe, fine-tunes, report", _evaluate)
+    evaluate.add_argument("--model", metavar="DIR",
+                          help="evaluate and register a local transformers FLAVA checkpoint (save_pretrained dir) as "
+                               "a baseline instead; reports under <paths.reports>/baselines/<DIR name>")
     stage_command(groups, "promote", "register the evaluated model and gate it against @champion", _promote)
     export = stage_command(groups, "export-hf", "export a model directory in the transformers FLAVA format",
                            _export_hf)

@@ -1,10 +1,12 @@
 """``flava data fit``: the text tokenizer and the image codebook that the pretraining stages need.
 
 - Tokenizer: a WordPiece vocabulary fit on the validated text of the configured corpora (``data.tokenizer``), or a
-  pretrained tokenizer copied from a local directory (``data.tokenizer.pretrained_dir``, e.g. BERT's).
+  pretrained tokenizer copied from a local directory (``data.tokenizer.pretrained_dir``, e.g. BERT's, or a
+  transformers FLAVA checkpoint directory, of which only the tokenizer files are written).
 - Codebook (MIM targets): ``KMeansCodebook`` fit on a seeded sample of validated images, transformed exactly as
   the loader transforms them (the model preset's image size, ``data.loader`` normalisation, no augmentation) with
-  the preset's patch size; or a DALL-E dVAE copied from ``data.codebook.dalle_dir``.
+  the preset's patch size; or a DALL-E dVAE copied from ``data.codebook.dalle_dir`` (a ``FlavaImageCodebook``
+  directory, or a transformers FLAVA checkpoint directory holding ``image_codebook.*``).
 
 Writes ``paths.artifacts/tokenizer/``, ``paths.artifacts/codebook/`` and ``paths.artifacts/fit.json``.
 Deterministic for ``cfg.seed``.
@@ -27,6 +29,7 @@ from flava.data.shards import read_manifest, resolve_image
 from flava.data.tokenizer import fit_wordpiece, load_tokenizer
 from flava.data.transforms import decode_image, model_image_geometry, transform_from_config
 from flava.model.codebook import DalleCodebook, KMeansCodebook, load_codebook
+from flava.model.hf import is_transformers_checkpoint, load_transformers_codebook
 from flava.tracking.runs import stage_run
 
 if TYPE_CHECKING:
@@ -47,8 +50,11 @@ def fit_tokenizer(cfg: "PipelineConfig", out_dir: Path) -> dict[str, Any]:
     _fresh_dir(out_dir)
     if tc.pretrained_dir:
         source = Path(tc.pretrained_dir)
-        load_tokenizer(source)  # fails readably if it is not a tokenizer directory
-        shutil.copytree(source, out_dir, dirs_exist_ok=True)
+        tok = load_tokenizer(source)  # fails readably if it is not a tokenizer directory
+        if is_transformers_checkpoint(source):  # a whole FLAVA checkpoint: its tokenizer files, not its weights
+            tok.save_pretrained(str(out_dir))
+        else:
+            shutil.copytree(source, out_dir, dirs_exist_ok=True)
         tok = load_tokenizer(out_dir)
         return {"tokenizer_source": f"pretrained:{source}", "vocab_size": len(tok), "fit_texts": 0}
     texts: list[str] = []
@@ -88,7 +94,10 @@ def fit_codebook(cfg: "PipelineConfig", out_dir: Path) -> dict[str, Any]:
     image_size, patch_size = model_image_geometry(cfg)
     _fresh_dir(out_dir)
     if cc.kind == "dalle":
-        codebook = DalleCodebook.load(cc.dalle_dir)
+        source = Path(cc.dalle_dir)
+        # A FlavaImageCodebook directory, or a whole transformers FLAVA checkpoint holding image_codebook.*
+        codebook = load_transformers_codebook(source) if is_transformers_checkpoint(source) else \
+            DalleCodebook.load(source)
         codebook.save(out_dir)
         return {"codebook_kind": "dalle", "codebook_size": codebook.num_codes, "codebook_images": 0,
                 "codebook_source": str(cc.dalle_dir)}

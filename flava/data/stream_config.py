@@ -57,6 +57,7 @@ class TokenizerConfig(StrictModel):
     fit_corpora: list[Literal["pairs", "text"]] = Field(default_factory=lambda: ["pairs", "text"])
     max_fit_texts: int | None = Field(None, ge=1)  # cap on texts used for fitting (first N, in manifest order)
     # A local directory holding a pretrained tokenizer (``save_pretrained`` layout, e.g. BERT's); copied as is.
+    # A transformers FLAVA checkpoint directory works too: only its tokenizer files are written.
     pretrained_dir: str | None = None
     max_length: int = Field(32, ge=4)  # tokens per text, incl. [CLS]/[SEP]; longer texts are truncated
 
@@ -65,7 +66,8 @@ class CodebookFitConfig(StrictModel):
     """Image codebook for MIM targets (``flava data fit``)."""
 
     kind: Literal["kmeans", "dalle"] = "kmeans"
-    dalle_dir: str | None = None  # kind=dalle: local directory in transformers' FlavaImageCodebook layout
+    # kind=dalle: a local FlavaImageCodebook directory, or a transformers FLAVA checkpoint directory (its codebook)
+    dalle_dir: str | None = None
     num_codes: int = Field(256, ge=2)
     iters: int = Field(20, ge=1)
     sample_images: int = Field(512, ge=1)  # images drawn (seeded) from the image corpora for the fit

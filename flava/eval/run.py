@@ -234,7 +234,7 @@ def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         info = {"model": str(model_dir), "eval sets": str(eval_root), "mlflow run": run.run_id,
                 "params hash": cfg.digest(), "device": str(device)}
         write_reports(out_dir, metrics, info, made)
-        _log_results(metrics, extras, out_dir)
+        log_results(metrics, extras, out_dir)
         model_uri = _log_model(run, cfg, model, model_dir) if cfg.eval.log_model else None
         run_info = {
             "run_id": run.run_id,
@@ -248,7 +248,7 @@ def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     return {"macro": metrics["macro"], "tasks": metrics["tasks"], "run_id": run_info["run_id"]}
 
 
-def _log_results(metrics: dict[str, Any], extras: dict[str, Any], out_dir: Path) -> None:
+def log_results(metrics: dict[str, Any], extras: dict[str, Any], out_dir: Path) -> None:
     """Every numeric metric, the task timings, the confusion matrix and the report directory, to the active run."""
     numeric = {
         k: float(v) for k, v in flatten(metrics).items()

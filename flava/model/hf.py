@@ -324,28 +324,24 @@ def to_transformers(model: FlavaForPretraining):
 
 
 def _read_safetensors_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    if single.exists():
-        return load_file(str(single))
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(directory / shard)))
-        return state
-    if any(directory.glob("*.bin")):
+    names = ("model.safetensors", "model.safetensors.index.json")
+    if not any((directory / name).exists() for name in names) and any(directory.glob("*.bin")):
         raise ValueError(
             f"{directory} holds only pickled weights (*.bin), which are never loaded here; convert them to "
             "safetensors first (e.g. transformers' save_pretrained(safe_serialization=True) in a trusted setting)"
         )
-    raise FileNotFoundError(f"{directory} has no model.safetensors or model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for path in checkpoint_weight_files(directory):
+        state.update(load_file(str(path)))
+    return state
 
 
-def load_transformers_checkpoint(local_dir: str | Path, *, attention: str = "sdpa") -> FlavaForPretraining:
-    """Load a transformers FLAVA checkpoint already on disk (``config.json`` + safetensors weights), e.g.
-    ``facebook/flava-full`` downloaded by the user. Never downloads and never unpickles. Missing pretraining
-    heads (a bare ``FlavaModel`` checkpoint) keep their fresh initialisation, with a warning."""
+def read_transformers_checkpoint(
+    local_dir: str | Path, *, attention: str = "sdpa"
+) -> tuple[FlavaConfig, dict[str, torch.Tensor], DalleCodebook | None]:
+    """A transformers FLAVA checkpoint already on disk -> (our config, its weights under our names, its DALL-E
+    codebook or None). Never downloads and never unpickles. A bare ``FlavaModel`` checkpoint converts without
+    its pretraining heads."""
     import transformers  # optional extra (pyproject "pipeline"), ~0.6 s to import: only these functions need it
 
     directory = Path(local_dir)
@@ -360,10 +356,49 @@ def load_transformers_checkpoint(local_dir: str | Path, *, attention: str = "sdp
     codebook = _codebook_from_hf_state(hf_state, hf_config.to_dict().get("image_codebook_config"))
     if codebook is not None and codebook.num_codes != cfg.codebook_size:
         codebook = None
+    return cfg, from_transformers_state_dict(hf_state, cfg, allow_missing_heads=True), codebook
+
+
+def load_transformers_checkpoint(local_dir: str | Path, *, attention: str = "sdpa") -> FlavaForPretraining:
+    """Load a transformers FLAVA checkpoint already on disk (``config.json`` + safetensors weights), e.g.
+    ``facebook/flava-full`` downloaded by the user. Never downloads and never unpickles. Missing pretraining
+    heads (a bare ``FlavaModel`` checkpoint) keep their fresh initialisation, with a warning."""
+    cfg, state, codebook = read_transformers_checkpoint(local_dir, attention=attention)
     model = FlavaForPretraining(cfg, codebook=codebook)
-    state = from_transformers_state_dict(hf_state, cfg, allow_missing_heads=True)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys:
-        log.warning("checkpoint %s has no weights for %d tensors (kept freshly initialised): %s", directory,
+        log.warning("checkpoint %s has no weights for %d tensors (kept freshly initialised): %s", local_dir,
                     len(result.missing_keys), result.missing_keys[:8])
     return model
+
+
+def is_transformers_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a transformers FLAVA model (``config.json`` with model_type ``flava``)."""
+    config = Path(directory) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "flava"
+
+
+def checkpoint_weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files holding a transformers checkpoint's weights, in a fixed order."""
+    directory = Path(directory)
+    if (directory / "model.safetensors").exists():
+        return [directory / "model.safetensors"]
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return [directory / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    raise FileNotFoundError(f"{directory} has no model.safetensors or model.safetensors.index.json")
+
+
+def load_transformers_codebook(local_dir: str | Path) -> DalleCodebook:
+    """The DALL-E codebook held in a transformers ``FlavaForPreTraining`` checkpoint (``image_codebook.*``, shaped
+    by its config's ``image_codebook_config``), e.g. a downloaded ``facebook/flava-full``. Reads only the
+    safetensors weights; never downloads."""
+    directory = Path(local_dir)
+    if not is_transformers_checkpoint(directory):
+        raise ValueError(f"{directory} is not a transformers FLAVA checkpoint (config.json with model_type 'flava')")
+    raw = json.loads((directory / "config.json").read_text())
+    codebook = _codebook_from_hf_state(_read_safetensors_checkpoint(directory), raw.get("image_codebook_config"))
+    if codebook is None:
+        raise ValueError(f"{directory} holds no image_codebook.* weights (a FlavaModel, or saved with "
+                         "init_codebook=False): point data.codebook.dalle_dir at a FlavaImageCodebook directory")
+    return codebook

@@ -309,12 +309,15 @@ def promote(
     lock: PromotionLock,
     tags: dict[str, str] | None = None,
     weights_sha256: str | None = None,
+    version_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Register (once) the model evaluated in ``eval_run_id`` and gate it against ``@champion``.
 
     ``model_source`` is the artifact URI of the model; ``tags`` are lineage facts, kept in the version's
     description and JSON record (not as tags); ``weights_sha256`` identifies the weights: a version of the same
-    weights is reused with its recorded decision. Returns a JSON-serialisable summary (``promotion.json``).
+    weights is reused with its recorded decision; ``version_tags`` are set on a newly created version besides the
+    registry's own (e.g. where a pretrained baseline came from). Returns a JSON-serialisable summary
+    (``promotion.json``).
     """
     name = rcfg.model_name
     macros(metrics)  # fail early, before taking the lock, on metrics that cannot be gated
@@ -330,7 +333,7 @@ def promote(
             # A tracking server (REST store) refuses a `models:/m-...` source without the logged model's id.
             model_id = model_source.removeprefix("models:/") if model_source.startswith("models:/m-") else None
             version = client.create_model_version(name, model_source, run_id=eval_run_id, model_id=model_id, tags={
-                EVAL_RUN_TAG: eval_run_id, WEIGHTS_TAG: weights_sha256 or "unknown",
+                **(version_tags or {}), EVAL_RUN_TAG: eval_run_id, WEIGHTS_TAG: weights_sha256 or "unknown",
                 OVERALL_TAG: f"{macros(metrics)['overall']:.4f}",
             })
         else:

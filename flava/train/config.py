@@ -62,6 +62,10 @@ class StageSettings(StrictModel):
 
 class JointSettings(StageSettings):
     init_from_unimodal: bool = True  # False: the whole model from scratch (an ablation of the paper's recipe)
+    # A pretrained checkpoint directory (a transformers FLAVA ``save_pretrained`` dir, e.g. facebook/flava-full, or
+    # a flava.model.io dir) the whole joint model starts from. When set it takes precedence: the unimodal models
+    # are not read, whatever init_from_unimodal says. Its shapes must match the model config (see README).
+    init_from: str | None = None
 
 
 class TrainConfig(StrictModel):

@@ -5,6 +5,7 @@
   independent (they can run in parallel).
 - ``joint``: the whole model, its text and image towers (and their MLM/MIM heads) initialised from the two
   unimodal directories (multimodal encoder random; ``train.joint.init_from_unimodal=false`` starts from scratch),
+  or, when ``train.joint.init_from`` names a pretrained checkpoint (transformers FLAVA or ours), entirely from it,
   batches drawn from the three corpora by ``data.mixing.ratios``, zero-shot accuracy on the validation split every
   ``train.eval_every`` steps; writes ``paths.models/joint/{last,best}`` (best by zero-shot top-1, tokenizer copied
   beside each, ``best/selection.json``).
@@ -57,6 +58,7 @@ from flava.model import FlavaForPretraining
 from flava.model.batch import validate_batch
 from flava.model.codebook import load_codebook
 from flava.model.io import load_model, save_model
+from flava.model.pretrained import checkpoint_sha256, load_pretrained_weights
 from flava.stages import PRETRAIN_STAGE, stage_identity
 from flava.tracking.runs import StageRun
 from flava.train.checkpoint import Checkpointer, model_state
@@ -209,7 +211,8 @@ class Built:
     scheduler: Any
     unused: UnusedParameters
     check_batch: Callable[[dict[str, Any]], None] | None  # the trainer's host-side batch check
-    copied: dict[str, int]  # parameters copied per part from the unimodal models (joint)
+    copied: dict[str, int]  # parameters copied per part from the unimodal models or train.joint.init_from (joint)
+    init_from: dict[str, str]  # train.joint.init_from's {"source": dir, "sha256": weights hash}; {} when unset
     trainable: int
     tokenizer: Any
     device: torch.device
@@ -256,7 +259,8 @@ def _run(cfg: PipelineConfig, stage: str, info: ProcessInfo,
         if trainer.resume() is not None:
             run.set_tags({"resumed_from_step": trainer.resumed_from})
         run.set_tags({"frozen_parameters": len(built.unused.frozen), "trainable_parameters": built.trainable,
-                      "identity": checkpointer.fingerprint})
+                      "identity": checkpointer.fingerprint,
+                      **{f"init_from.{k}": v for k, v in built.init_from.items()}})
         try:
             summary = trainer.fit()
         except EarlyStop as stop:
@@ -293,7 +297,11 @@ def _build(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> Built:
 
     model = factory()
     copied: dict[str, int] = {}
-    if stage == "joint" and tc.joint.init_from_unimodal:
+    init_from: dict[str, str] = {}
+    if stage == "joint" and tc.joint.init_from:  # takes precedence over init_from_unimodal (train/config.py)
+        copied = load_pretrained_weights(model, tc.joint.init_from)
+        init_from = {"source": str(tc.joint.init_from), "sha256": checkpoint_sha256(tc.joint.init_from)}
+    elif stage == "joint" and tc.joint.init_from_unimodal:
         copied = init_from_unimodal(model, Path(cfg.paths.models))
     model.to(device)
     streams = {
@@ -316,6 +324,7 @@ def _build(cfg: PipelineConfig, stage: str, info: ProcessInfo) -> Built:
                                 warmup_steps=tc.stage_warmup(stage))
     return Built(model=model, wrapped=wrapped, factory=factory, stream=stream, optimizer=optimizer,
                  scheduler=scheduler, unused=unused, check_batch=check_batch, copied=copied,
+                 init_from=init_from,
                  trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), tokenizer=tokenizer,
                  device=device, settings=settings, fsdp=tc.strategy == "fsdp" and info.distributed)
 
@@ -401,6 +410,8 @@ def _finish(cfg: PipelineConfig, stage: str, info: ProcessInfo, out: Outputs, bu
               "samples_per_s": (trainer.history[-1] if trainer.history else {}).get("samples_per_s"),
               "model_dir": str(out.model_dir), "best_dir": str(out.best_dir) if out.best_dir else None,
               "checkpoint": checkpointer.uri(checkpointer.latest()) if checkpointer.latest() is not None else None}
+    if built.init_from:
+        record["init_from_checkpoint"] = built.init_from
     if not info.is_main:
         return {**metrics, **record}
     _write_curves(out, stage, info, trainer)
@@ -453,7 +464,7 @@ def _metrics(stage: str, info: ProcessInfo, built: Built, trainer: Trainer, summ
         "frozen_parameters": len(built.unused.frozen),
     }
     if stage == "joint":
-        metrics["init_from_unimodal"] = {k: int(v) for k, v in built.copied.items()}
+        metrics["init_from" if built.init_from else "init_from_unimodal"] = {k: int(v) for k, v in built.copied.items()}
         metrics["best_step"] = summary["best_step"]
         metrics["best_zeroshot_top1"] = summary["best_metric"]
         for key, value in summary["last_eval"].items():
