@@ -27,8 +27,9 @@ class EngineConfig(StrictModel):
     kind: Literal["serial", "local", "address"] = "serial"
     workers: int = Field(0, ge=0)  # local: worker processes; 0 = one per core
     address: str = ""  # address: the Dask scheduler, e.g. tcp://scheduler:8786
-    # rows per partition: memory is bounded by it; larger than the synthetic corpora, so they are one partition
-    partition_rows: int = Field(50_000, ge=1)
+    # rows per partition: memory is bounded by it (~2.6 KB per row); above the synthetic corpora (3000 pairs),
+    # so the embedded pipeline validates each corpus as one partition
+    partition_rows: int = Field(10_000, ge=1)
 
     @model_validator(mode="after")
     def _address_given(self) -> "EngineConfig":
