@@ -446,8 +446,8 @@ def validate_corpus(corpus: str, v: ValidateConfig, s3: S3Config, prepared: Path
         parts_dir.mkdir(parents=True)
         write_json_atomic(index, {"fingerprint": fingerprint, "rows": plan.rows, "partition_rows": partition_rows,
                                   "partitions": [_part_name(p.index) for p in plan.partitions]})
-    elif image_dir.exists():  # resuming: drop the half-written images of the partitions that were cut short
-        for tmp in image_dir.glob(".*.tmp"):
+    else:  # resuming: drop what the partitions that were cut short half-wrote (see partitions.temporary)
+        for tmp in [*parts_dir.glob(".*.tmp"), *(image_dir.glob(".*.tmp") if image_dir.exists() else [])]:
             tmp.unlink()
     if corpus in IMAGE_CORPORA:
         image_dir.mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,7 @@ def test_killed_validate_resumes_at_the_first_unfinished_partition(tmp_path, mon
     monkeypatch.setattr(validation, "write_json_atomic", real_summary_write)
     assert not killed_at.exists() and not (out / "pairs.jsonl").exists()
     (out / "images" / "pairs" / ".half-written.png.123.tmp").write_bytes(b"\x89PNG cut short")
+    (out / validation.PARTITIONS_DIR / "pairs" / ".00004.jsonl.123.tmp").write_text('{"key": "cut')
 
     done: list[tuple[str, int]] = []
     real_partition = validation.validate_partition
