@@ -141,10 +141,12 @@ STAGES: tuple[Stage, ...] = (
         # same name leaves the manifests unchanged but not the validated images.
         name="validate", command=("data", "validate"), entry="flava.data.validate:run_validate",
         deps=tuple(f"{_PREPARED}/{c}.jsonl" for c in _CORPORA) + (f"{_PREPARED}/extracted", "${paths.raw}"),
-        params=("data.validation",),
+        # data.engine.partition_rows: the partitions' outputs and the aggregated GE results depend on it (the rows,
+        # images and metrics do not); data.engine's other keys only say where the partitions run
+        params=("data.validation", "data.engine.partition_rows"),
         outs=tuple(Out(f"{_VALIDATED}/{c}.jsonl") for c in _CORPORA) + (Out(f"{_VALIDATED}/images"),)
         + tuple(Out(f"{_VALIDATED}/{c}.rejects.jsonl") for c in _CORPORA)
-        + (Out(f"{_VALIDATED}/ge"), Out(f"{_VALIDATED}/report.md")),
+        + (Out(f"{_VALIDATED}/ge"), Out(f"{_VALIDATED}/report.md"), Out(f"{_VALIDATED}/partitions")),
         metrics=(Out(f"{_VALIDATED}/metrics.json", cache=False),),
         help="validate manifests with Great Expectations; quarantine bad rows with reasons",
     ),

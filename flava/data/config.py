@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from flava.configbase import StrictModel
+from flava.data.engine import EngineConfig
 from flava.data.prep_config import GenerateConfig, IngestConfig, ValidateConfig
 from flava.data.stream_config import (
     CodebookFitConfig,
@@ -24,6 +25,7 @@ class DataConfig(StrictModel):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     validation: ValidateConfig = Field(default_factory=ValidateConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     codebook: CodebookFitConfig = Field(default_factory=CodebookFitConfig)

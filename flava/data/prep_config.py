@@ -214,7 +214,7 @@ class IngestConfig(StrictModel):
 class ValidateConfig(StrictModel):
     """Great Expectations validation (``flava data validate``). Rows failing a check are quarantined with the
     reason; images in convertible modes (CMYK, L, P, RGBA, 16-bit, ...) are normalised to RGB, EXIF-rotated,
-    and written under ``paths.validated/images/<corpus>/``."""
+    and written under ``paths.validated/images/<corpus>/`` (RGB JPEGs and PNGs as they are, see passthrough)."""
 
     min_accept_fraction: float = Field(0.9, ge=0, le=1)
     # captions (pairs) and passages (text)
@@ -237,6 +237,11 @@ class ValidateConfig(StrictModel):
     )
     alpha_background: list[int] = Field(default_factory=lambda: [255, 255, 255])  # RGBA composited onto this
     image_format: Literal["png", "jpg"] = "png"  # format of the normalised images
+    # True: a JPEG or PNG that needs no conversion (8-bit RGB, no EXIF rotation) is kept byte for byte, whatever
+    # image_format says (re-encoding is most of validate's time at photo size, and a PNG of a photo is ~4x the
+    # JPEG's bytes); False re-encodes every image as image_format. The synthetic PNGs come out of PIL's encoder
+    # with its default settings, which re-encoding reproduces byte for byte, so either way gives the same files.
+    passthrough: bool = True
     jpeg_quality: int = Field(95, ge=1, le=100)
     report_examples: int = Field(3, ge=0)  # example rejects per reason in report.md
 

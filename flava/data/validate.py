@@ -4,8 +4,17 @@ For each corpus manifest in ``paths.prepared`` every row gets one column per che
 encoding and bounds, image decodability, mode and size, computed by decoding each image safely, local file or
 ``s3://`` object alike). The corpus's GE suite (``flava.data.expectations``) runs over those columns; a row that
 fails an expectation is rejected with the first failing expectation's reason. Accepted images are normalised
-(EXIF rotation, 8-bit RGB) and written to ``paths.validated/images/<corpus>/``, once per image reference (rows
-sharing an image share the file); accepted rows point there.
+(EXIF rotation, 8-bit RGB; RGB JPEGs and PNGs kept as they are under ``passthrough``) and written to
+``paths.validated/images/<corpus>/``, once per image reference (rows sharing an image share the file, named
+after the first row that decodes it); accepted rows point there.
+
+The manifest is validated in partitions of ``data.engine.partition_rows`` rows, on the engine of
+``data.engine`` (``flava.data.engine``): memory is bounded by the partition (one streaming pass before them
+finds the keys and images that recur across partitions, so duplicates and shared images come out as in one
+pass). Each partition writes ``partitions/<corpus>/<n>.jsonl``, ``<n>.rejects.jsonl`` and, last, ``<n>.json``
+(counts, reasons, per-expectation results, its GE result, the fingerprint of manifest + params + range);
+``partitions/<corpus>/index.json`` lists them. A killed run resumes at the partitions without a matching
+``<n>.json``; new manifest bytes or params start the corpus afresh.
 
 A pair with several captions (``captions``, ``flava.data.captions``) has each caption checked on its own (GE suite
 ``pairs_captions``): a failing caption is dropped from the row and written to the rejects file as
@@ -13,29 +22,52 @@ A pair with several captions (``captions``, ``flava.data.captions``) has each ca
 caption"). Then ``metrics["pairs"]["captions"]`` counts captions too (``in == accepted + rejected``).
 
 Outputs in ``paths.validated``: ``{corpus}.jsonl``, ``{corpus}.rejects.jsonl`` (row + ``reason`` +
-``failed_expectations``), ``report.md``, ``metrics.json``, ``ge/{corpus}.json`` (the GE validation result).
-Per corpus ``in == accepted + rejected``. The stage fails with a ``ValueError`` (after writing its outputs)
-when a corpus's accepted fraction is below ``data.validation.min_accept_fraction``.
+``failed_expectations``; the partitions' files concatenated in order, so they do not depend on the partitioning
+or the engine), ``report.md``, ``metrics.json``, ``ge/{corpus}.json`` (the GE validation result; aggregated over
+the partitions when there are several), ``partitions/``. Per corpus and per partition ``in == accepted +
+rejected``. The stage fails with a ``ValueError`` (after writing its outputs) when a corpus's accepted fraction
+is below ``data.validation.min_accept_fraction``.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+from array import array
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
 from flava.data import images as imaging
 from flava.data.captions import CAPTIONS_FIELD, TEXT_FIELD, row_captions
-from flava.data.expectations import SuiteRunner, accepted_checks, caption_checks, corpus_checks
+from flava.data.engine import Engine, EngineConfig, open_engine
+from flava.data.expectations import (
+    SuiteRunner,
+    accepted_checks,
+    caption_checks,
+    corpus_checks,
+)
 from flava.data.ingest import CORPORA, dump_row
-from flava.data.jsonl import read_jsonl
+from flava.data.partitions import (
+    ManifestPlan,
+    RowRange,
+    concatenate_atomic,
+    iter_rows,
+    plan_partitions,
+    read_range,
+    temporary,
+    write_json_atomic,
+    write_lines_atomic,
+)
 from flava.data.prep_config import ValidateConfig
 from flava.data.sources import safe_key
 from flava.data.storage import is_s3, read_bytes, split_s3
@@ -45,6 +77,8 @@ from flava.tracking.runs import StageLog, stage_run
 log = logging.getLogger(__name__)
 
 IMAGE_CORPORA = ("pairs", "images")
+# formats kept byte for byte under data.validation.passthrough (PIL's format name -> file suffix)
+PASSTHROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 
 
 # ---------------------------------------------------------------------------------------------- fetching
@@ -76,7 +110,9 @@ class Fetcher:
         except FileNotFoundError as err:
             return None, f"s3 object not found: {err}"
         except Exception as err:  # noqa: BLE001 - botocore: credentials, endpoint, access denied, throttling...
-            from botocore.exceptions import ClientError  # botocore is optional (S3 only); only S3 refs get here
+            from botocore.exceptions import (
+                ClientError,  # botocore is optional (S3 only); only S3 refs get here
+            )
 
             reason = f"s3 object unreachable: {ref}: {type(err).__name__}: {err}"
             if not isinstance(err, ClientError):  # connection-level failure: the whole bucket is unreachable
@@ -105,20 +141,36 @@ def _truncate(text: str, max_words: int, max_chars: int) -> str:
     return text[:max_chars].rstrip() if len(text) > max_chars else text
 
 
+def row_key(row: dict[str, Any]) -> str | None:
+    """The row's key as the checks see it (None when absent or empty)."""
+    key = row.get("key")
+    return None if key is None or str(key) == "" else str(key)
+
+
 def image_name(key: str, suffix: str) -> str:
     """File name of a normalised image: readable part of the key + a hash, so distinct keys never collide."""
     return f"{safe_key(key)[:80]}-{hashlib.sha1(key.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}.{suffix}"
 
 
 class _CorpusChecker:
-    def __init__(self, corpus: str, v: ValidateConfig, fetch: Fetcher, image_dir: Path):
+    """Check columns of one partition's rows. Rows are numbered corpus-wide (``start`` is the partition's first
+    row); ``prior_keys`` and ``prior_images`` carry what earlier partitions saw: the first row of each key that
+    recurs here, and the key naming each shared image that an earlier row decoded first. Normalised images are
+    written to temporary names; ``settle_images`` renames those an accepted row points to and drops the rest."""
+
+    def __init__(self, corpus: str, v: ValidateConfig, fetch: Fetcher, image_dir: Path, *, start: int = 0,
+                 prior_keys: dict[str, int] | None = None, prior_images: dict[str, str] | None = None):
         self.corpus, self.v, self.fetch, self.image_dir = corpus, v, fetch, image_dir
+        self.start = start
+        self.prior_keys = prior_keys or {}
+        self.prior_images = prior_images or {}
         self.conversions: Counter[str] = Counter()
         self.exif_rotated = 0
         self.truncated = 0
         # image reference -> its check columns and normalised file: an image shared by several rows (COCO's five
-        # captions per image) is fetched, decoded and written once
+        # captions per image) is fetched, decoded and written once per partition
         self._seen_images: dict[str, tuple[dict[str, Any], Path | None]] = {}
+        self._pending: dict[Path, Path] = {}  # final image path -> temporary file holding it
         # row index -> caption check columns of a multi-caption row (set by check_captions)
         self.caption_columns: dict[int, dict[str, Any]] = {}
 
@@ -184,10 +236,12 @@ class _CorpusChecker:
         if not isinstance(ref, str) or not ref:
             return {**empty, "image_error": "missing file: row has no image reference"}, None
         if ref not in self._seen_images:
-            self._seen_images[ref] = self._check_image(ref, str(row["key"]), empty)
+            owner = self.prior_images.get(ref)  # decoded first (and counted) by an earlier partition
+            self._seen_images[ref] = self._check_image(ref, owner or str(row["key"]), empty, count=owner is None)
         return self._seen_images[ref]
 
-    def _check_image(self, ref: str, key: str, empty: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    def _check_image(self, ref: str, key: str, empty: dict[str, Any], *,
+                     count: bool) -> tuple[dict[str, Any], Path | None]:
         data, error = self.fetch(ref)
         if error:
             return {**empty, "image_error": error}, None
@@ -202,25 +256,40 @@ class _CorpusChecker:
         if info.image is None or info.error or info.mode not in v.allowed_modes:
             return cols, None
         rgb, turned = imaging.to_rgb(info.image, tuple(v.alpha_background))
-        if info.mode != "RGB":
-            self.conversions[f"{info.mode}->RGB"] += 1
-        self.exif_rotated += int(turned)
-        path = self.image_dir / image_name(key, v.image_format)
-        if v.image_format == "png":
-            rgb.save(path, format="PNG")
+        if count:
+            if info.mode != "RGB":
+                self.conversions[f"{info.mode}->RGB"] += 1
+            self.exif_rotated += int(turned)
+        keep = v.passthrough and info.format in PASSTHROUGH_FORMATS and info.mode == "RGB" and not turned
+        path = self.image_dir / image_name(key, PASSTHROUGH_FORMATS[info.format] if keep else v.image_format)
+        tmp = temporary(path)
+        if keep:  # already what the shards need: the source bytes, untouched
+            tmp.write_bytes(data)
+        elif v.image_format == "png":
+            rgb.save(tmp, format="PNG")
         else:
-            rgb.save(path, format="JPEG", quality=v.jpeg_quality)
+            rgb.save(tmp, format="JPEG", quality=v.jpeg_quality)
+        self._pending[path] = tmp
         return cols, path
+
+    def settle_images(self, kept: set[Path]) -> None:
+        """Rename the images accepted rows point to into place; drop the others (decoded, but every row using
+        them was rejected for another reason, e.g. its caption)."""
+        for path, tmp in self._pending.items():
+            if path in kept:
+                os.replace(tmp, path)
+            else:
+                tmp.unlink(missing_ok=True)
+        self._pending.clear()
 
     def frame(self, rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[Path | None]]:
         seen: dict[str, int] = {}
         records, written = [], []
         for i, row in enumerate(rows):
-            key = row.get("key")
-            key = None if key is None or str(key) == "" else str(key)
-            duplicate_of = seen.get(key) if key is not None else None
+            key = row_key(row)
+            duplicate_of = None if key is None else self.prior_keys.get(key, seen.get(key))
             if key is not None and duplicate_of is None:
-                seen[key] = i
+                seen[key] = self.start + i
             record: dict[str, Any] = {
                 "key": None if key is None else _printable(key),
                 "duplicate_of": np.nan if duplicate_of is None else float(duplicate_of),
@@ -245,10 +314,9 @@ class _CorpusChecker:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def _read_manifest(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise ValueError(f"manifest {path} not found: run `flava data prepare` first")
-    return read_jsonl(path)
+# Bump when the partition outputs change meaning, so a resumed run never reuses partitions of another format.
+PARTITION_FORMAT = 1
+PARTITIONS_DIR = "partitions"  # under paths.validated: <corpus>/<partition>.{jsonl,rejects.jsonl,json}, index.json
 
 
 def _row_reasons(result, checks, frame: pd.DataFrame) -> tuple[dict[int, str], dict[int, list[str]], list[dict]]:
@@ -272,66 +340,94 @@ def _row_reasons(result, checks, frame: pd.DataFrame) -> tuple[dict[int, str], d
     return reasons, failed, summary
 
 
-def validate_corpus(corpus: str, v: ValidateConfig, prepared: Path, out: Path, fetch: Fetcher,
-                    runner: SuiteRunner) -> tuple[dict[str, Any], dict[str, Any]]:
-    rows = _read_manifest(prepared / f"{corpus}.jsonl")
-    image_dir = out / "images" / corpus
-    if image_dir.exists():
-        shutil.rmtree(image_dir)
-    if corpus in IMAGE_CORPORA:
-        image_dir.mkdir(parents=True)
-    checker = _CorpusChecker(corpus, v, fetch, image_dir)
+@dataclass(frozen=True)
+class PartitionTask:
+    """One partition's work: everything ``validate_partition`` needs, picklable for a Dask worker."""
+
+    corpus: str
+    manifest: str
+    out: str  # paths.validated
+    part: RowRange
+    fingerprint: str  # of the manifest, the params and this range: the partition is done when its summary has it
+    v: ValidateConfig
+    s3: S3Config
+    prior_keys: dict[str, int]  # key -> its first row, for keys recurring here whose first row is earlier
+    prior_images: dict[str, str]  # image ref -> key of the earlier row that decoded it first
+
+
+def _part_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+def _partition_paths(out: Path, corpus: str, index: int) -> dict[str, Path]:
+    base = out / PARTITIONS_DIR / corpus
+    name = _part_name(index)
+    return {"accepted": base / f"{name}.jsonl", "rejects": base / f"{name}.rejects.jsonl",
+            "summary": base / f"{name}.json"}
+
+
+@functools.cache
+def _suite_runner() -> SuiteRunner:
+    """One GE context per process (a Dask worker validates many partitions; a context takes seconds to set up)."""
+    return SuiteRunner()
+
+
+def validate_partition(task: PartitionTask) -> dict[str, Any]:
+    """Validate one row range: write its accepted rows, its rejects and its images, then its summary (counts,
+    reasons, per-expectation results, examples, the GE result) last -- the summary marks the partition done."""
+    corpus, v, out, part = task.corpus, task.v, Path(task.out), task.part
+    rows = read_range(task.manifest, part)
+    checker = _CorpusChecker(corpus, v, Fetcher(task.s3, v.max_image_bytes), out / "images" / corpus,
+                             start=part.start, prior_keys=task.prior_keys, prior_images=task.prior_images)
+    runner = _suite_runner()
     dropped, caption_result = checker.check_captions(rows, runner) if corpus == "pairs" else ({}, None)
     frame, written = checker.frame(rows)
     checks = corpus_checks(corpus, v)
     result = runner.run(corpus, checks, frame)
     reasons, failed, summary = _row_reasons(result, checks, frame)
     _name_captionless(rows, reasons, failed, dropped, v)
-
-    histogram: Counter[str] = Counter()
-    accepted_idx = []
-    kept = {written[i] for i in range(len(rows)) if i not in reasons and written[i] is not None}
-    with (out / f"{corpus}.jsonl").open("w", encoding="utf-8", newline="\n") as acc, \
-            (out / f"{corpus}.rejects.jsonl").open("w", encoding="utf-8", newline="\n") as rej:
-        for i, row in enumerate(rows):
-            if i in reasons:
-                histogram[reasons[i].split(":")[0]] += 1
-                rej.write(dump_row({**row, "reason": reasons[i], "failed_expectations": failed[i]}) + "\n")
-                if written[i] is not None and written[i] not in kept:  # decoded, rejected for another reason
-                    written[i].unlink(missing_ok=True)  # (e.g. caption) and not shared with an accepted row
-            else:
-                accepted_idx.append(i)
-                if written[i] is not None:
-                    row = {**row, "image": str(written[i])}
-                acc.write(dump_row(row) + "\n")
-            for drop in dropped.get(i, []):  # the captions dropped from a multi-caption row
-                rej.write(dump_row(drop) + "\n")
+    accepted_idx = [i for i in range(len(rows)) if i not in reasons]
 
     # Post-condition: the accepted set passes every expectation, keys unique (guards the reason mapping above).
     accepted_frame = frame.iloc[accepted_idx].reset_index(drop=True)
     final = runner.run(f"{corpus}_accepted", accepted_checks(corpus, v), accepted_frame)
     if len(accepted_frame) and not final.success:
         failing = [r.expectation_config.type for r in final.results if not r.success]
-        raise RuntimeError(f"{corpus}: accepted rows fail {failing}; the reject mapping is broken")
-    (out / "ge").mkdir(exist_ok=True)
-    for name, res in ((corpus, result), (f"{corpus}_captions", caption_result)):
-        if res is not None:
-            (out / "ge" / f"{name}.json").write_text(
-                json.dumps(_stable_result(res), sort_keys=True, indent=1, default=str) + "\n", encoding="utf-8")
+        raise RuntimeError(f"{corpus} rows {part.start}..: accepted rows fail {failing}; the reject mapping is broken")
 
-    total = len(rows)
-    metrics = {  # metrics (numbers, for `dvc metrics`), details (for the report)
-        "in": total, "accepted": len(accepted_idx), "rejected": len(reasons),
-        "reject_rate": len(reasons) / total if total else 0.0,
-        "accept_fraction": len(accepted_idx) / total if total else 1.0,
-        "reasons": dict(sorted(histogram.items())),
-        "converted": dict(sorted(checker.conversions.items())),
-        "exif_rotated": checker.exif_rotated,
-        "truncated": checker.truncated,
+    checker.settle_images({written[i] for i in accepted_idx if written[i] is not None})
+    paths = _partition_paths(out, corpus, part.index)
+    write_lines_atomic(paths["accepted"], (
+        dump_row(rows[i] if written[i] is None else {**rows[i], "image": str(written[i])}) for i in accepted_idx))
+    write_lines_atomic(paths["rejects"], _reject_lines(rows, reasons, failed, dropped))
+    histogram = Counter(reason.split(":")[0] for reason in reasons.values())
+    metrics = {"in": len(rows), "accepted": len(accepted_idx), "rejected": len(reasons),
+               "reasons": dict(sorted(histogram.items())), "converted": dict(sorted(checker.conversions.items())),
+               "exif_rotated": checker.exif_rotated, "truncated": checker.truncated}
+    doc = {
+        "fingerprint": task.fingerprint, "start": part.start, "rows": part.rows,
+        "metrics": metrics,
+        "expectations": summary,
+        # [reason, examples] pairs: a list keeps the order of first appearance through the sorted-key JSON
+        "examples": [[reason, texts] for reason, texts in _examples(rows, reasons, v.report_examples).items()],
+        "ge": _stable_result(result),
     }
-    if any(row_captions(row) is not None for row in rows):  # single-caption corpora: metrics as they were
-        metrics["captions"] = _caption_counts(rows, reasons, dropped)
-    return metrics, {"expectations": summary, "examples": _examples(rows, reasons, v.report_examples)}
+    if corpus == "pairs":  # caption-level counts; reported when some partition has multi-caption rows
+        doc["captions"] = _caption_counts(rows, reasons, dropped)
+    if caption_result is not None:
+        doc["ge_captions"] = _stable_result(caption_result)
+    write_json_atomic(paths["summary"], doc)
+    return doc
+
+
+def _reject_lines(rows: list[dict[str, Any]], reasons: dict[int, str], failed: dict[int, list[str]],
+                  dropped: dict[int, list[dict]]) -> Iterator[str]:
+    """The rejected rows and the captions dropped from multi-caption rows, in row order."""
+    for i, row in enumerate(rows):
+        if i in reasons:
+            yield dump_row({**row, "reason": reasons[i], "failed_expectations": failed[i]})
+        for drop in dropped.get(i, []):
+            yield dump_row(drop)
 
 
 def _name_captionless(rows: list[dict[str, Any]], reasons: dict[int, str], failed: dict[int, list[str]],
@@ -362,6 +458,212 @@ def _caption_counts(rows: list[dict[str, Any]], reasons: dict[int, str],
             accepted += kept
     return {"in": total, "accepted": accepted, "rejected": total - accepted,
             "reasons": {k: n for k, n in sorted(histogram.items()) if n}}
+
+
+def _recurring(manifest: Path, corpus: str) -> tuple[set[int], set[int]]:
+    """Hashes of the keys, and of the image refs, that occur on more than one row (a superset of the recurring
+    values: hashes may collide; exact values are compared in ``_carry_over``). 16 bytes per row."""
+    keys, refs = array("q"), array("q")
+    for row in iter_rows(manifest):
+        key = row_key(row)
+        if key is not None:
+            keys.append(hash(key))
+        ref = row.get("image")
+        if corpus in IMAGE_CORPORA and isinstance(ref, str) and ref:
+            refs.append(hash(ref))
+
+    def repeated(values: array) -> set[int]:
+        uniq, counts = np.unique(np.frombuffer(values, dtype=np.int64), return_counts=True)
+        return set(uniq[counts > 1].tolist())
+
+    return repeated(keys), repeated(refs)
+
+
+def _carry_over(manifest: Path, corpus: str, plan: ManifestPlan) -> tuple[list[dict[str, int]], list[dict[str, str]]]:
+    """Per partition, what earlier partitions decided: the first row of each recurring key (so a later row is a
+    duplicate exactly as in one pass over the corpus) and the key that names each shared image (its first
+    decoding row's). Memory: the recurring keys and shared images only."""
+    key_hashes, ref_hashes = _recurring(manifest, corpus)
+    first_row: dict[str, int] = {}
+    owner: dict[str, tuple[str, int]] = {}
+    prior_keys: list[dict[str, int]] = [{} for _ in plan.partitions]
+    prior_images: list[dict[str, str]] = [{} for _ in plan.partitions]
+    starts = [p.start for p in plan.partitions]
+    part = 0
+    for i, row in enumerate(iter_rows(manifest)):
+        while part + 1 < len(starts) and i >= starts[part + 1]:
+            part += 1
+        key = row_key(row)
+        decodes = key is not None  # as in _CorpusChecker.frame: duplicates and key-less rows are not decoded
+        if key is not None and hash(key) in key_hashes:
+            if key in first_row:
+                decodes = False
+                if first_row[key] < starts[part]:
+                    prior_keys[part][key] = first_row[key]
+            else:
+                first_row[key] = i
+        ref = row.get("image")
+        if decodes and corpus in IMAGE_CORPORA and isinstance(ref, str) and ref and hash(ref) in ref_hashes:
+            if ref in owner:
+                if owner[ref][1] < starts[part]:
+                    prior_images[part][ref] = owner[ref][0]
+            else:
+                owner[ref] = (key, i)
+    return prior_keys, prior_images
+
+
+def _corpus_fingerprint(plan: ManifestPlan, corpus: str, v: ValidateConfig, s3: S3Config,
+                        partition_rows: int) -> str:
+    doc = {"format": PARTITION_FORMAT, "corpus": corpus, "manifest": plan.sha256, "partition_rows": partition_rows,
+           "validation": v.model_dump(mode="json"), "s3": s3.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _done(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return doc if doc.get("fingerprint") == fingerprint else None
+
+
+def validate_corpus(corpus: str, v: ValidateConfig, s3: S3Config, prepared: Path, out: Path, engine: Engine,
+                    partition_rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate one corpus partition by partition on ``engine``; partitions already done with the same manifest
+    and params are kept (a killed run resumes). Then the partitions are concatenated in order into the outputs
+    the shard stage reads, and their results aggregated."""
+    manifest = prepared / f"{corpus}.jsonl"
+    if not manifest.is_file():
+        raise ValueError(f"manifest {manifest} not found: run `flava data prepare` first")
+    plan = plan_partitions(manifest, partition_rows)
+    fingerprint = _corpus_fingerprint(plan, corpus, v, s3, partition_rows)
+    parts_dir, image_dir = out / PARTITIONS_DIR / corpus, out / "images" / corpus
+    index = parts_dir / "index.json"
+    if _done(index, fingerprint) is None:  # a new manifest or new params: start afresh
+        for stale in (parts_dir, image_dir):
+            if stale.exists():
+                shutil.rmtree(stale)
+        parts_dir.mkdir(parents=True)
+        write_json_atomic(index, {"fingerprint": fingerprint, "rows": plan.rows, "partition_rows": partition_rows,
+                                  "partitions": [_part_name(p.index) for p in plan.partitions]})
+    else:  # resuming: drop what the partitions that were cut short half-wrote (see partitions.temporary)
+        for tmp in [*parts_dir.glob(".*.tmp"), *(image_dir.glob(".*.tmp") if image_dir.exists() else [])]:
+            tmp.unlink()
+    if corpus in IMAGE_CORPORA:
+        image_dir.mkdir(parents=True, exist_ok=True)
+
+    part_fingerprints = [hashlib.sha256(f"{fingerprint}:{p.index}".encode()).hexdigest() for p in plan.partitions]
+    todo = [p for p, fp in zip(plan.partitions, part_fingerprints)
+            if _done(_partition_paths(out, corpus, p.index)["summary"], fp) is None]
+    if todo:
+        prior_keys, prior_images = _carry_over(manifest, corpus, plan)
+        log.info("validate %s: %d of %d partitions to do on %s", corpus, len(todo), len(plan.partitions), engine.name)
+        engine.map(validate_partition, [
+            PartitionTask(corpus, str(manifest), str(out), p, part_fingerprints[p.index], v, s3,
+                          prior_keys[p.index], prior_images[p.index]) for p in todo])
+
+    paths = [_partition_paths(out, corpus, p.index) for p in plan.partitions]
+    concatenate_atomic([p["accepted"] for p in paths], out / f"{corpus}.jsonl")
+    concatenate_atomic([p["rejects"] for p in paths], out / f"{corpus}.rejects.jsonl")
+    summaries = [json.loads(p["summary"].read_text(encoding="utf-8")) for p in paths]
+    (out / "ge").mkdir(exist_ok=True)
+    for name, field in ((corpus, "ge"), (f"{corpus}_captions", "ge_captions")):
+        docs = [s for s in summaries if field in s]
+        if docs:  # the captions' suite only where some partition had multi-caption rows
+            (out / "ge" / f"{name}.json").write_text(
+                json.dumps(aggregate_ge([s[field] for s in docs], [s["start"] for s in docs]),
+                           sort_keys=True, indent=1, default=str) + "\n", encoding="utf-8")
+    return _aggregate(summaries, v.report_examples)
+
+
+def _aggregate(summaries: list[dict[str, Any]], per_reason: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The corpus's metrics (numbers, for `dvc metrics`) and details (for the report) from its partitions'."""
+    totals = {k: sum(s["metrics"][k] for s in summaries) for k in ("in", "accepted", "rejected")}
+    reasons: Counter[str] = Counter()
+    converted: Counter[str] = Counter()
+    for s in summaries:
+        reasons.update(s["metrics"]["reasons"])
+        converted.update(s["metrics"]["converted"])
+    examples: dict[str, list[str]] = {}
+    for s in summaries:
+        for reason, texts in s["examples"]:
+            bucket = examples.setdefault(reason, [])
+            bucket += texts[:max(0, per_reason - len(bucket))]
+    expectations = [{**first, "success": all(s["expectations"][j]["success"] for s in summaries),
+                     "unexpected": sum(s["expectations"][j]["unexpected"] for s in summaries)}
+                    for j, first in enumerate(summaries[0]["expectations"])]
+    total = totals["in"]
+    captions = [s["captions"] for s in summaries if "captions" in s]
+    caption_totals = {}
+    if any("ge_captions" in s for s in summaries):  # single-caption corpora: metrics as they were
+        caption_reasons: Counter[str] = Counter()
+        for c in captions:
+            caption_reasons.update(c["reasons"])
+        caption_totals = {"captions": {**{k: sum(c[k] for c in captions) for k in ("in", "accepted", "rejected")},
+                                       "reasons": dict(sorted(caption_reasons.items()))}}
+    return {
+        **totals,
+        **caption_totals,
+        "reject_rate": totals["rejected"] / total if total else 0.0,
+        "accept_fraction": totals["accepted"] / total if total else 1.0,
+        "reasons": dict(sorted(reasons.items())),
+        "converted": dict(sorted(converted.items())),
+        "exif_rotated": sum(s["metrics"]["exif_rotated"] for s in summaries),
+        "truncated": sum(s["metrics"]["truncated"] for s in summaries),
+    }, {"expectations": expectations, "examples": examples}
+
+
+_PARTIAL_LIMIT = 20  # GE's length of the partial_unexpected_* lists
+
+
+def aggregate_ge(docs: list[dict[str, Any]], starts: list[int]) -> dict[str, Any]:
+    """One GE validation result from the partitions' (one partition: its result as is). Counts add up,
+    percentages are recomputed, the partial lists are the first partitions' (row indices corpus-wide), and the
+    batch fingerprint becomes the list of the partitions' fingerprints."""
+    if len(docs) == 1:
+        return docs[0]
+    out = copy.deepcopy(docs[0])
+    out["meta"].setdefault("batch_markers", {})["pandas_data_fingerprint"] = [
+        d["meta"].get("batch_markers", {}).get("pandas_data_fingerprint") for d in docs]
+    for j, res in enumerate(out["results"]):
+        parts = [d["results"][j]["result"] for d in docs]
+        res["success"] = all(d["results"][j]["success"] for d in docs)
+        result = res["result"]
+        for key in ("element_count", "missing_count", "unexpected_count"):
+            if key in result:
+                result[key] = sum(p.get(key, 0) for p in parts)
+        n, missing, bad = result.get("element_count", 0), result.get("missing_count", 0), result.get(
+            "unexpected_count", 0)
+        if "missing_percent" in result:
+            result["missing_percent"] = missing / n * 100 if n else None
+        if "unexpected_percent" in result:
+            result["unexpected_percent"] = bad / (n - missing) * 100 if n - missing else None
+            result["unexpected_percent_nonmissing"] = result["unexpected_percent"]
+            result["unexpected_percent_total"] = bad / n * 100 if n else None
+        if "partial_unexpected_list" in result:
+            result["partial_unexpected_list"] = [
+                value for p in parts for value in p.get("partial_unexpected_list", [])][:_PARTIAL_LIMIT]
+        if "partial_unexpected_index_list" in result:
+            result["partial_unexpected_index_list"] = [
+                start + i for p, start in zip(parts, starts)
+                for i in p.get("partial_unexpected_index_list", [])][:_PARTIAL_LIMIT]
+        if "partial_unexpected_counts" in result:
+            counts: Counter[str] = Counter()
+            values: dict[str, Any] = {}
+            for p in parts:
+                for c in p.get("partial_unexpected_counts", []):
+                    token = json.dumps(c["value"], sort_keys=True, default=str)
+                    counts[token] += c["count"]
+                    values[token] = c["value"]
+            result["partial_unexpected_counts"] = [
+                {"count": n_, "value": values[t]}
+                for t, n_ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:_PARTIAL_LIMIT]
+    evaluated = len(out["results"])
+    good = sum(1 for r in out["results"] if r["success"])
+    out["success"] = good == evaluated
+    out["statistics"] = {"evaluated_expectations": evaluated, "successful_expectations": good,
+                         "unsuccessful_expectations": evaluated - good,
+                         "success_percent": good / evaluated * 100 if evaluated else None}
+    return out
 
 
 _VOLATILE_RESULT_KEYS = ("unexpected_list", "unexpected_index_list", "unexpected_index_query")
@@ -412,14 +714,16 @@ def render_report(metrics: dict[str, Any], details: dict[str, Any], v: ValidateC
     return "\n".join(lines) + "\n"
 
 
-def validate(v: ValidateConfig, s3: S3Config, prepared: str | Path, validated: str | Path) -> dict[str, Any]:
+def validate(v: ValidateConfig, s3: S3Config, prepared: str | Path, validated: str | Path,
+             engine: EngineConfig | None = None) -> dict[str, Any]:
     prepared, out = Path(prepared), Path(validated)
     out.mkdir(parents=True, exist_ok=True)
-    fetch = Fetcher(s3, v.max_image_bytes)
-    runner = SuiteRunner()
+    engine = engine or EngineConfig()
     metrics, details = {}, {}
-    for corpus in CORPORA:
-        metrics[corpus], details[corpus] = validate_corpus(corpus, v, prepared, out, fetch, runner)
+    with open_engine(engine) as runner:
+        for corpus in CORPORA:
+            metrics[corpus], details[corpus] = validate_corpus(corpus, v, s3, prepared, out, runner,
+                                                               engine.partition_rows)
     (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_report(metrics, details, v), encoding="utf-8")
     for corpus, m in metrics.items():
@@ -441,7 +745,8 @@ def run_validate(cfg) -> dict[str, Any]:
     started = time.time()
     with stage_run(cfg, "validate") as run:
         try:
-            return validate(cfg.data.validation, cfg.data.ingest.s3, cfg.paths.prepared, cfg.paths.validated)
+            return validate(cfg.data.validation, cfg.data.ingest.s3, cfg.paths.prepared, cfg.paths.validated,
+                            cfg.data.engine)
         finally:
             _log_results(run, Path(cfg.paths.validated), started)
 
