@@ -67,7 +67,9 @@ def world(root: Path, val_per_class: int) -> PipelineConfig:
         "train": {"text": {"steps": 20, "batch_size": 8}, "image": {"steps": 20, "batch_size": 8},
                   "joint": {"steps": 24, "batch_size": 8}, "log_every": 6, "checkpoint_every": 1000,
                   "eval_batch_size": 32},
-        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "log_system_metrics": False},
+        # artifacts under root too, not ./mlruns in the caller's directory
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "mlruns"),
+                     "log_system_metrics": False},
     }
     cfg = PipelineConfig.model_validate(tree)
     for stage in (run_generate, run_prepare, run_validate, run_shard, run_fit):

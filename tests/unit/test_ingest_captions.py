@@ -88,11 +88,12 @@ def test_coco_five_captions_per_image_one_sample_from_manifest_to_loader(tmp_pat
     [shard] = index["shards"]
     stored = {s.key: s.files for s in read_tar((tmp_path / "shards" / "pairs" / shard["name"]).read_bytes())}
     assert sorted(stored) == ["coco-25", "coco-40", "coco-9"]
-    assert sorted(stored["coco-9"]) == [CAPTIONS_MEMBER, "json", "png"]
+    # the fixture's JPEGs are kept as they are (data.validation.passthrough)
+    assert sorted(stored["coco-9"]) == [CAPTIONS_MEMBER, "jpg", "json"]
     assert json.loads(stored["coco-9"][CAPTIONS_MEMBER]) == good[9]
     assert "captions" not in json.loads(stored["coco-9"]["json"])
-    assert sorted(stored["coco-40"]) == ["json", "png", "txt"]  # single caption: as before
-    images_in_shard = [files["png"] for files in stored.values()]
+    assert sorted(stored["coco-40"]) == ["jpg", "json", "txt"]  # single caption: as before
+    images_in_shard = [files["jpg"] for files in stored.values()]
     assert len(images_in_shard) == 3  # 10 captions, 3 image copies
     assert sum(map(len, images_in_shard)) == sum(len(open(r["image"], "rb").read()) for r in validated)
 
