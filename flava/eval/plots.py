@@ -61,7 +61,7 @@ def confusion(matrix: Sequence[Sequence[int]], classnames: Sequence[str], path: 
 def attribute_bars(attributes: dict[str, dict[str, Any]], path: Path, dpi: int) -> Path:
     """One panel per attribute, one bar per value (``flava.eval.attributes`` layout): attribute accuracy with its
     chance level dashed for attributes the class names name, top-1 accuracy for the others."""
-    names = list(attributes)
+    names = sorted(attributes, key=lambda n: "by_value" not in attributes[n])  # class attributes first
     fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 3.2), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names):
         block = attributes[name]
@@ -70,9 +70,8 @@ def attribute_bars(attributes: dict[str, dict[str, Any]], path: Path, dpi: int) 
         ax.bar(range(len(values)), list(values.values()), color="tab:blue" if named else "tab:orange")
         ax.set_xticks(range(len(values)), list(values), rotation=45, ha="right", fontsize="small")
         if named:
-            ax.axhline(block["chance"], linestyle="--", color="0.4", label="chance")
-            ax.set_title(f"{name}: {block['accuracy']:.2f}", fontsize="medium")
-            ax.legend(loc="upper right", fontsize="x-small")
+            ax.axhline(block["chance"], linestyle="--", color="0.4")
+            ax.set_title(f"{name}: {block['accuracy']:.2f} (chance {block['chance']:.2f}, dashed)", fontsize="small")
         else:
             ax.set_title(f"top-1 by {name}", fontsize="medium")
         ax.set_ylim(0, 1)
