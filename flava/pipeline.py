@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # The md5 DVC records for the default synthetic world (seed and data.generate as shipped): `data.dvc` as
 # committed. Generating is a stand-in for pulling only when data.dvc records exactly this world.
-SYNTHETIC_WORLD_MD5 = "1508cf2e4d3f268df1609b8d49dc63f7.dir"
+SYNTHETIC_WORLD_MD5 = "e5f2785bb23b3f55c9bf86c30b2e81e8.dir"
 PARAMS_FILE = "params.yaml"  # the file DVC's params deps and `dvc exp run -S` read and write
 RAW_DATA_NODE = "raw_data"  # the graph node that puts paths.raw in place before the first stage
 

@@ -4,7 +4,7 @@
 pairs/captions.jsonl + pairs/images/*.png         image-text pairs     {key, image (relative), caption}
 images/<class>/*.png                               unpaired images      (ImageNet class-folder layout)
 text/part-*.txt                                    unpaired text        (paragraphs separated by blank lines)
-eval/zeroshot/classes.json, {train,val,test}.jsonl zero-shot classes + prompts; rows {image, label}
+eval/zeroshot/classes.json, {train,val,test}.jsonl zero-shot classes + prompts; rows {image, label, attributes}
 eval/retrieval/test.jsonl                          rows {image, captions: [5 captions]}
 eval/text_cls/{train,val,test}.tsv (+ labels.json) "sentence<TAB>label": which attribute a sentence is about
 eval/vqa/{train,val,test}.jsonl (+ answers.json)   rows {image, question, answer} with a closed answer set
@@ -117,8 +117,9 @@ class _Writer:
                         i = label * per_class + j
                         rng = _rng(self.seed, "zeroshot", i, split)
                         rel = f"images/{split}-{i:06d}.png"
-                        self.image(self.scene(rng, classname), rng, base / rel)
-                        yield {"image": rel, "label": label}
+                        scene = self.scene(rng, classname)
+                        self.image(scene, rng, base / rel)
+                        yield {"image": rel, "label": label, "attributes": scene.attributes}
 
             counts[split] = write_jsonl(base / f"{split}.jsonl", rows())
         return counts

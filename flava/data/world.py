@@ -56,6 +56,12 @@ class Scene:
     def noun(self) -> str:
         return self.shape if self.count == 1 else PLURAL[self.shape]
 
+    @property
+    def attributes(self) -> dict[str, str | int | None]:
+        """Every attribute of the scene by name (what the zero-shot eval rows carry for per-attribute accuracy)."""
+        return {"colour": self.colour, "shape": self.shape, "size": self.size, "count": self.count,
+                "position": self.position, "background": self.background}
+
 
 def sample_scene(rng: np.random.Generator, colours: list[str], shapes: list[str], max_count: int,
                  colour: str | None = None, shape: str | None = None) -> Scene:

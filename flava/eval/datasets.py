@@ -63,6 +63,23 @@ class ZeroShotSet:
     templates: list[str]
     images: list[str]
     labels: list[int]
+    # Per row, the scene's attributes by name (``{"colour": "red", "count": 2, ...}``) when every row carries an
+    # ``attributes`` object (the synthetic world does); None for sets without them (real datasets).
+    attributes: list[dict[str, Any]] | None = None
+
+
+_ATTRIBUTE_TYPES = (str, int, type(None))  # what an attribute value may be
+
+
+def _row_attributes(row: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """A row's optional ``attributes``: an object of scalar values (strings, integers or null)."""
+    value = row.get("attributes")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, _ATTRIBUTE_TYPES)
+                                              and not isinstance(v, bool) for k, v in value.items()):
+        raise ValueError(f"{where}: 'attributes' must be an object of string, integer or null values, got {value!r}")
+    return value
 
 
 def load_classes(eval_root: str | Path) -> tuple[list[str], list[str]]:
@@ -89,7 +106,7 @@ def load_zeroshot(eval_root: str | Path, split: str) -> ZeroShotSet:
     root = Path(eval_root)
     classnames, templates = load_classes(root)
     manifest = root / "zeroshot" / f"{split}.jsonl"
-    images, labels = [], []
+    images, labels, attributes = [], [], []
     for i, row in enumerate(read_jsonl(manifest)):
         where = f"{manifest}: row {i}"
         label = row.get("label")
@@ -97,7 +114,13 @@ def load_zeroshot(eval_root: str | Path, split: str) -> ZeroShotSet:
             raise ValueError(f"{where}: 'label' must be a class index in [0, {len(classnames)}), got {label!r}")
         images.append(resolve_image(row.get("image"), manifest, root, where))
         labels.append(label)
-    return ZeroShotSet(classnames, templates, images, labels)
+        attributes.append(_row_attributes(row, where))
+    carried = [a is not None for a in attributes]
+    if any(carried) and not all(carried):
+        raise ValueError(f"{manifest}: row {carried.index(not carried[0])} "
+                         f"{'lacks' if carried[0] else 'has'} 'attributes' while row 0 "
+                         f"{'has' if carried[0] else 'lacks'} them: give every row attributes or none")
+    return ZeroShotSet(classnames, templates, images, labels, attributes if all(carried) else None)
 
 
 @dataclass(frozen=True)

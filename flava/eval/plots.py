@@ -1,9 +1,10 @@
 """Report figures (matplotlib, Agg backend; no display needed): per-task bars against chance, retrieval recall
-curves, and the zero-shot confusion matrix. Each function writes one PNG and returns its path."""
+curves, zero-shot accuracy per attribute value and the zero-shot confusion matrix. Each function writes one PNG
+and returns its path."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -54,6 +55,29 @@ def confusion(matrix: Sequence[Sequence[int]], classnames: Sequence[str], path: 
     ax.set_ylabel("true")
     ax.set_title("Zero-shot confusion matrix")
     fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path, dpi)
+
+
+def attribute_bars(attributes: dict[str, dict[str, Any]], path: Path, dpi: int) -> Path:
+    """One panel per attribute, one bar per value (``flava.eval.attributes`` layout): attribute accuracy with its
+    chance level dashed for attributes the class names name, top-1 accuracy for the others."""
+    names = sorted(attributes, key=lambda n: "by_value" not in attributes[n])  # class attributes first
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 3.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        block = attributes[name]
+        named = "by_value" in block
+        values = block["by_value"] if named else block["top1_by_value"]
+        ax.bar(range(len(values)), list(values.values()), color="tab:blue" if named else "tab:orange")
+        ax.set_xticks(range(len(values)), list(values), rotation=45, ha="right", fontsize="small")
+        if named:
+            ax.axhline(block["chance"], linestyle="--", color="0.4")
+            ax.set_title(f"{name}: {block['accuracy']:.2f} (chance {block['chance']:.2f}, dashed)", fontsize="small")
+        else:
+            ax.set_title(f"top-1 by {name}", fontsize="medium")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("accuracy")
+    fig.suptitle("Zero-shot: predicted class right on the attribute (blue), top-1 per image attribute (orange)",
+                 fontsize="small")
     return _save(fig, path, dpi)
 
 

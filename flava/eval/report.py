@@ -46,6 +46,16 @@ def render_markdown(metrics: dict[str, Any], info: dict[str, Any], plots: dict[s
             else:
                 result = ", ".join(f"{k} {_fmt(v)}" for k, v in values.items() if not isinstance(v, dict))
             lines.append(f"| {name} | {result} |")
+    attributes = (metrics.get("zeroshot") or {}).get("attributes")
+    if attributes:
+        lines += ["", "### zeroshot per attribute", "",
+                  "| attribute | measure | overall | chance | by value |", "|---|---|---|---|---|"]
+        for name, block in attributes.items():
+            named = "by_value" in block
+            values = block["by_value"] if named else block["top1_by_value"]
+            lines.append(f"| {name} | {'attribute accuracy' if named else 'top-1'} | "
+                         f"{_fmt(block['accuracy']) if named else ''} | {_fmt(block['chance']) if named else ''} | "
+                         + ", ".join(f"{v} {_fmt(a)}" for v, a in values.items()) + " |")
     if plots:
         lines += ["", "## Plots", ""]
         for title, rel in plots.items():

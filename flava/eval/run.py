@@ -5,7 +5,7 @@ plots need); :func:`run_evaluate` loads ``paths.models/joint/best`` (tokenizer b
 ``paths.prepared/eval``, writes ``paths.reports/eval/`` and logs it all to an MLflow run (stage ``evaluate``).
 
 ``metrics.json`` layout (nested dicts of numbers, so ``dvc metrics diff`` compares it):
-``{zeroshot: {top1, top5}, retrieval: {i2t_r1, ..., mean_recall}, linear_probe: {accuracy, best_c, ...},
+``{zeroshot: {top1, top5, attributes?}, retrieval: {i2t_r1, ..., mean_recall}, linear_probe: {accuracy, ...},
 text_cls: {accuracy | pearson, ...}, vqa: {accuracy, ...}, tasks: {task: score}, chance: {task: baseline},
 macro: {vision, language, multimodal, overall}}``, plus ``benchmarks: {name: {...} | {skipped: reason}}`` when
 ``eval.benchmarks`` configures any of the paper's benchmarks (:mod:`flava.eval.benchmarks`; not in the macros;
@@ -30,9 +30,16 @@ from flava.data.tokenizer import load_tokenizer
 from flava.data.transforms import image_transform
 from flava.eval import plots
 from flava.eval.aggregate import macro_averages, majority_rate
+from flava.eval.attributes import attribute_accuracy
 from flava.eval.benchmarks import check_benchmark_paths, run_benchmarks
 from flava.eval.config import EvalConfig
-from flava.eval.datasets import load_closed_set, load_retrieval, load_text_cls, load_vqa, load_zeroshot
+from flava.eval.datasets import (
+    load_closed_set,
+    load_retrieval,
+    load_text_cls,
+    load_vqa,
+    load_zeroshot,
+)
 from flava.eval.features import pick_device
 from flava.eval.finetune import finetune_multimodal, finetune_text
 from flava.eval.probe import evaluate_linear_probe
@@ -81,6 +88,10 @@ def _zeroshot(ctx: _Context) -> _Outcome:
     )
     metrics = topk_accuracy(logits, labels, ctx.ecfg.zeroshot.top_k)
     extras = {"confusion": confusion_matrix(logits, labels, len(classnames)).tolist(), "classnames": classnames}
+    attributes = load_zeroshot(ctx.eval_root, ctx.ecfg.zeroshot.split).attributes
+    if attributes is not None:  # the synthetic world's rows carry their scene; real datasets skip this
+        metrics["attributes"] = attribute_accuracy(logits.argmax(dim=1).tolist(), labels.tolist(), classnames,
+                                                   attributes)
     return _Outcome(metrics, {"zeroshot": metrics["top1"]}, {"zeroshot": majority_rate(labels.tolist())}, extras)
 
 
@@ -198,6 +209,10 @@ def write_plots(out_dir: Path, metrics: dict[str, Any], extras: dict[str, Any], 
     if "recall_curves" in extras:
         made["Retrieval recall curves"] = plots.recall_curves(
             extras["recall_curves"], extras.get("chance_curves"), plot_dir / "retrieval_recall.png", dpi
+        )
+    if "attributes" in metrics.get("zeroshot", {}):
+        made["Zero-shot accuracy per attribute"] = plots.attribute_bars(
+            metrics["zeroshot"]["attributes"], plot_dir / "zeroshot_attributes.png", dpi
         )
     if "confusion" in extras:
         made["Zero-shot confusion matrix"] = plots.confusion(

@@ -41,7 +41,7 @@ def test_evaluate_model_all_tasks_then_report(tmp_path):
     ecfg = EvalConfig.model_validate(FAST)
     metrics, extras = evaluate_model(OracleModel(tok), tok, root, ecfg, transform=to_tensor, device="cpu", max_length=16)
     assert set(metrics["tasks"]) == {"zeroshot", "retrieval_i2t", "retrieval_t2i", "linear_probe", "text_cls", "vqa"}
-    assert metrics["zeroshot"]["top1"] == 1.0
+    assert metrics["zeroshot"]["top1"] == 1.0 and "attributes" not in metrics["zeroshot"]  # none in the set
     assert metrics["chance"]["zeroshot"] == pytest.approx(1 / len(COLOURS))
     assert metrics["retrieval"]["i2t_r1"] == 1.0 and metrics["retrieval"]["t2i_r10"] == 1.0
     assert metrics["chance"]["retrieval_t2i"] == pytest.approx((1 + 5 + 6) / 6 / 3)  # K capped at 6 images

@@ -83,6 +83,25 @@ def test_layout_and_counts(tmp_path):
         assert len(rows) == n and all(r["answer"] in answers and r["question"].endswith("?") for r in rows)
 
 
+def test_zeroshot_rows_carry_their_scene_attributes(tmp_path):
+    """Per-attribute accuracy reads the scene from the eval rows: colour and shape are the class's, the rest
+    varies per image, position only for a single object; and the same seed writes the same attributes."""
+    run_generate(make_cfg(tmp_path / "a", zeroshot_per_class={"train": 6, "val": 1, "test": 1}))
+    run_generate(make_cfg(tmp_path / "b", zeroshot_per_class={"train": 6, "val": 1, "test": 1}))
+    zs = tmp_path / "a" / "eval" / "zeroshot"
+    classnames = json.loads((zs / "classes.json").read_text())["classnames"]
+    rows = read_jsonl(zs / "train.jsonl")
+    assert rows == read_jsonl(tmp_path / "b" / "eval" / "zeroshot" / "train.jsonl")
+    for row in rows:
+        attrs = row["attributes"]
+        assert set(attrs) == {"colour", "shape", "size", "count", "position", "background"}
+        assert f"{attrs['colour']} {attrs['shape']}" == classnames[row["label"]]
+        assert attrs["size"] in world.SIZES and attrs["background"] in world.BACKGROUNDS
+        assert 1 <= attrs["count"] <= GenerateConfig().max_count
+        assert (attrs["position"] in world.POSITIONS) if attrs["count"] == 1 else attrs["position"] is None
+    assert len({r["attributes"]["count"] for r in rows}) > 1 and len({r["attributes"]["size"] for r in rows}) > 1
+
+
 def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
     run_generate(make_cfg(tmp_path / "a", seed=3))
     run_generate(make_cfg(tmp_path / "b", seed=3))
