@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-per-class", type=int, default=2, help="zero-shot val rows per class (24 classes)")
+    parser.add_argument("--val-per-class", type=int, default=6,
+                        help="zero-shot val rows per class (24 classes; params.yaml generates 5)")
     parser.add_argument("--only", choices=("workers", "pruning"), default=None, help="run one comparison only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
