@@ -166,8 +166,8 @@ def test_read_retries_a_broken_response_stream(monkeypatch):
 
 def test_s3_shards_leave_a_local_index_that_the_loader_reads(tmp_path, s3_endpoint):
     """With `paths.shards` on S3, `paths.shard_index` (local, what DVC tracks) holds each corpus' index with the
-    shards' location, the metrics and the partitions' bookkeeping; no tar is left there; the loader streams the bucket's shards through it and
-    refuses a shard whose bytes no longer match the index."""
+    shards' location, the metrics and the partitions' bookkeeping; no tar is left there; the loader streams the
+    bucket's shards through it and refuses a shard whose bytes no longer match the index."""
     from itertools import islice
 
     from flava.data.loader import build_stream
