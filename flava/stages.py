@@ -155,8 +155,11 @@ STAGES: tuple[Stage, ...] = (
         deps=tuple(f"{_VALIDATED}/{c}.jsonl" for c in _CORPORA) + (f"{_VALIDATED}/images",),
         # paths.shards: where the tars go is part of what the stage writes (the index records it) once that is not
         # the tracked directory itself (another bucket must re-shard)
-        params=("seed", "data.shards", "paths.shards"),
-        outs=tuple(Out(f"{_SHARDS}/{c}") for c in _CORPORA),
+        # data.engine.partition_rows: with several partitions each is shuffled and packed on its own
+        params=("seed", "data.shards", "paths.shards", "data.engine.partition_rows"),
+        # partitions: the bookkeeping of resume (flava.data.shards), apart from the corpus directories the stages
+        # downstream depend on
+        outs=tuple(Out(f"{_SHARDS}/{c}") for c in _CORPORA) + (Out(f"{_SHARDS}/partitions"),),
         metrics=(Out(f"{_SHARDS}/metrics.json", cache=False),),
         help="write webdataset shards (local or s3://) with an index",
     ),

@@ -1,8 +1,8 @@
 """Where the data stages run their partitions: one process, a local Dask cluster, or an existing Dask scheduler.
 
-A stage splits its work into partitions (manifest row ranges) and maps one pure, top-level function over them;
-``Engine.map`` returns the results in partition order whatever the engine, so a stage's outputs do not depend on
-where it ran. ``data.engine.kind`` chooses:
+A stage (validate, shard) splits its work into partitions (manifest row ranges) and maps one pure, top-level
+function over them; ``Engine.map`` returns the results in partition order whatever the engine, so a stage's outputs
+do not depend on where it ran. ``data.engine.kind`` chooses:
 
 - ``serial``: every partition in this process, in order (the default: no start-up cost, nothing to install).
 - ``local``: a ``dask.distributed.LocalCluster`` on this machine, ``workers`` processes (default: one per core)
@@ -28,7 +28,8 @@ class EngineConfig(StrictModel):
     workers: int = Field(0, ge=0)  # local: worker processes; 0 = one per core
     address: str = ""  # address: the Dask scheduler, e.g. tcp://scheduler:8786
     # rows per partition: memory is bounded by it (~2.6 KB per row); above the synthetic corpora (3000 pairs),
-    # so the embedded pipeline validates each corpus as one partition
+    # so the embedded pipeline validates and shards each corpus as one partition (flava.data.shards: its shards are
+    # then those of one shuffle of the whole corpus)
     partition_rows: int = Field(10_000, ge=1)
 
     @model_validator(mode="after")

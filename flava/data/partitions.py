@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 _READ_CHUNK = 1 << 20  # bytes per read when hashing and copying files
+# A stage's per-partition bookkeeping lives in ``<its output directory>/partitions/<corpus>/``: ``index.json``
+# (the corpus' fingerprint and its partitions) and, per partition, ``<n>.json`` written last (its summary).
+PARTITIONS_DIR = "partitions"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,24 @@ def plan_partitions(path: str | Path, rows_per_partition: int) -> ManifestPlan:
                 ranges[-1] = RowRange(last.index, last.start, last.rows + 1, last.offset, last.first_line)
             offset += len(line)
     return ManifestPlan(digest.hexdigest(), rows, ranges or [RowRange(0, 0, 0, 0, 1)])
+
+
+def part_name(index: int) -> str:
+    """File stem of partition ``index``'s outputs."""
+    return f"{index:05d}"
+
+
+def part_fingerprint(fingerprint: str, index: int) -> str:
+    """A partition's fingerprint: its corpus' (input bytes, params, partitioning) and its number."""
+    return hashlib.sha256(f"{fingerprint}:{index}".encode()).hexdigest()
+
+
+def finished(summary: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The summary at ``summary`` when it exists and carries ``fingerprint`` (the partition is done), else None."""
+    if not summary.is_file():
+        return None
+    doc = json.loads(summary.read_text(encoding="utf-8"))
+    return doc if doc.get("fingerprint") == fingerprint else None
 
 
 def iter_rows(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -14,11 +14,28 @@ one more key, ``location`` (the URI of ``{root}/{corpus}``), and of ``metrics.js
 on that index, which changes exactly when the shards' bytes do, and the loader reads the shards from ``location``
 and checks each against its sha256.
 
-Rows are shuffled once with ``cfg.seed`` before sharding (manifests are often ordered by class or source; the
-loader only shuffles shard order and within a shard). Tar headers are fixed (mtime 0, uid/gid 0, no user names,
-mode 0644), so the same input and seed give byte-identical shards and checksums. Every tar is built in a local
-temporary file and then moved into place (local root) or uploaded with boto3 (multipart above the threshold,
-retries on transient errors; see ``flava.data.storage``).
+The validated manifest is sharded in partitions of ``data.engine.partition_rows`` consecutive rows, on the engine
+of ``data.engine`` (``flava.data.engine``: this process, a local Dask cluster or an existing scheduler); memory is
+bounded by the partition (one streaming pass before them checks that no two keys become the same shard key).
+Partition ``p`` writes its own shards, numbered on from the shards of the partitions before it (the count of each
+is known from its rows: ``ceil(rows / samples_per_shard)``), so the names depend on the partitioning, never on the
+engine; ``index.json`` lists the partitions' shards in partition order. Each partition's last shard may be short
+(choose ``partition_rows`` a multiple of ``samples_per_shard`` to keep every shard but the corpus' last full).
+Bookkeeping goes to ``{paths.shard_index}/partitions/{corpus}/`` (always local): ``index.json`` (the corpus'
+fingerprint: validated manifest bytes, validate's own fingerprint when it left one, seed, shard params, root,
+partition size) and per partition ``<n>.json``, written after its shards (their names, sizes and sha256, and the
+partition's fingerprint). A killed run resumes at the partitions without a matching summary (or whose shards are
+gone); new input or params start the corpus afresh.
+
+Rows are shuffled with a generator seeded by ``(cfg.seed, corpus)`` before sharding (manifests are often ordered
+by class or source; the loader only shuffles shard order and within a shard). A global shuffle needs the whole
+corpus in memory, so with several partitions each partition is shuffled on its own, seeded by ``(cfg.seed,
+corpus, partition)``: samples do not cross partitions, which the loader's shard permutation per epoch mixes. With
+one partition (the default ``partition_rows`` is above the synthetic corpora) the order, and so every byte, is that
+of a shuffle of the whole corpus. Tar headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644), so the
+same input, seed and partitioning give byte-identical shards and checksums. Every tar is built in a local
+temporary file and then moved into place atomically (local root: temporary name + rename) or uploaded with boto3
+(multipart above the threshold, retries on transient errors; see ``flava.data.storage``).
 """
 from __future__ import annotations
 
@@ -28,18 +45,34 @@ import json
 import logging
 import random
 import re
+import shutil
 import tarfile
 import tempfile
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+import numpy as np
 from PIL import Image
 
 from flava.data import storage
 from flava.data.captions import CAPTIONS_FIELD, CAPTIONS_MEMBER, row_captions
+from flava.data.engine import Engine, EngineConfig, open_engine
 from flava.data.jsonl import read_jsonl
+from flava.data.partitions import (
+    PARTITIONS_DIR,
+    ManifestPlan,
+    RowRange,
+    finished,
+    iter_rows,
+    part_fingerprint,
+    part_name,
+    plan_partitions,
+    read_range,
+    write_json_atomic,
+)
 from flava.data.stream_config import ShardConfig
 from flava.data.transforms import to_rgb
 from flava.tracking.runs import stage_run
@@ -52,6 +85,7 @@ log = logging.getLogger(__name__)
 CORPUS_KIND = {"pairs": "pair", "images": "image", "text": "text"}
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_NAME = "index.json"
+SHARD_FIELDS = ("name", "samples", "bytes", "sha256")  # of a shard's entry in the index, in this order
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")  # webdataset splits the extension at the first dot
 
 
@@ -246,29 +280,137 @@ def build_samples(
         yield Sample(key, files)
 
 
-def write_corpus(rows: list[dict[str, Any]], corpus: str, manifest_dir: Path, root: str, cfg: ShardConfig,
-                 seed: int) -> dict[str, Any]:
-    """Shard one corpus under ``{root}/{corpus}/`` and write its index. Returns the index."""
-    if not rows:
-        raise ValueError(f"{corpus}: the validated manifest has no rows to shard")
-    rows = list(rows)
-    random.Random(f"{seed}:{corpus}").shuffle(rows)
-    out = storage.join(root, corpus)
-    if not storage.is_s3(out):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        for stale in Path(out).glob("shard-*.tar"):  # a previous run may have written more shards
-            stale.unlink()
+# Bump when the partition summaries change meaning, so a resumed run never reuses another format's.
+PARTITION_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One partition's work: everything ``shard_partition`` needs, picklable for a Dask worker."""
+
+    corpus: str
+    manifest: str  # the validated manifest
+    root: str  # paths.shards (local or s3://)
+    part: RowRange
+    first_shard: int  # number of its first shard: the partitions before it wrote the shards below
+    shuffle_seed: str
+    fingerprint: str  # of the corpus' input, params and partitioning, and this range
+    summary: str  # written last: the partition is done when it exists with ``fingerprint``
+    cfg: ShardConfig
+
+
+def shard_partition(task: ShardTask) -> dict[str, Any]:
+    """Shard one row range: shuffle it, write its shards (each atomically), then its summary."""
+    rows = read_range(task.manifest, task.part)
+    random.Random(task.shuffle_seed).shuffle(rows)
+    out = storage.join(task.root, task.corpus)
     shards = []
-    samples = build_samples(rows, corpus, manifest_dir, cfg)
+    samples = build_samples(rows, task.corpus, Path(task.manifest).parent, task.cfg)
     with tempfile.TemporaryDirectory(prefix="flava-shard-") as tmp:
         batch: list[Sample] = []
         for sample in samples:
             batch.append(sample)
-            if len(batch) == cfg.samples_per_shard:
-                shards.append(_flush(batch, len(shards), Path(tmp), out, cfg))
+            if len(batch) == task.cfg.samples_per_shard:
+                shards.append(_flush(batch, task.first_shard + len(shards), Path(tmp), out, task.cfg))
                 batch = []
         if batch:
-            shards.append(_flush(batch, len(shards), Path(tmp), out, cfg))
+            shards.append(_flush(batch, task.first_shard + len(shards), Path(tmp), out, task.cfg))
+    doc = {"fingerprint": task.fingerprint, "start": task.part.start, "rows": task.part.rows, "shards": shards}
+    write_json_atomic(Path(task.summary), doc)
+    return doc
+
+
+def shuffle_seed(seed: int, corpus: str, partition: int, partitions: int) -> str:
+    """Seed of a partition's shuffle: that of the whole corpus when it is the only one."""
+    return f"{seed}:{corpus}" if partitions == 1 else f"{seed}:{corpus}:{partition}"
+
+
+def check_keys(manifest: Path, corpus: str) -> None:
+    """Every row has a key and no two keys become the same shard key, over the whole manifest in one streaming pass
+    (8 bytes per row, the shard keys' hashes; a second pass compares the exact keys of the hashes that recur)."""
+    hashes = array("q")
+    for n, row in enumerate(iter_rows(manifest), 1):
+        if "key" not in row:
+            raise ValueError(f"{manifest}: row {n} has no 'key'")
+        hashes.append(hash(shard_key(row["key"])))
+    uniq, counts = np.unique(np.frombuffer(hashes, dtype=np.int64), return_counts=True)
+    recurring = set(uniq[counts > 1].tolist())
+    if not recurring:
+        return
+    seen: dict[str, str] = {}
+    for row in iter_rows(manifest):
+        key = shard_key(row["key"])
+        if hash(key) in recurring:
+            if key in seen:
+                raise ValueError(f"{corpus}: keys {seen[key]!r} and {row['key']!r} collide as shard key {key!r}")
+            seen[key] = row["key"]
+
+
+def _upstream(manifest: Path, corpus: str) -> str | None:
+    """Validate's fingerprint of the corpus (its manifest and params), when it left one: validated images rewritten
+    under the same names (e.g. another JPEG quality) leave the validated manifest's bytes as they were."""
+    index = manifest.parent / PARTITIONS_DIR / corpus / "index.json"
+    return json.loads(index.read_text(encoding="utf-8")).get("fingerprint") if index.is_file() else None
+
+
+def _corpus_fingerprint(plan: ManifestPlan, manifest: Path, corpus: str, cfg: ShardConfig, seed: int, root: str,
+                        partition_rows: int) -> str:
+    doc = {"format": PARTITION_FORMAT, "corpus": corpus, "manifest": plan.sha256,
+           "validated": _upstream(manifest, corpus), "seed": seed, "root": root, "partition_rows": partition_rows,
+           "shards": cfg.model_dump(mode="json", exclude={"corpora", "s3"})}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def write_corpus(manifest: Path, corpus: str, root: str, cfg: ShardConfig, seed: int, *, engine: Engine | None = None,
+                 partition_rows: int | None = None, state: Path | None = None) -> dict[str, Any]:
+    """Shard the validated manifest of one corpus under ``{root}/{corpus}/``, partition by partition on ``engine``
+    (default: this process; ``partition_rows`` default: ``data.engine``'s), and write its index. Partitions already
+    done with the same input and params are kept (a killed run resumes). ``state``: the partitions' bookkeeping
+    (default ``{root}/partitions/{corpus}``; required when ``root`` is on S3). Returns the index."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"validated manifest {manifest} not found (run `flava data validate` first)")
+    engine = engine or Engine()
+    partition_rows = partition_rows or EngineConfig().partition_rows
+    if state is None:
+        if storage.is_s3(root):
+            raise ValueError(f"shards on S3 ({root}) need a local directory for their partitions' bookkeeping")
+        state = Path(root) / PARTITIONS_DIR / corpus
+    plan = plan_partitions(manifest, partition_rows)
+    if plan.rows == 0:
+        raise ValueError(f"{corpus}: the validated manifest has no rows to shard")
+    check_keys(manifest, corpus)
+    fingerprint = _corpus_fingerprint(plan, manifest, corpus, cfg, seed, root, partition_rows)
+    out = storage.join(root, corpus)
+    local = None if storage.is_s3(out) else Path(out)
+    if finished(state / INDEX_NAME, fingerprint) is None:  # new input or params: start afresh
+        shutil.rmtree(state, ignore_errors=True)
+        if local is not None and local.is_dir():
+            for stale in local.glob("shard-*.tar"):  # a previous run may have written more shards
+                stale.unlink()
+        state.mkdir(parents=True)
+        write_json_atomic(state / INDEX_NAME, {"fingerprint": fingerprint, "rows": plan.rows,
+                                               "partition_rows": partition_rows,
+                                               "partitions": [part_name(p.index) for p in plan.partitions]})
+    else:  # resuming: drop what the partitions that were cut short half-wrote
+        for tmp in [*state.glob(".*.tmp"), *(local.glob(".shard-*") if local is not None else [])]:
+            tmp.unlink()
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+
+    tasks, first = [], 0
+    for p in plan.partitions:
+        tasks.append(ShardTask(corpus, str(manifest), root, p, first,
+                               shuffle_seed(seed, corpus, p.index, len(plan.partitions)),
+                               part_fingerprint(fingerprint, p.index), str(state / f"{part_name(p.index)}.json"), cfg))
+        first += -(-p.rows // cfg.samples_per_shard)
+    todo = [t for t in tasks if not _partition_done(t, out)]
+    if todo:
+        log.info("shard %s: %d of %d partitions to do on %s", corpus, len(todo), len(tasks), engine.name)
+        engine.map(shard_partition, todo)
+    # the summaries' JSON has sorted keys: each entry back in the index's order of fields
+    shards = [{field: entry[field] for field in SHARD_FIELDS}
+              for t in tasks for entry in json.loads(Path(t.summary).read_text(encoding="utf-8"))["shards"]]
     index = {
         "corpus": corpus,
         "kind": CORPUS_KIND[corpus],
@@ -281,11 +423,17 @@ def write_corpus(rows: list[dict[str, Any]], corpus: str, manifest_dir: Path, ro
     return index
 
 
+def _partition_done(task: ShardTask, out: str) -> bool:
+    """Its summary carries its fingerprint and the shards it lists are there."""
+    doc = finished(Path(task.summary), task.fingerprint)
+    return doc is not None and all(storage.exists(storage.join(out, s["name"]), s3=task.cfg.s3) for s in doc["shards"])
+
+
 def _flush(batch: list[Sample], number: int, tmp: Path, out: str, cfg: ShardConfig) -> dict[str, Any]:
     name = SHARD_PATTERN.format(number)
     local = tmp / name
     write_tar(batch, local)
-    entry = {"name": name, "samples": len(batch), "bytes": local.stat().st_size, "sha256": _sha256(local)}
+    entry = dict(zip(SHARD_FIELDS, (name, len(batch), local.stat().st_size, _sha256(local))))
     storage.upload_file(local, storage.join(out, name), s3=cfg.s3)
     local.unlink()
     return entry
@@ -335,17 +483,19 @@ def _shard(cfg: "PipelineConfig") -> tuple[dict[str, Any], dict[str, float]]:
     elsewhere = storage.is_s3(root) or Path(root).resolve() != Path(index_dir).resolve()
     metrics: dict[str, Any] = {"root": root, "samples_per_shard": sc.samples_per_shard, "corpora": {}}
     seconds: dict[str, float] = {}
-    for corpus in sc.corpora:
-        start = time.perf_counter()
-        manifest = validated / f"{corpus}.jsonl"
-        index = write_corpus(read_manifest(manifest), corpus, manifest.parent, root, sc, cfg.seed)
-        if elsewhere:
-            _write_local_index(index, storage.join(root, corpus), Path(index_dir) / corpus)
-        metrics["corpora"][corpus] = {
-            "num_samples": index["num_samples"], "num_shards": index["num_shards"], "bytes": index["bytes"],
-        }
-        seconds[corpus] = round(time.perf_counter() - start, 3)
-        log.info("sharded %s: %d samples in %d shards", corpus, index["num_samples"], index["num_shards"])
+    with open_engine(cfg.data.engine) as engine:
+        for corpus in sc.corpora:
+            start = time.perf_counter()
+            index = write_corpus(validated / f"{corpus}.jsonl", corpus, root, sc, cfg.seed, engine=engine,
+                                 partition_rows=cfg.data.engine.partition_rows,
+                                 state=Path(index_dir) / PARTITIONS_DIR / corpus)
+            if elsewhere:
+                _write_local_index(index, storage.join(root, corpus), Path(index_dir) / corpus)
+            metrics["corpora"][corpus] = {
+                "num_samples": index["num_samples"], "num_shards": index["num_shards"], "bytes": index["bytes"],
+            }
+            seconds[corpus] = round(time.perf_counter() - start, 3)
+            log.info("sharded %s: %d samples in %d shards", corpus, index["num_samples"], index["num_shards"])
     blob = json.dumps(metrics, indent=2).encode()
     storage.write_bytes(storage.join(root, "metrics.json"), blob, s3=sc.s3)
     if elsewhere:

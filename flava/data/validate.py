@@ -58,10 +58,14 @@ from flava.data.expectations import (
 )
 from flava.data.ingest import CORPORA, dump_row
 from flava.data.partitions import (
+    PARTITIONS_DIR,
     ManifestPlan,
     RowRange,
     concatenate_atomic,
+    finished,
     iter_rows,
+    part_fingerprint,
+    part_name,
     plan_partitions,
     read_range,
     temporary,
@@ -316,7 +320,7 @@ class _CorpusChecker:
 # ---------------------------------------------------------------------------------------------- the stage
 # Bump when the partition outputs change meaning, so a resumed run never reuses partitions of another format.
 PARTITION_FORMAT = 1
-PARTITIONS_DIR = "partitions"  # under paths.validated: <corpus>/<partition>.{jsonl,rejects.jsonl,json}, index.json
+# PARTITIONS_DIR, under paths.validated: <corpus>/<partition>.{jsonl,rejects.jsonl,json}, index.json
 
 
 def _row_reasons(result, checks, frame: pd.DataFrame) -> tuple[dict[int, str], dict[int, list[str]], list[dict]]:
@@ -355,13 +359,9 @@ class PartitionTask:
     prior_images: dict[str, str]  # image ref -> key of the earlier row that decoded it first
 
 
-def _part_name(index: int) -> str:
-    return f"{index:05d}"
-
-
 def _partition_paths(out: Path, corpus: str, index: int) -> dict[str, Path]:
     base = out / PARTITIONS_DIR / corpus
-    name = _part_name(index)
+    name = part_name(index)
     return {"accepted": base / f"{name}.jsonl", "rejects": base / f"{name}.rejects.jsonl",
             "summary": base / f"{name}.json"}
 
@@ -519,13 +519,6 @@ def _corpus_fingerprint(plan: ManifestPlan, corpus: str, v: ValidateConfig, s3: 
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _done(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    return doc if doc.get("fingerprint") == fingerprint else None
-
-
 def validate_corpus(corpus: str, v: ValidateConfig, s3: S3Config, prepared: Path, out: Path, engine: Engine,
                     partition_rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Validate one corpus partition by partition on ``engine``; partitions already done with the same manifest
@@ -538,22 +531,22 @@ def validate_corpus(corpus: str, v: ValidateConfig, s3: S3Config, prepared: Path
     fingerprint = _corpus_fingerprint(plan, corpus, v, s3, partition_rows)
     parts_dir, image_dir = out / PARTITIONS_DIR / corpus, out / "images" / corpus
     index = parts_dir / "index.json"
-    if _done(index, fingerprint) is None:  # a new manifest or new params: start afresh
+    if finished(index, fingerprint) is None:  # a new manifest or new params: start afresh
         for stale in (parts_dir, image_dir):
             if stale.exists():
                 shutil.rmtree(stale)
         parts_dir.mkdir(parents=True)
         write_json_atomic(index, {"fingerprint": fingerprint, "rows": plan.rows, "partition_rows": partition_rows,
-                                  "partitions": [_part_name(p.index) for p in plan.partitions]})
+                                  "partitions": [part_name(p.index) for p in plan.partitions]})
     else:  # resuming: drop what the partitions that were cut short half-wrote (see partitions.temporary)
         for tmp in [*parts_dir.glob(".*.tmp"), *(image_dir.glob(".*.tmp") if image_dir.exists() else [])]:
             tmp.unlink()
     if corpus in IMAGE_CORPORA:
         image_dir.mkdir(parents=True, exist_ok=True)
 
-    part_fingerprints = [hashlib.sha256(f"{fingerprint}:{p.index}".encode()).hexdigest() for p in plan.partitions]
+    part_fingerprints = [part_fingerprint(fingerprint, p.index) for p in plan.partitions]
     todo = [p for p, fp in zip(plan.partitions, part_fingerprints)
-            if _done(_partition_paths(out, corpus, p.index)["summary"], fp) is None]
+            if finished(_partition_paths(out, corpus, p.index)["summary"], fp) is None]
     if todo:
         prior_keys, prior_images = _carry_over(manifest, corpus, plan)
         log.info("validate %s: %d of %d partitions to do on %s", corpus, len(todo), len(plan.partitions), engine.name)

@@ -166,8 +166,8 @@ def test_read_retries_a_broken_response_stream(monkeypatch):
 
 def test_s3_shards_leave_a_local_index_that_the_loader_reads(tmp_path, s3_endpoint):
     """With `paths.shards` on S3, `paths.shard_index` (local, what DVC tracks) holds each corpus' index with the
-    shards' location and the metrics; no tar is left there; the loader streams the bucket's shards through it and
-    refuses a shard whose bytes no longer match the index."""
+    shards' location, the metrics and the partitions' bookkeeping; no tar is left there; the loader streams the
+    bucket's shards through it and refuses a shard whose bytes no longer match the index."""
     from itertools import islice
 
     from flava.data.loader import build_stream
@@ -180,8 +180,11 @@ def test_s3_shards_leave_a_local_index_that_the_loader_reads(tmp_path, s3_endpoi
     (local_dir / "pairs").mkdir(parents=True)
     (local_dir / "pairs" / "shard-000009.tar").write_bytes(b"from a run that sharded here")
     run_shard(cfg)
-    assert sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*")) == [
+    assert sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*")
+                  if p.relative_to(local_dir).parts[0] != "partitions") == [
         "images", "images/index.json", "metrics.json", "pairs", "pairs/index.json", "text", "text/index.json"]
+    # the partitions' bookkeeping (resume) stays local too, beside the corpora
+    assert sorted(p.name for p in (local_dir / "partitions" / "pairs").iterdir()) == ["00000.json", "index.json"]
     for corpus in ("pairs", "images", "text"):
         remote = json.loads(client.get_object(Bucket=BUCKET, Key=f"run1/{corpus}/index.json")["Body"].read())
         local = json.loads((local_dir / corpus / "index.json").read_text())

@@ -83,7 +83,7 @@ def test_coco_five_captions_per_image_one_sample_from_manifest_to_loader(tmp_pat
 
     # shard: the image stored once with all its captions
     root = str(tmp_path / "shards")
-    index = write_corpus(validated, "pairs", tmp_path / "validated", root, c.data.shards, seed=0)
+    index = write_corpus(tmp_path / "validated" / "pairs.jsonl", "pairs", root, c.data.shards, seed=0)
     assert index["num_samples"] == 3
     [shard] = index["shards"]
     stored = {s.key: s.files for s in read_tar((tmp_path / "shards" / "pairs" / shard["name"]).read_bytes())}
