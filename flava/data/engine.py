@@ -29,8 +29,9 @@ class EngineConfig(StrictModel):
     address: str = ""  # address: the Dask scheduler, e.g. tcp://scheduler:8786
     # rows per partition: memory is bounded by it (~2.6 KB per row); above the synthetic corpora (3000 pairs),
     # so the embedded pipeline validates and shards each corpus as one partition (flava.data.shards: its shards are
-    # then those of one shuffle of the whole corpus)
-    partition_rows: int = Field(10_000, ge=1)
+    # then those of one shuffle of the whole corpus). 40 x data.shards.samples_per_shard (256): the shard stage's
+    # partitions (of the validated manifest) then fill every shard but the corpus's last
+    partition_rows: int = Field(10_240, ge=1)
 
     @model_validator(mode="after")
     def _address_given(self) -> "EngineConfig":
