@@ -26,6 +26,7 @@ are written as ``curves.png`` and everything as ``results.json`` in ``--out``.
 
     python benchmarks/learning.py                                  # every arm, 2 seeds, 1200 joint steps
     python benchmarks/learning.py --steps 20 --seeds 1 --arms full --unimodal-steps 10 --eval-every 10  # smoke
+    python benchmarks/learning.py --arms full --set model.overrides.image.patch_size=4  # any params override
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import table  # noqa: E402
-from flava.config import PipelineConfig, load_config  # noqa: E402
+from flava.config import PipelineConfig, load_config, parse_override  # noqa: E402
 from flava.data.fit import run_fit  # noqa: E402
 from flava.data.ingest import run_prepare  # noqa: E402
 from flava.data.shards import run_shard  # noqa: E402
@@ -105,6 +106,7 @@ def config(root: Path, args: argparse.Namespace, run_dir: Path, seed: int | None
         "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
         "tracking.artifact_location": str(root / "mlruns"),  # not ./mlruns in the caller's directory
         "tracking.log_system_metrics": False,
+        **args.set,  # under the arm's overrides: an arm's ablation keys win
         **arm,
     }
     if args.unimodal_steps is not None:
@@ -216,7 +218,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="results.json and curves.png (default: a temp dir)")
     parser.add_argument("--workdir", type=Path, default=None, help="world, models, checkpoints (default: temp)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml override for the world and every arm (repeatable; the value is YAML), "
+                             "e.g. --set model.overrides.image.patch_size=4")
     args = parser.parse_args()
+    try:
+        args.set = {".".join(path): value for path, value in map(parse_override, args.set)}
+    except ValueError as err:
+        parser.error(f"--set: {err}")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or not arms:
@@ -240,7 +249,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_curves(results, arms, out / "curves.png")
     meta = {"steps": args.steps, "eval_every": args.eval_every, "unimodal_steps": args.unimodal_steps,
-            "seeds": args.seeds, "threads": args.threads, "world_s": world_s}
+            "seeds": args.seeds, "threads": args.threads, "set": args.set, "world_s": world_s}
     (out / "results.json").write_text(json.dumps({"settings": meta, "runs": results}, indent=2) + "\n")
     print(f"\nworld made in {world_s:.0f} s; curves: {plot}; results: {out / 'results.json'}")
 

@@ -35,3 +35,17 @@ def moto_s3(monkeypatch, bucket: str) -> Iterator[tuple[str, Any]]:
         yield endpoint, client
     finally:
         server.stop()
+
+
+def spy_partitions(monkeypatch, module, name: str) -> list[tuple[str, int]]:
+    """Wrap ``module.<name>``, a data stage's per-partition function, so that each call first records its task's
+    (corpus, partition index); returns that record."""
+    done: list[tuple[str, int]] = []
+    real = getattr(module, name)
+
+    def counted(task):
+        done.append((task.corpus, task.part.index))
+        return real(task)
+
+    monkeypatch.setattr(module, name, counted)
+    return done

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
@@ -22,6 +21,7 @@ from PIL import Image
 
 from flava.eval.aggregate import majority_rate
 from flava.eval.config import GLUE_TASK_NAMES, BenchmarksConfig, EvalConfig
+from flava.eval.context import EvalContext
 from flava.eval.datasets import TextSet, VqaSet, ZeroShotSet, load_classes
 from flava.eval.finetune import finetune_multimodal, finetune_text
 from flava.eval.official import (
@@ -109,26 +109,8 @@ def _rows(data, index: list[int]):
     )
 
 
-@dataclass
-class _Bench:
-    """What every benchmark needs: the model, how to feed it, and the configuration."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    eval_root: str | Path
-    ecfg: EvalConfig
-    transform: Callable[[Image.Image], torch.Tensor]
-    device: torch.device
-    max_length: int
-    seed: int
-
-    @property
-    def bcfg(self) -> BenchmarksConfig:
-        return self.ecfg.benchmarks
-
-
-def _imagenet(b: _Bench) -> dict[str, dict[str, Any]]:
-    cfg = b.bcfg.imagenet
+def _imagenet(b: EvalContext) -> dict[str, dict[str, Any]]:
+    cfg = b.ecfg.benchmarks.imagenet
     if cfg.val is None:
         reason = skipped("eval.benchmarks.imagenet.val is not set")
         return {"imagenet_zeroshot": reason, "imagenet_linear_probe": reason}
@@ -149,15 +131,15 @@ def _imagenet(b: _Bench) -> dict[str, dict[str, Any]]:
         out["imagenet_linear_probe"] = skipped("eval.benchmarks.imagenet.train is not set (the probe trains on it)")
     else:
         train = load_imagenet_folder(cfg.train, synsets, templates, cfg.probe_train_per_class)
-        fit, select = split_off(train, train.labels, b.bcfg.select_fraction, whole_groups=False)
+        fit, select = split_off(train, train.labels, b.ecfg.benchmarks.select_fraction, whole_groups=False)
         metrics = probe_sets(b.model, fit, select, test, b.ecfg.probe, transform=b.transform,
                              batch_size=b.ecfg.batch_size, device=b.device, seed=b.seed)
         out["imagenet_linear_probe"] = {**metrics, "chance": majority_rate(test.labels)}
     return out
 
 
-def _karpathy(b: _Bench, name: str) -> dict[str, dict[str, Any]]:
-    cfg = getattr(b.bcfg, name)
+def _karpathy(b: EvalContext, name: str) -> dict[str, dict[str, Any]]:
+    cfg = getattr(b.ecfg.benchmarks, name)
     key = f"{name}_retrieval"
     if cfg.karpathy_json is None:
         return {key: skipped(f"eval.benchmarks.{name}.karpathy_json is not set")}
@@ -170,8 +152,8 @@ def _karpathy(b: _Bench, name: str) -> dict[str, dict[str, Any]]:
     return {key: {**recall, "num_images": float(len(data.images)), "chance": chance["mean_recall"]}}
 
 
-def _glue(b: _Bench) -> dict[str, dict[str, Any]]:
-    cfg = b.bcfg.glue
+def _glue(b: EvalContext) -> dict[str, dict[str, Any]]:
+    cfg = b.ecfg.benchmarks.glue
     if cfg.root is None:
         return {"glue": skipped("eval.benchmarks.glue.root is not set")}
     if not b.ecfg.text_finetune.enabled:
@@ -184,7 +166,7 @@ def _glue(b: _Bench) -> dict[str, dict[str, Any]]:
             out[f"glue_{name}"] = skipped(f"no {' or '.join(missing)} in {Path(cfg.root) / task.folder}")
             continue
         train, dev = load_glue_task(cfg.root, name)
-        fit, select = split_off(train, range(len(train.labels)), b.bcfg.select_fraction, whole_groups=True)
+        fit, select = split_off(train, range(len(train.labels)), b.ecfg.benchmarks.select_fraction, whole_groups=True)
         fcfg = b.ecfg.text_finetune.model_copy(
             update={"task": "regression" if task.regression else "classification"}
         )
@@ -200,8 +182,8 @@ def _answer_classes(answers: Sequence[str], limit: int) -> list[str]:
     return sorted(counts, key=lambda a: (-counts[a], a))[:limit]
 
 
-def _vqav2(b: _Bench) -> dict[str, dict[str, Any]]:
-    cfg = b.bcfg.vqav2
+def _vqav2(b: EvalContext) -> dict[str, dict[str, Any]]:
+    cfg = b.ecfg.benchmarks.vqav2
     if cfg.val_questions is None:
         return {"vqav2": skipped("eval.benchmarks.vqav2.val_questions is not set")}
     if not b.ecfg.multimodal_finetune.enabled:
@@ -211,7 +193,7 @@ def _vqav2(b: _Bench) -> dict[str, dict[str, Any]]:
                                  "train_annotations and train_images are not set")}
     test = load_vqav2(cfg.val_questions, cfg.val_annotations, cfg.val_images)
     train = load_vqav2(cfg.train_questions, cfg.train_annotations, cfg.train_images)
-    fit, select = split_off(train, train.images, b.bcfg.select_fraction, whole_groups=True)
+    fit, select = split_off(train, train.images, b.ecfg.benchmarks.select_fraction, whole_groups=True)
     answers = _answer_classes(fit.answers, cfg.num_answers)
     classes = set(answers)
     fit = _rows(fit, [i for i, a in enumerate(fit.answers) if a in classes])  # the usual VQA head: no class, no row
@@ -240,7 +222,7 @@ def run_benchmarks(
     if not ecfg.benchmarks.configured:
         return None
     check_benchmark_paths(ecfg.benchmarks)
-    b = _Bench(model, tokenizer, eval_root, ecfg, transform, torch.device(device), max_length, seed)
+    b = EvalContext(model, tokenizer, eval_root, ecfg, transform, torch.device(device), max_length, seed)
     out: dict[str, dict[str, Any]] = {}
     out.update(_imagenet(b))
     out.update(_karpathy(b, "coco"))

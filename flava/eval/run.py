@@ -33,6 +33,7 @@ from flava.eval.aggregate import macro_averages, majority_rate
 from flava.eval.attributes import attribute_accuracy
 from flava.eval.benchmarks import check_benchmark_paths, run_benchmarks
 from flava.eval.config import EvalConfig
+from flava.eval.context import EvalContext
 from flava.eval.datasets import (
     load_closed_set,
     load_retrieval,
@@ -54,24 +55,6 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class _Context:
-    """What every task needs: the model under evaluation and how to feed it."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    eval_root: str | Path
-    ecfg: EvalConfig
-    transform: Callable[[Image.Image], torch.Tensor]
-    device: torch.device
-    max_length: int
-    seed: int
-
-    @property
-    def common(self) -> dict[str, Any]:
-        return {"batch_size": self.ecfg.batch_size, "device": self.device}
-
-
-@dataclass
 class _Outcome:
     """One task's results: its metrics block, its scores and chance levels (by task name) and plot extras."""
 
@@ -81,7 +64,7 @@ class _Outcome:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def _zeroshot(ctx: _Context) -> _Outcome:
+def _zeroshot(ctx: EvalContext) -> _Outcome:
     logits, labels, classnames = zeroshot_logits(
         ctx.model, ctx.tokenizer, ctx.eval_root, ctx.ecfg.zeroshot.split, transform=ctx.transform,
         max_length=ctx.max_length, **ctx.common,
@@ -95,7 +78,7 @@ def _zeroshot(ctx: _Context) -> _Outcome:
     return _Outcome(metrics, {"zeroshot": metrics["top1"]}, {"zeroshot": majority_rate(labels.tolist())}, extras)
 
 
-def _retrieval(ctx: _Context) -> _Outcome:
+def _retrieval(ctx: EvalContext) -> _Outcome:
     recall, curves, base = evaluate_retrieval(
         ctx.model, ctx.tokenizer, ctx.eval_root, ctx.ecfg.retrieval, transform=ctx.transform,
         max_length=ctx.max_length, **ctx.common,
@@ -111,7 +94,7 @@ def _retrieval(ctx: _Context) -> _Outcome:
     return _Outcome(recall, scores, chance, extras)
 
 
-def _linear_probe(ctx: _Context) -> _Outcome:
+def _linear_probe(ctx: EvalContext) -> _Outcome:
     metrics = evaluate_linear_probe(
         ctx.model, ctx.eval_root, ctx.ecfg.probe, transform=ctx.transform, seed=ctx.seed, **ctx.common
     )
@@ -119,7 +102,7 @@ def _linear_probe(ctx: _Context) -> _Outcome:
     return _Outcome(metrics, {"linear_probe": metrics["accuracy"]}, {"linear_probe": chance})
 
 
-def _text_cls(ctx: _Context) -> _Outcome:
+def _text_cls(ctx: EvalContext) -> _Outcome:
     data = {split: load_text_cls(ctx.eval_root, split) for split in SPLITS}
     out = finetune_text(
         ctx.model, ctx.tokenizer, data, ctx.ecfg.text_finetune, device=ctx.device, max_length=ctx.max_length,
@@ -130,7 +113,7 @@ def _text_cls(ctx: _Context) -> _Outcome:
     return _Outcome(out, {"text_cls": out["accuracy"]}, {"text_cls": majority_rate(data["test"].labels)})
 
 
-def _vqa(ctx: _Context) -> _Outcome:
+def _vqa(ctx: EvalContext) -> _Outcome:
     data = {split: load_vqa(ctx.eval_root, split) for split in SPLITS}
     metrics = finetune_multimodal(
         ctx.model, ctx.tokenizer, data, ctx.ecfg.multimodal_finetune, transform=ctx.transform, device=ctx.device,
@@ -140,7 +123,7 @@ def _vqa(ctx: _Context) -> _Outcome:
 
 
 # The tasks in the order they run: (metrics and timing key, the EvalConfig section that enables it, the task).
-TASKS: tuple[tuple[str, str, Callable[[_Context], _Outcome]], ...] = (
+TASKS: tuple[tuple[str, str, Callable[[EvalContext], _Outcome]], ...] = (
     ("zeroshot", "zeroshot", _zeroshot),
     ("retrieval", "retrieval", _retrieval),
     ("linear_probe", "probe", _linear_probe),
@@ -161,7 +144,7 @@ def evaluate_model(
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the enabled tasks -> (metrics, extras for plots: confusion matrix, classnames, recall curves)."""
-    ctx = _Context(model, tokenizer, eval_root, ecfg, transform, torch.device(device), max_length, seed)
+    ctx = EvalContext(model, tokenizer, eval_root, ecfg, transform, torch.device(device), max_length, seed)
     check_benchmark_paths(ecfg.benchmarks)  # a mistyped benchmark path fails before the tasks run
     metrics: dict[str, Any] = {}
     tasks: dict[str, float] = {}

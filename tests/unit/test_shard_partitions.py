@@ -14,6 +14,7 @@ import pytest
 from flava.data import shards as sharding
 from flava.data.partitions import PARTITIONS_DIR
 from flava.data.shards import build_samples, read_tar, run_shard, write_tar
+from tests.helpers import spy_partitions
 from tests.unit.shard_fixtures import config, make_validated
 
 # 23 pairs in partitions of 7 rows (7, 7, 7, 2) and shards of 5: each partition's last shard is short
@@ -142,14 +143,7 @@ def test_killed_shard_stage_resumes_at_the_first_unfinished_partition(tmp_path, 
     (out / "pairs" / ".shard-000007.tar.cut").write_bytes(b"half a tar")
     (state / ".00003.json.123.tmp").write_text('{"finger')
 
-    done: list[tuple[str, int]] = []
-    real_partition = sharding.shard_partition
-
-    def counted(task):
-        done.append((task.corpus, task.part.index))
-        return real_partition(task)
-
-    monkeypatch.setattr(sharding, "shard_partition", counted)
+    done = spy_partitions(monkeypatch, sharding, "shard_partition")
     run_shard(cfg)
     assert [i for corpus, i in done if corpus == "pairs"] == [2, 3]  # 0 and 1 were kept
     assert _snapshot(out) == uninterrupted

@@ -16,7 +16,7 @@ from flava.data.ingest import dump_row, run_prepare
 from flava.data.prep_config import ValidateConfig
 from flava.data.stream_config import S3Config
 from flava.data.synthetic import run_generate
-from tests.helpers import tracking_in
+from tests.helpers import spy_partitions, tracking_in
 from tests.unit.test_synthetic import SMALL
 from tests.unit.test_validate import encode, exif_rotated_jpeg, read_jsonl, rgb, write_prepared
 
@@ -123,14 +123,7 @@ def test_killed_validate_resumes_at_the_first_unfinished_partition(tmp_path, mon
     (out / "images" / "pairs" / ".half-written.png.123.tmp").write_bytes(b"\x89PNG cut short")
     (out / validation.PARTITIONS_DIR / "pairs" / ".00004.jsonl.123.tmp").write_text('{"key": "cut')
 
-    done: list[tuple[str, int]] = []
-    real_partition = validation.validate_partition
-
-    def counted(task):
-        done.append((task.corpus, task.part.index))
-        return real_partition(task)
-
-    monkeypatch.setattr(validation, "validate_partition", counted)
+    done = spy_partitions(monkeypatch, validation, "validate_partition")
     _run(cfg, prepared, engine)
     assert [i for corpus, i in done if corpus == "pairs"] == [3, 4, 5, 6]  # 0..2 were kept
     assert _snapshot(out) == uninterrupted
