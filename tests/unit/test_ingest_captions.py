@@ -3,6 +3,7 @@ one stored image per image, every caption validated on its own, and the loader g
 deterministically. Also: CSV/TSV manifests are streamed, not read whole."""
 from __future__ import annotations
 
+import gc
 import json
 import tracemalloc
 
@@ -127,6 +128,7 @@ def test_csv_manifest_is_streamed_row_by_row_not_read_whole(tmp_path):
         for i in range(60_000):  # ~4 MB
             f.write(f'{i},img/{i}.jpg,"a caption, with a comma, for picture number {i} of the set"\n')
     src = ManifestPairs(path=str(path))
+    gc.collect()  # earlier tests' garbage must not be freed (and re-allocated) inside the measurement
     tracemalloc.start()
     try:
         count = 0
@@ -136,7 +138,9 @@ def test_csv_manifest_is_streamed_row_by_row_not_read_whole(tmp_path):
     finally:
         tracemalloc.stop()
     assert count == 60_000
-    assert peak < path.stat().st_size / 20, (peak, path.stat().st_size)
+    # Read whole, the text alone is the file's size (and its rows several times that); streamed, the peak is the
+    # reader's buffer and a row: 0.1-0.3 MB here, alone or inside the full suite.
+    assert peak < path.stat().st_size / 5, (peak, path.stat().st_size)
 
 
 def test_csv_rows_keep_the_table_semantics(tmp_path):
