@@ -14,13 +14,10 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
-
-import torch
-from PIL import Image
+from typing import Any, Hashable, Sequence
 
 from flava.eval.aggregate import majority_rate
-from flava.eval.config import GLUE_TASK_NAMES, BenchmarksConfig, EvalConfig
+from flava.eval.config import GLUE_TASK_NAMES, BenchmarksConfig
 from flava.eval.context import EvalContext
 from flava.eval.datasets import TextSet, VqaSet, ZeroShotSet, load_classes
 from flava.eval.finetune import finetune_multimodal, finetune_text
@@ -207,26 +204,16 @@ def _vqav2(b: EvalContext) -> dict[str, dict[str, Any]]:
     return {"vqav2": {**metrics, "chance": max(totals.values()) / len(test.answers)}}
 
 
-def run_benchmarks(
-    model: torch.nn.Module,
-    tokenizer,
-    eval_root: str | Path,
-    ecfg: EvalConfig,
-    *,
-    transform: Callable[[Image.Image], torch.Tensor],
-    device: torch.device | str,
-    max_length: int,
-    seed: int = 0,
-) -> dict[str, dict[str, Any]] | None:
-    """``{benchmark: metrics | {"skipped": reason}}``, or None when ``eval.benchmarks`` configures none."""
-    if not ecfg.benchmarks.configured:
+def run_benchmarks(ctx: EvalContext) -> dict[str, dict[str, Any]] | None:
+    """``{benchmark: metrics | {"skipped": reason}}`` for the model and settings of ``ctx``, or None when
+    ``eval.benchmarks`` configures none."""
+    if not ctx.ecfg.benchmarks.configured:
         return None
-    check_benchmark_paths(ecfg.benchmarks)
-    b = EvalContext(model, tokenizer, eval_root, ecfg, transform, torch.device(device), max_length, seed)
+    check_benchmark_paths(ctx.ecfg.benchmarks)
     out: dict[str, dict[str, Any]] = {}
-    out.update(_imagenet(b))
-    out.update(_karpathy(b, "coco"))
-    out.update(_karpathy(b, "flickr30k"))
-    out.update(_glue(b))
-    out.update(_vqav2(b))
+    out.update(_imagenet(ctx))
+    out.update(_karpathy(ctx, "coco"))
+    out.update(_karpathy(ctx, "flickr30k"))
+    out.update(_glue(ctx))
+    out.update(_vqav2(ctx))
     return out

@@ -167,8 +167,7 @@ def evaluate_model(
     metrics["chance"] = chance
     metrics["macro"] = macro_averages(tasks)
     start = time.perf_counter()
-    benchmarks = run_benchmarks(model, tokenizer, eval_root, ecfg, transform=transform, device=ctx.device,
-                                max_length=max_length, seed=seed)
+    benchmarks = run_benchmarks(ctx)
     if benchmarks is not None:
         metrics["benchmarks"] = benchmarks
         timings["benchmarks"] = time.perf_counter() - start

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
 from flava.eval.benchmarks import held_out, run_benchmarks, split_off
 from flava.eval.config import GLUE_TASK_NAMES, EvalConfig
+from flava.eval.context import EvalContext
 from flava.eval.datasets import TextSet, load_text_cls
 from flava.eval.features import tokenize
 from flava.eval.official import (
@@ -26,7 +28,13 @@ from flava.eval.official import (
 )
 from flava.eval.report import write_reports
 from flava.eval.run import evaluate_model
-from tests.unit.test_eval_fakes import COLOURS, OracleModel, make_tokenizer, to_tensor, write_eval_root
+from tests.unit.test_eval_fakes import (
+    COLOURS,
+    OracleModel,
+    make_tokenizer,
+    to_tensor,
+    write_eval_root,
+)
 from tests.unit.test_eval_run import FAST
 
 NAMES = list(COLOURS)
@@ -261,7 +269,7 @@ def test_unconfigured_is_absent_and_a_missing_configured_path_names_its_key(tmp_
     glue = write_glue(tmp_path / "glue_data")
     listed = EvalConfig.model_validate({**only_zs, "benchmarks": {"glue": {"root": str(glue), "tasks": ["rte"]}}})
     with pytest.raises(FileNotFoundError, match="glue.tasks lists 'rte' but .*RTE lacks train.tsv and dev.tsv"):
-        run_benchmarks(model, tok, root, listed, transform=to_tensor, device="cpu", max_length=16)
+        run_benchmarks(EvalContext(model, tok, root, listed, to_tensor, torch.device("cpu"), 16, 0))
 
 
 def test_vqav2_finetune_scores_vqa_accuracy(tmp_path):
@@ -269,7 +277,7 @@ def test_vqav2_finetune_scores_vqa_accuracy(tmp_path):
     tok = make_tokenizer(tmp_path / "tok")
     ecfg = EvalConfig.model_validate({**FAST, "benchmarks": {"vqav2": write_vqav2(tmp_path / "vqa"),
                                                              "select_fraction": 0.25}})
-    out = run_benchmarks(OracleModel(tok), tok, root, ecfg, transform=to_tensor, device="cpu", max_length=16)
+    out = run_benchmarks(EvalContext(OracleModel(tok), tok, root, ecfg, to_tensor, torch.device("cpu"), 16, 0))
     vqa = out["vqav2"]
     assert vqa["num_classes"] == len(NAMES)
     # Every val question but the 'magenta' one can score 1; that one scores 0 whatever the model says.
