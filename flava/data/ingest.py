@@ -17,16 +17,30 @@ images ``{key, image, label, source}`` (+ ``synset`` with a class-name map), tex
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 from flava.data import sources
+from flava.data.engine import Engine, EngineConfig, open_engine
 from flava.data.jsonl import read_jsonl, write_jsonl
-from flava.data.prep_config import CocoPairs, IngestConfig, KarpathyPairs, ManifestPairs, PairSource
+from flava.data.partitions import (
+    PARTITIONS_DIR,
+    concatenate_atomic,
+    finished,
+    part_fingerprint,
+    part_name,
+    partition_paths,
+    temporary,
+    write_json_atomic,
+)
+from flava.data.prep_config import ClassFolderImages, CocoPairs, IngestConfig, KarpathyPairs, ManifestPairs, PairSource
 from flava.data.storage import is_s3
 from flava.tracking.runs import stage_run
 
@@ -43,11 +57,13 @@ def dump_row(row: dict[str, Any]) -> str:
 
 
 class _Sink:
-    """Writes accepted rows and rejects of one corpus and counts them."""
+    """Writes the accepted rows and rejects of one partition and counts them; the files get their names on
+    ``close`` (a killed partition leaves only temporary files, removed when the stage resumes)."""
 
-    def __init__(self, out: Path, corpus: str):
-        self.accepted_f = (out / f"{corpus}.jsonl").open("w", encoding="utf-8", newline="\n")
-        self.rejects_f = (out / f"{corpus}.rejects.jsonl").open("w", encoding="utf-8", newline="\n")
+    def __init__(self, accepted: Path, rejects: Path):
+        self._names = {temporary(accepted): accepted, temporary(rejects): rejects}
+        self.accepted_f = temporary(accepted).open("w", encoding="utf-8", newline="\n")
+        self.rejects_f = temporary(rejects).open("w", encoding="utf-8", newline="\n")
         self.accepted = self.rejected = 0
         self.reasons: Counter[str] = Counter()
         self.per_source: dict[str, Counter[str]] = {}
@@ -69,11 +85,13 @@ class _Sink:
             counts["rejected"] += 1
 
     def close(self) -> dict[str, Any]:
+        """The partition's counts, once its files are in place."""
         self.accepted_f.close()
         self.rejects_f.close()
-        total = self.accepted + self.rejected
-        return {"in": total, "accepted": self.accepted, "rejected": self.rejected,
-                "reject_rate": self.rejected / total if total else 0.0, "reasons": dict(sorted(self.reasons.items())),
+        for tmp, path in self._names.items():
+            os.replace(tmp, path)
+        return {"in": self.accepted + self.rejected, "accepted": self.accepted, "rejected": self.rejected,
+                "reasons": dict(sorted(self.reasons.items())),
                 "sources": {k: dict(sorted(v.items())) for k, v in self.per_source.items()},
                 "first_reasons": {k: v for k, v in self.first_reasons.items() if v}}
 
@@ -88,56 +106,188 @@ def _names(corpus: str, srcs: list) -> list[str]:
     return names
 
 
-def _pair_items(src: PairSource, ing: IngestConfig, raw: Path, extract_to: Path) -> Iterable[sources.Item]:
+# ---------------------------------------------------------------------------------------------- partitions
+PARTITION_FORMAT = 1  # in the fingerprint: bump it when a partition's outputs change for the same inputs
+
+
+@dataclass(frozen=True)
+class PrepareTask:
+    """One partition: one unit of one source (``sources.source_units``), everything ``prepare_partition`` needs,
+    picklable for a Dask worker."""
+
+    corpus: str
+    index: int  # partition number within the corpus
+    source: int  # the source's position in data.ingest.<corpus>
+    name: str  # the source's name (the keys' prefix)
+    unit: sources.SourceUnit
+    unit_index: int  # the unit's number within its source
+    ing: IngestConfig
+    raw: str  # paths.raw
+    out: str  # paths.prepared
+    fingerprint: str  # of the corpus's inputs and params and of this partition: done when its summary has it
+
+
+def extraction_dir(out: Path, name: str, unit_index: int) -> Path:
+    """Where the image bytes embedded in one unit of source ``name`` are written: a directory per unit, so
+    partitions running at once never write the same file (an image repeated in two units is stored twice)."""
+    return out / EXTRACTED / name / part_name(unit_index)
+
+
+def _pair_items(src: PairSource, task: PrepareTask, extract_to: Path) -> Iterable[sources.Item]:
+    ing, raw = task.ing, Path(task.raw)
     if isinstance(src, ManifestPairs):
-        return sources.read_manifest(src, raw, ing.caption_filter, extract_to)
+        return sources.read_manifest(src, raw, ing.caption_filter, extract_to, task.unit)
     if isinstance(src, CocoPairs):
         return sources.read_coco(src, raw)
     if isinstance(src, KarpathyPairs):
         return sources.read_karpathy(src, raw)
-    return sources.read_webdataset(src, raw, ing.caption_filter, extract_to, ing.s3)
+    return sources.read_webdataset(src, raw, ing.caption_filter, extract_to, ing.s3, task.unit)
 
 
-def _prepare_pairs(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
-    sink = _Sink(out, "pairs")
-    for src, name in zip(ing.pairs, _names("pairs", ing.pairs)):
-        for item in _pair_items(src, ing, raw, out / EXTRACTED / name):
-            sink.add(item, name)
+def _prepare_pairs(task: PrepareTask, sink: _Sink) -> dict[str, Any]:
+    extract_to = extraction_dir(Path(task.out), task.name, task.unit_index)
+    if extract_to.exists():  # written by a run of this partition that was cut short
+        shutil.rmtree(extract_to)
+    for item in _pair_items(task.ing.pairs[task.source], task, extract_to):
+        sink.add(item, task.name)
     return sink.close()
 
 
-def _prepare_images(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
-    sink = _Sink(out, "images")
-    for src, name in zip(ing.images, _names("images", ing.images)):
-        for item in sources.read_class_folders(src, raw):
+def _prepare_images(task: PrepareTask, sink: _Sink) -> dict[str, Any]:
+    for item in sources.read_class_folders(task.ing.images[task.source], Path(task.raw)):
+        sink.add(item, task.name)
+    return sink.close()
+
+
+def _prepare_text(task: PrepareTask, sink: _Sink) -> dict[str, Any]:
+    name, passages = task.name, 0
+    for doc_id, item in sources.read_text_documents(task.ing.text[task.source], Path(task.raw), task.unit):
+        if item.reason is not None:
             sink.add(item, name)
-    result = sink.close()
-    result["num_labels"] = len({json.loads(line)["label"] for line in (out / "images.jsonl").open()})
-    return result
+            continue
+        chunks = sources.split_passages(item.row["text"], task.ing.max_passage_words)
+        if not chunks:
+            sink.add(sources.Item(None, item.raw, "empty document"), name)
+            continue
+        sink.accepted += 1  # counted in documents; the manifest holds their passages
+        sink.per_source.setdefault(name, Counter()).update({"in": 1, "accepted": 1})
+        for n, text in enumerate(chunks):
+            sink.accepted_f.write(dump_row({"key": sources.safe_key(f"{name}-{doc_id}-{n}"), "text": text,
+                                            "source": name}) + "\n")
+        passages += len(chunks)
+    return {**sink.close(), "passages": passages}
 
 
-def _prepare_text(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
-    sink = _Sink(out, "text")
-    passages = 0
-    for src, name in zip(ing.text, _names("text", ing.text)):
-        for doc_id, item in sources.read_text_documents(src, raw):
-            if item.reason is not None:
-                sink.add(item, name)
-                continue
-            chunks = sources.split_passages(item.row["text"], ing.max_passage_words)
-            if not chunks:
-                sink.add(sources.Item(None, item.raw, "empty document"), name)
-                continue
-            sink.accepted += 1  # counted in documents; the manifest holds their passages
-            sink.per_source.setdefault(name, Counter()).update({"in": 1, "accepted": 1})
-            for n, text in enumerate(chunks):
-                sink.accepted_f.write(dump_row({"key": sources.safe_key(f"{name}-{doc_id}-{n}"), "text": text,
-                                                "source": name}) + "\n")
-            passages += len(chunks)
-    result = sink.close()
-    result["unit"] = "documents"
-    result["passages"] = passages
-    return result
+_READERS = {"pairs": _prepare_pairs, "images": _prepare_images, "text": _prepare_text}
+
+
+def prepare_partition(task: PrepareTask) -> dict[str, Any]:
+    """Read one unit: write its accepted rows and its rejects, then its summary (counts, reasons, per-source
+    counts, first reasons, the fingerprint) last -- the summary marks the partition done."""
+    paths = partition_paths(Path(task.out), task.corpus, task.index)
+    doc = {**_READERS[task.corpus](task, _Sink(paths["accepted"], paths["rejects"])),
+           "fingerprint": task.fingerprint, "source": task.name, "unit": task.unit.path}
+    write_json_atomic(paths["summary"], doc)
+    return doc
+
+
+def _digest_inputs(digest: Any, path: str) -> None:
+    """Feed the identity of what ``path`` names to ``digest``: name, size and modification time of the file or of
+    every file under the directory (hashing the bytes of a corpus would cost a full read per run); an ``s3://``
+    URI stands for itself (an object replaced under the same key is not noticed: delete the partitions)."""
+    if is_s3(path):
+        digest.update(f"{path}\n".encode())
+        return
+    root = Path(path)
+    for file in [root] if not root.is_dir() else sorted(f for f in root.rglob("*") if f.is_file()):
+        stat = file.stat() if file.exists() else None
+        size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (None, None)
+        digest.update(f"{file}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
+
+
+def _corpus_fingerprint(corpus: str, ing: IngestConfig, tasks: list[PrepareTask], raw: Path, out: Path) -> str:
+    """The inputs (each unit's files, a class-name map) and the params that shape the corpus's rows."""
+    srcs = getattr(ing, corpus)
+    params = {"format": PARTITION_FORMAT, "corpus": corpus, "raw": str(raw), "out": str(out),
+              "sources": [src.model_dump(mode="json") for src in srcs],
+              "units": [[t.name, t.unit.path, t.unit.first_row] for t in tasks]}
+    if corpus == "pairs":
+        params.update(caption_filter=ing.caption_filter.model_dump(mode="json"), s3=ing.s3.model_dump(mode="json"))
+    if corpus == "text":
+        params["max_passage_words"] = ing.max_passage_words
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8"))
+    for t in tasks:
+        _digest_inputs(digest, t.unit.path)
+    for src in srcs:
+        if isinstance(src, ClassFolderImages) and src.class_names:
+            _digest_inputs(digest, str(raw / src.class_names))
+    return digest.hexdigest()
+
+
+def _plan(corpus: str, ing: IngestConfig, raw: Path, out: Path) -> tuple[list[PrepareTask], str]:
+    """The corpus's partitions, one per unit of each source in order, and the corpus's fingerprint."""
+    srcs = getattr(ing, corpus)
+    units = [(pos, name, n, unit) for pos, (src, name) in enumerate(zip(srcs, _names(corpus, srcs)))
+             for n, unit in enumerate(sources.source_units(src, raw, ing.s3))]
+    tasks = [PrepareTask(corpus, i, pos, name, unit, n, ing, str(raw), str(out), "")
+             for i, (pos, name, n, unit) in enumerate(units)]
+    fingerprint = _corpus_fingerprint(corpus, ing, tasks, raw, out)
+    return [replace(t, fingerprint=part_fingerprint(fingerprint, t.index)) for t in tasks], fingerprint
+
+
+def _prepare_corpus(corpus: str, ing: IngestConfig, raw: Path, out: Path, engine: Engine) -> dict[str, Any]:
+    """Prepare one corpus partition by partition on ``engine``; partitions already done with the same inputs and
+    params are kept (a killed run resumes). Then the partitions' files are concatenated in order into the
+    corpus's manifest and rejects, and their counts added up."""
+    tasks, fingerprint = _plan(corpus, ing, raw, out)
+    parts_dir = out / PARTITIONS_DIR / corpus
+    index = parts_dir / "index.json"
+    if finished(index, fingerprint) is None:  # new inputs or params: start afresh
+        stale = [parts_dir] + ([out / EXTRACTED / name for name in {t.name for t in tasks}] if corpus == "pairs"
+                               else [])
+        for path in stale:
+            if path.exists():
+                shutil.rmtree(path)
+        parts_dir.mkdir(parents=True)
+        write_json_atomic(index, {"fingerprint": fingerprint, "partitions": [
+            {"name": part_name(t.index), "source": t.name, "unit": t.unit.path} for t in tasks]})
+    else:  # resuming: drop what partitions cut short half-wrote (see partitions.temporary)
+        for tmp in parts_dir.glob(".*.tmp"):
+            tmp.unlink()
+    todo = [t for t in tasks if finished(partition_paths(out, corpus, t.index)["summary"], t.fingerprint) is None]
+    if todo:
+        log.info("prepare %s: %d of %d partitions to do on %s", corpus, len(todo), len(tasks), engine.name)
+        engine.map(prepare_partition, todo)
+    paths = [partition_paths(out, corpus, t.index) for t in tasks]
+    concatenate_atomic([p["accepted"] for p in paths], out / f"{corpus}.jsonl")
+    concatenate_atomic([p["rejects"] for p in paths], out / f"{corpus}.rejects.jsonl")
+    summaries = [json.loads(p["summary"].read_text(encoding="utf-8")) for p in paths]
+    metrics = _aggregate(summaries)
+    if corpus == "images":
+        metrics["num_labels"] = len({json.loads(line)["label"] for line in (out / "images.jsonl").open()})
+    if corpus == "text":
+        metrics.update(unit="documents", passages=sum(s["passages"] for s in summaries))
+    return metrics
+
+
+def _aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A corpus's metrics from its partitions' counts, as one pass over all its sources would count them."""
+    reasons: Counter[str] = Counter()
+    per_source: dict[str, Counter[str]] = {}
+    first_reasons: dict[str, list[str]] = {}
+    for s in summaries:
+        reasons.update(s["reasons"])
+        for name, counts in s["sources"].items():
+            per_source.setdefault(name, Counter()).update(counts)
+        for name, texts in s["first_reasons"].items():
+            kept = first_reasons.setdefault(name, [])
+            kept.extend(texts[:FIRST_REASONS - len(kept)])
+    accepted, rejected = sum(s["accepted"] for s in summaries), sum(s["rejected"] for s in summaries)
+    total = accepted + rejected
+    return {"in": total, "accepted": accepted, "rejected": rejected,
+            "reject_rate": rejected / total if total else 0.0, "reasons": dict(sorted(reasons.items())),
+            "sources": {k: dict(sorted(v.items())) for k, v in per_source.items()},
+            "first_reasons": first_reasons}
 
 
 # ---------------------------------------------------------------------------------------------- eval sets
@@ -213,20 +363,23 @@ def prepare_eval(src: Path, dst: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def prepare(ing: IngestConfig, raw: str | Path, prepared: str | Path) -> dict[str, Any]:
+def prepare(ing: IngestConfig, raw: str | Path, prepared: str | Path,
+            engine: EngineConfig | None = None) -> dict[str, Any]:
     raw, out = Path(raw), Path(prepared)
     if not raw.is_dir():
         raise ValueError(f"raw data directory {raw} (paths.raw) does not exist: run `flava data generate` for the "
                          "synthetic world, or put real data there and point data.ingest at it")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / EXTRACTED).exists():  # stale extractions from an earlier run
-        shutil.rmtree(out / EXTRACTED)
-    (out / EXTRACTED).mkdir()  # a stage output (DVC), also when no source embeds image bytes
-    metrics: dict[str, Any] = {
-        "pairs": _prepare_pairs(ing, raw, out),
-        "images": _prepare_images(ing, raw, out),
-        "text": _prepare_text(ing, raw, out),
-    }
+    (out / EXTRACTED).mkdir(parents=True, exist_ok=True)  # a stage output (DVC), also when no source embeds bytes
+    pair_names = set(_names("pairs", ing.pairs))
+    for stale in (out / EXTRACTED).iterdir():  # extractions of sources no longer configured
+        if stale.name in pair_names:
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    with open_engine(engine or EngineConfig()) as runner:
+        metrics: dict[str, Any] = {corpus: _prepare_corpus(corpus, ing, raw, out, runner) for corpus in CORPORA}
     metrics["eval"] = prepare_eval(raw / ing.eval_dir, out / "eval") if ing.eval_dir else None
     (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     for corpus in CORPORA:
@@ -252,6 +405,6 @@ def _fail_on_dead_sources(metrics: dict[str, Any], out: Path) -> None:
 def run_prepare(cfg) -> dict[str, Any]:
     """Stage function of ``flava data prepare`` (``cfg``: a ``PipelineConfig``); an MLflow run with the counts."""
     with stage_run(cfg, "prepare") as run:
-        result = prepare(cfg.data.ingest, cfg.paths.raw, cfg.paths.prepared)
+        result = prepare(cfg.data.ingest, cfg.paths.raw, cfg.paths.prepared, cfg.data.engine)
         run.log_metrics(json.loads((Path(cfg.paths.prepared) / "metrics.json").read_text(encoding="utf-8")))
     return result

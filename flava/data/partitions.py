@@ -73,6 +73,14 @@ def part_name(index: int) -> str:
     return f"{index:05d}"
 
 
+def partition_paths(out: Path, corpus: str, index: int) -> dict[str, Path]:
+    """A partition's outputs under ``out``: its accepted rows, its rejects and its summary (written last)."""
+    base = out / PARTITIONS_DIR / corpus
+    name = part_name(index)
+    return {"accepted": base / f"{name}.jsonl", "rejects": base / f"{name}.rejects.jsonl",
+            "summary": base / f"{name}.json"}
+
+
 def part_fingerprint(fingerprint: str, index: int) -> str:
     """A partition's fingerprint: its corpus' (input bytes, params, partitioning) and its number."""
     return hashlib.sha256(f"{fingerprint}:{index}".encode()).hexdigest()

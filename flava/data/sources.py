@@ -37,6 +37,7 @@ from flava.data.prep_config import (
     CocoPairs,
     KarpathyPairs,
     ManifestPairs,
+    PairSource,
     TextFiles,
     WebdatasetPairs,
 )
@@ -62,6 +63,15 @@ class Item:
     row: dict[str, Any] | None
     raw: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceUnit:
+    """One piece of a source that one ``flava data prepare`` partition reads on its own (``source_units``)."""
+
+    path: str  # a manifest file, parquet part, Arrow file, webdataset shard (path or s3:// URI), text file, or the
+    # source's own path when it is read whole (a class-folder tree, a captions JSON)
+    first_row: int = 0  # rows of the source before this unit: keys are numbered by row when there is no key column
 
 
 def safe_key(text: str) -> str:
@@ -214,8 +224,21 @@ def _table_rows(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[dict[str, A
             yield row, None
 
 
-def _manifest_rows(path: Path, src: ManifestPairs) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
-    fmt = _detect_format(path) if src.format == "auto" else src.format
+def _manifest_format(path: Path, src: ManifestPairs) -> str:
+    return _detect_format(path) if src.format == "auto" else src.format
+
+
+def _parquet_parts(path: Path, src: ManifestPairs) -> list[Path]:
+    parts = [path] if path.is_file() else sorted(path.glob(src.pattern))
+    if not parts:
+        raise ValueError(f"no parquet parts matching {src.pattern!r} in {path}")
+    return parts
+
+
+def _manifest_rows(path: Path, src: ManifestPairs,
+                   unit: SourceUnit | None = None) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """The rows of the manifest at ``path``; of one parquet part or Arrow file only when ``unit`` names it."""
+    fmt = _manifest_format(path, src)
     if fmt == "jsonl":
         with path.open("rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -244,13 +267,11 @@ def _manifest_rows(path: Path, src: ManifestPairs) -> Iterator[tuple[dict[str, A
         yield from _csv_rows(path, src, "\t" if fmt == "tsv" or path.suffix.lower() == ".tsv" else ",")
         return
     if fmt == "arrow":
-        for file in _arrow_files(path, src.split):
+        for file in [Path(unit.path)] if unit else _arrow_files(path, src.split):
             yield from _table_rows(_arrow_batches(file))
         return
-    parts = [path] if path.is_file() else sorted(path.glob(src.pattern))
-    if not parts:
-        raise ValueError(f"no parquet parts matching {src.pattern!r} in {path}")
-    for part in parts:  # row group by row group: embedded image bytes never all in memory
+    # row group by row group: embedded image bytes never all in memory
+    for part in [Path(unit.path)] if unit else _parquet_parts(path, src):
         yield from _table_rows(pq.ParquetFile(part).iter_batches(batch_size=256))
 
 
@@ -301,14 +322,39 @@ def _source_path(path: str, root: Path) -> Path:
     return Path(path) if Path(path).is_absolute() else root / path
 
 
-def read_manifest(src: ManifestPairs, root: Path, flt: CaptionFilterConfig, extract_to: Path) -> Iterator[Item]:
+def _manifest_path(src: ManifestPairs, root: Path) -> Path:
     path = _source_path(src.path, root)
     if not path.exists():
         raise ValueError(f"pair manifest {path} (data.ingest.pairs path {src.path!r}) does not exist")
+    return path
+
+
+def _manifest_units(src: ManifestPairs, root: Path) -> list[SourceUnit]:
+    """A table file is one unit (a huge CSV too: it is not split); Parquet parts and Arrow files one unit each.
+    Without a key column keys number the rows, so each part carries the row count of the parts before it
+    (Parquet: from its footer; Arrow: from its record batches' headers, memory-mapped)."""
+    path = _manifest_path(src, root)
+    fmt = _manifest_format(path, src)
+    if fmt not in ("parquet", "arrow"):
+        return [SourceUnit(str(path))]
+    files = _parquet_parts(path, src) if fmt == "parquet" else _arrow_files(path, src.split)
+    units, first = [], 0
+    for file in files:
+        units.append(SourceUnit(str(file), first if src.key_column is None else 0))
+        if src.key_column is None:
+            first += (pq.ParquetFile(file).metadata.num_rows if fmt == "parquet"
+                      else sum(batch.num_rows for batch in _arrow_batches(file)))
+    return units
+
+
+def read_manifest(src: ManifestPairs, root: Path, flt: CaptionFilterConfig, extract_to: Path,
+                  unit: SourceUnit | None = None) -> Iterator[Item]:
+    """The pairs of a table source; of one of its ``_manifest_units`` when ``unit`` is given."""
+    path = _manifest_path(src, root)
     name = source_name(src.path, src.name)
     base = path if path.is_dir() else path.parent
     store = ImageStore(extract_to)
-    for index, (row, error) in enumerate(_manifest_rows(path, src)):
+    for index, (row, error) in enumerate(_manifest_rows(path, src, unit), unit.first_row if unit else 0):
         if error:
             yield Item(None, row or {}, error)
             continue
@@ -460,12 +506,18 @@ def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, members
 
 
-def read_webdataset(src: WebdatasetPairs, root: Path, flt: CaptionFilterConfig, extract_to: Path,
-                    s3: S3Config | None = None) -> Iterator[Item]:
-    s3 = s3 or S3Config()
+def _webdataset_units(src: WebdatasetPairs, root: Path, s3: S3Config) -> list[SourceUnit]:
     shards = _shard_uris(src, root, s3)
     if not shards:
         raise ValueError(f"no webdataset shards at {src.path} (pattern {src.pattern!r})")
+    return [SourceUnit(shard) for shard in shards]
+
+
+def read_webdataset(src: WebdatasetPairs, root: Path, flt: CaptionFilterConfig, extract_to: Path,
+                    s3: S3Config | None = None, unit: SourceUnit | None = None) -> Iterator[Item]:
+    """The pairs of a source's shards; of the one shard ``unit`` when given."""
+    s3 = s3 or S3Config()
+    shards = [unit.path] if unit else [u.path for u in _webdataset_units(src, root, s3)]
     name = source_name(src.path.rstrip("/"), src.name)
     store = ImageStore(extract_to)
     for shard in shards:
@@ -607,14 +659,19 @@ def _txt_documents(file: Path, min_words: int) -> Iterator[tuple[str, int, int]]
         yield " ".join(lines), start, end
 
 
-def read_text_documents(src: TextFiles, root: Path) -> Iterator[tuple[str, Item]]:
-    """Yields (document id, Item) where an accepted Item's row holds the document text."""
+def _text_units(src: TextFiles, root: Path) -> list[SourceUnit]:
     path = _source_path(src.path, root)
     files = ([path] if path.is_file() else sorted({f for p in src.patterns for f in path.glob(p)}) if path.is_dir()
              else [])
     if not files:
         raise ValueError(f"no text files at {path} (data.ingest.text path {src.path!r}, patterns {src.patterns})")
-    for file in files:
+    return [SourceUnit(str(file)) for file in files]
+
+
+def read_text_documents(src: TextFiles, root: Path, unit: SourceUnit | None = None) -> Iterator[tuple[str, Item]]:
+    """Yields (document id, Item) where an accepted Item's row holds the document text; of the one file ``unit``
+    when given."""
+    for file in [Path(u.path) for u in ([unit] if unit else _text_units(src, root))]:
         stem = safe_key(file.stem)
         if file.suffix.lower() == ".jsonl":
             with file.open("rb") as f:
@@ -635,3 +692,18 @@ def read_text_documents(src: TextFiles, root: Path) -> Iterator[tuple[str, Item]
         else:
             for n, (text, first, last) in enumerate(_txt_documents(file, src.min_document_words)):
                 yield f"{stem}-{n}", Item({"text": text}, {"file": file.name, "lines": [first, last]})
+
+
+# ------------------------------------------------------------------------------------ units
+def source_units(src: PairSource | ClassFolderImages | TextFiles, root: Path, s3: S3Config) -> list[SourceUnit]:
+    """The pieces of a source that ``flava data prepare`` reads as separate partitions, in reading order: a
+    table's Parquet parts or Arrow files, a webdataset source's shards, a text source's files; a CSV/TSV/JSONL
+    manifest, a captions JSON and a class-folder tree are one unit each, however large (a captions JSON is one
+    document; splitting a CSV at byte offsets would cut quoted newlines)."""
+    if isinstance(src, ManifestPairs):
+        return _manifest_units(src, root)
+    if isinstance(src, WebdatasetPairs):
+        return _webdataset_units(src, root, s3)
+    if isinstance(src, TextFiles):
+        return _text_units(src, root)
+    return [SourceUnit(str(_source_path(src.path, root)))]
