@@ -44,7 +44,8 @@ def spy_partitions(monkeypatch, module, name: str) -> list[tuple[str, int]]:
     real = getattr(module, name)
 
     def counted(task):
-        done.append((task.corpus, task.part.index))
+        # validate's and shard's tasks carry a row range, prepare's the index of its source unit
+        done.append((task.corpus, task.part.index if hasattr(task, "part") else task.index))
         return real(task)
 
     monkeypatch.setattr(module, name, counted)
