@@ -1,8 +1,9 @@
 """Where the data stages run their partitions: one process, a local Dask cluster, or an existing Dask scheduler.
 
-A stage (validate, shard) splits its work into partitions (manifest row ranges) and maps one pure, top-level
-function over them; ``Engine.map`` returns the results in partition order whatever the engine, so a stage's outputs
-do not depend on where it ran. ``data.engine.kind`` chooses:
+A stage splits its work into partitions (prepare: the units of its sources, such as tar shards and parquet parts;
+validate and shard: manifest row ranges) and maps one pure, top-level function over them; ``Engine.map`` returns
+the results in partition order whatever the engine, so a stage's outputs do not depend on where it ran.
+``data.engine.kind`` chooses:
 
 - ``serial``: every partition in this process, in order (the default: no start-up cost, nothing to install).
 - ``local``: a ``dask.distributed.LocalCluster`` on this machine, ``workers`` processes (default: one per core)
@@ -22,7 +23,8 @@ from flava.configbase import StrictModel
 
 
 class EngineConfig(StrictModel):
-    """``data.engine``: where the data stages run, and how many manifest rows make one partition."""
+    """``data.engine``: where the data stages (prepare, validate, shard) run their partitions, and how many manifest
+    rows make one partition of validate and shard (prepare's partitions are its sources' files)."""
 
     kind: Literal["serial", "local", "address"] = "serial"
     workers: int = Field(0, ge=0)  # local: worker processes; 0 = one per core

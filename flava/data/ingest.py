@@ -7,9 +7,19 @@ no usable image or caption). A source whose rows are all rejected fails the stag
 (``ValueError`` naming it and its first reasons) once the outputs are written. Keys start with the source name,
 so several corpora with the same native keys (img2dataset's ``000000000``) never collide. Images referenced by
 path or ``s3://`` are not read here: validation decodes them and quarantines what it cannot read; image bytes
-embedded in a source (tar members, parquet/arrow cells) are written once per distinct content under
-``paths.prepared/extracted/<source>/``. Evaluation sets are copied to ``paths.prepared/eval/`` with image paths
-resolved so that they open from the working directory.
+embedded in a source (tar members, parquet/arrow cells) are written once per distinct content of each unit under
+``paths.prepared/extracted/<source>/<unit number>/``. Evaluation sets are copied to ``paths.prepared/eval/`` with
+image paths resolved so that they open from the working directory.
+
+Partitions: each unit of each source (``sources.source_units``: a webdataset shard, a parquet part, an Arrow
+file, a text file; a CSV/TSV/JSONL manifest, a captions JSON or a class-folder tree is one unit however large) is
+one partition, run on the engine of ``data.engine`` (``flava.data.engine``). A partition writes
+``partitions/<corpus>/<n>.jsonl``, ``<n>.rejects.jsonl`` and, last, ``<n>.json`` (counts, reasons, per-source
+counts, first reasons, the fingerprint of the corpus's inputs and params and of ``n``); ``index.json`` lists them.
+The corpus's manifest and rejects are the partitions' files concatenated in order and its metrics their sums, so
+they are the bytes of one pass over the sources on any engine. A killed run resumes at the partitions without a
+matching ``<n>.json``; changed inputs (a unit's files by name, size and modification time) or params start the
+corpus afresh.
 
 Manifest rows: pairs ``{key, image, text, source}`` (+ webdataset provenance such as ``url``, ``sha256``), or
 ``{key, image, captions, source}`` for an image with several captions (COCO, Karpathy: ``flava.data.captions``),
