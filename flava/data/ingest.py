@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -188,14 +188,14 @@ def _prepare_text(task: PrepareTask, sink: _Sink) -> dict[str, Any]:
     return {**sink.close(), "passages": passages}
 
 
-_READERS = {"pairs": _prepare_pairs, "images": _prepare_images, "text": _prepare_text}
+_PREPARE_UNIT = {"pairs": _prepare_pairs, "images": _prepare_images, "text": _prepare_text}
 
 
 def prepare_partition(task: PrepareTask) -> dict[str, Any]:
     """Read one unit: write its accepted rows and its rejects, then its summary (counts, reasons, per-source
     counts, first reasons, the fingerprint) last -- the summary marks the partition done."""
     paths = partition_paths(Path(task.out), task.corpus, task.index)
-    doc = {**_READERS[task.corpus](task, _Sink(paths["accepted"], paths["rejects"])),
+    doc = {**_PREPARE_UNIT[task.corpus](task, _Sink(paths["accepted"], paths["rejects"])),
            "fingerprint": task.fingerprint, "source": task.name, "unit": task.unit.path}
     write_json_atomic(paths["summary"], doc)
     return doc
@@ -215,19 +215,21 @@ def _digest_inputs(digest: Any, path: str) -> None:
         digest.update(f"{file}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
 
 
-def _corpus_fingerprint(corpus: str, ing: IngestConfig, tasks: list[PrepareTask], raw: Path, out: Path) -> str:
-    """The inputs (each unit's files, a class-name map) and the params that shape the corpus's rows."""
+def _corpus_fingerprint(corpus: str, ing: IngestConfig, units: list[tuple[str, sources.SourceUnit]], raw: Path,
+                        out: Path) -> str:
+    """The inputs (each unit's files, a class-name map) and the params that shape the corpus's rows; ``units``:
+    (source name, unit) in partition order."""
     srcs = getattr(ing, corpus)
     params = {"format": PARTITION_FORMAT, "corpus": corpus, "raw": str(raw), "out": str(out),
               "sources": [src.model_dump(mode="json") for src in srcs],
-              "units": [[t.name, t.unit.path, t.unit.first_row] for t in tasks]}
+              "units": [[name, unit.path, unit.first_row] for name, unit in units]}
     if corpus == "pairs":
         params.update(caption_filter=ing.caption_filter.model_dump(mode="json"), s3=ing.s3.model_dump(mode="json"))
     if corpus == "text":
         params["max_passage_words"] = ing.max_passage_words
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8"))
-    for t in tasks:
-        _digest_inputs(digest, t.unit.path)
+    for _, unit in units:
+        _digest_inputs(digest, unit.path)
     for src in srcs:
         if isinstance(src, ClassFolderImages) and src.class_names:
             _digest_inputs(digest, str(raw / src.class_names))
@@ -237,12 +239,12 @@ def _corpus_fingerprint(corpus: str, ing: IngestConfig, tasks: list[PrepareTask]
 def _plan(corpus: str, ing: IngestConfig, raw: Path, out: Path) -> tuple[list[PrepareTask], str]:
     """The corpus's partitions, one per unit of each source in order, and the corpus's fingerprint."""
     srcs = getattr(ing, corpus)
+    # (source position, source name, unit number within the source, unit)
     units = [(pos, name, n, unit) for pos, (src, name) in enumerate(zip(srcs, _names(corpus, srcs)))
              for n, unit in enumerate(sources.source_units(src, raw, ing.s3))]
-    tasks = [PrepareTask(corpus, i, pos, name, unit, n, ing, str(raw), str(out), "")
-             for i, (pos, name, n, unit) in enumerate(units)]
-    fingerprint = _corpus_fingerprint(corpus, ing, tasks, raw, out)
-    return [replace(t, fingerprint=part_fingerprint(fingerprint, t.index)) for t in tasks], fingerprint
+    fingerprint = _corpus_fingerprint(corpus, ing, [(name, unit) for _, name, _, unit in units], raw, out)
+    return [PrepareTask(corpus, i, pos, name, unit, n, ing, str(raw), str(out), part_fingerprint(fingerprint, i))
+            for i, (pos, name, n, unit) in enumerate(units)], fingerprint
 
 
 def _prepare_corpus(corpus: str, ing: IngestConfig, raw: Path, out: Path, engine: Engine) -> dict[str, Any]:
