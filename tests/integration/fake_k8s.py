@@ -48,6 +48,7 @@ class FakeCluster:
         self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name) -> object
         self.requests: list[tuple[str, str]] = []
         self.served_faults: list = []
+        self.deletions: list = []  # (kind, namespace, name, propagationPolicy) of Deployments and Services
         self.lock = threading.RLock()
         self.clock = 0
 
@@ -232,7 +233,14 @@ class FakeCluster:
 def make_handler(cluster: FakeCluster):
     api = r"^/api/v1/namespaces/([^/]+)/"
     batch = r"^/apis/batch/v1/namespaces/([^/]+)/"
+    apps = r"^/apis/apps/v1/namespaces/([^/]+)/"
     routes = [
+        ("POST", re.compile(apps + r"deployments$"), "Deployment"),
+        # Deployments and Services are stored objects only: read and deleted as they are, no controller behind
+        ("GET", re.compile(apps + r"deployments/([^/]+)$"), ("read", "Deployment")),
+        ("DELETE", re.compile(apps + r"deployments/([^/]+)$"), ("delete", "Deployment")),
+        ("GET", re.compile(api + r"services/([^/]+)$"), ("read", "Service")),
+        ("DELETE", re.compile(api + r"services/([^/]+)$"), ("delete", "Service")),
         ("POST", re.compile(api + r"configmaps$"), "ConfigMap"),
         ("POST", re.compile(api + r"services$"), "Service"),
         ("POST", re.compile(api + r"persistentvolumeclaims$"), "PersistentVolumeClaim"),
@@ -289,6 +297,16 @@ def make_handler(cluster: FakeCluster):
                     if body.get("kind") != action:
                         return self._send(400, status_error(400, "BadRequest", "wrong kind"))
                     return self._send(*cluster.create(action, ns, body))
+                if isinstance(action, tuple):
+                    op, kind = action
+                    with cluster.lock:
+                        obj = (cluster.objects.pop if op == "delete" else cluster.objects.get)(
+                            (kind, ns, match.group(2)), None)
+                    if obj is None:
+                        return self._send(404, status_error(404, "NotFound", f"{kind.lower()} {match.group(2)}"))
+                    if op == "delete":
+                        cluster.deletions.append((kind, ns, match.group(2), query.get("propagationPolicy")))
+                    return self._send(200, public(obj))
                 if action == "job_status":
                     job = cluster.job_status(ns, match.group(2))
                     return self._send(200, job) if job else self._send(404, status_error(404, "NotFound", "job"))
