@@ -4,7 +4,8 @@ It serves only the endpoints the launcher calls and plays the Job controller's p
 pods per completion index; a scripted event per status read (a pod exits with a code, is disrupted, stays
 Pending); ``podFailurePolicy`` rules evaluated in order (Ignore / FailJob / Count), ``backoffLimit``,
 ``successPolicy`` on succeeded indexes, replacement pods under the same index; and API faults (HTTP 5xx/429,
-connections reset without a response) injected before the next requests.
+connections reset without a response) injected before the next requests. Deployments and Services (the Dask
+cluster of ``flava.launch.dask_cluster``) are stored, read and deleted as they are, with no controller behind them.
 """
 from __future__ import annotations
 

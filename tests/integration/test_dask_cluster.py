@@ -14,6 +14,7 @@ import pytest
 from kubernetes import client
 
 from flava.config import PipelineConfig
+from flava.data import validate as validation
 from flava.data.engine import EngineConfig
 from flava.data.shards import run_shard
 from flava.launch import dask_cluster
@@ -149,6 +150,8 @@ def test_validate_and_shard_on_a_real_scheduler_give_the_serial_bytes(tmp_path, 
     assert _snapshot(out) == serial
     after_validate = _executed(client_)
     assert len(after_validate) == WORKERS and all(after_validate.values()), after_validate  # both did partitions
+    # one task per partition (7 of pairs, 1 of images, 2 of text), each leaving its summary
+    assert sum(after_validate.values()) == len(list((out / validation.PARTITIONS_DIR).glob("*/[0-9]*.json"))) == 10
 
     root = tmp_path / "shard"
     make_validated(root, n_pairs=23, n_images=11, n_text=17)
