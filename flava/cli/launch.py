@@ -116,7 +116,8 @@ def _dask_up(args: argparse.Namespace):
 
     cfg = config_from(args)
     result = dask_cluster.up(cfg, api=k8s.api_client(k8s.k8s_section(cfg)))
-    result["set"] = f"data.engine.kind=address data.engine.address={result['address']}"
+    # what to add to a data stage's command line (or params.yaml) to run its partitions there
+    result["data_stage_args"] = f"--set data.engine.kind=address --set data.engine.address={result['address']}"
     return result
 
 

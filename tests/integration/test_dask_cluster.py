@@ -4,6 +4,7 @@ retried), and a real cluster: ``dask scheduler`` and two ``dask worker`` process
 manifests run, on which validate and shard (``data.engine.kind=address``) write the serial run's bytes."""
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client
 
 from flava.config import PipelineConfig
@@ -87,6 +89,33 @@ def test_up_retries_transient_api_errors(fake_k8s):
     assert set(result["objects"].values()) == {"created"}
     assert sleeps == [1.0, 2.0, 4.0]
     assert [f for f, _, _ in cluster.served_faults] == [503, 429, "reset"]
+
+
+def test_cli_up_prints_the_address_and_down_deletes(fake_k8s, tmp_path, monkeypatch, capsys, project_root):
+    from flava.cli import main
+
+    cluster, api = fake_k8s
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": api.configuration.host}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = ["--params", str(project_root / "params.yaml"), "--set", "launch.dask.workers=4"]
+    assert main(["dask", "up", *params]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["address"] == "tcp://flava-dask-scheduler.flava.svc:8786"
+    assert result["data_stage_args"] == f"--set data.engine.kind=address --set data.engine.address={result['address']}"
+    assert cluster.objects[("Deployment", "flava", "flava-dask-worker")]["spec"]["replicas"] == 4
+    # a changed spec is a config error: exit 2 with the remedy on stderr, nothing changed
+    assert main(["dask", "up", "--params", str(project_root / "params.yaml")]) == 2
+    assert "flava dask down" in capsys.readouterr().err
+    assert main(["dask", "down", *params]) == 0
+    assert set(json.loads(capsys.readouterr().out)["deleted"].values()) == {True}
+    assert not cluster.objects
 
 
 # ------------------------------------------------------------------------------------------------ a real cluster
