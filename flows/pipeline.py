@@ -14,6 +14,10 @@ retries for the stages that can fail transiently, the stage's own log lines in t
 one run per workspace (a global concurrency limit for served and deployed runs, and the workspace lock every
 route takes) and a failure notification. Overrides are written to params.yaml as ``dvc exp run -S`` writes them,
 and stay there after the run, as with ``dvc exp run`` in the workspace.
+
+The data stages spread their own partitions over ``data.engine`` (a Dask scheduler with ``dask_address``), so the
+flow runs its tasks on Prefect's default runner: a Dask task runner would move whole stage processes, not a
+stage's work.
 """
 import contextlib
 import logging
