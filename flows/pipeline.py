@@ -14,6 +14,10 @@ retries for the stages that can fail transiently, the stage's own log lines in t
 one run per workspace (a global concurrency limit for served and deployed runs, and the workspace lock every
 route takes) and a failure notification. Overrides are written to params.yaml as ``dvc exp run -S`` writes them,
 and stay there after the run, as with ``dvc exp run`` in the workspace.
+
+The data stages spread their own partitions over ``data.engine`` (a Dask scheduler with ``dask_address``), so the
+flow runs its tasks on Prefect's default runner: a Dask task runner would move whole stage processes, not a
+stage's work.
 """
 import contextlib
 import logging
@@ -185,6 +189,14 @@ def _submit_graph(sweep: bool, joint_on_k8s: bool, force: bool) -> dict[str, Any
     return futures
 
 
+def engine_overrides(dask_address: Optional[str]) -> list[str]:
+    """The params of the data stages' engine for a Dask scheduler address (none without one). They are not DVC
+    params of any stage (where partitions run does not change their bytes), so setting them re-runs nothing."""
+    if not dask_address:
+        return []
+    return ["data.engine.kind=address", f"data.engine.address={dask_address}"]
+
+
 def _ui_url(uri: str, path: str) -> str:
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/{path}"
@@ -251,6 +263,7 @@ def flava_pipeline(
     force: bool = False,
     sweep: bool = False,
     joint_on_k8s: bool = False,
+    dask_address: Optional[str] = None,
 ) -> dict[str, Any]:
     """Run every stage of dvc.yaml that DVC does not find up to date, in the flow run's working directory.
 
@@ -263,9 +276,12 @@ def flava_pipeline(
         sweep: Run the Optuna sweep (`launch.sweep`) before the joint stage, which then trains with the best
             params found (written to params.yaml).
         joint_on_k8s: Run the joint stage as a Kubernetes Job (`launch.k8s`) instead of on this machine.
+        dask_address: Run the data stages' partitions (validate, shard) on the Dask scheduler at this address,
+            e.g. `tcp://flava-dask-scheduler.flava.svc:8786` as `flava dask up` prints it: written to params.yaml
+            as `data.engine.kind=address` and `data.engine.address`, like an override. Empty keeps params.yaml's.
     """
     root = Path.cwd()
-    changes = list(overrides or []) + ([f"model.preset={preset}"] if preset else [])
+    changes = [*(overrides or []), *([f"model.preset={preset}"] if preset else []), *engine_overrides(dask_address)]
     cfg = load_config(root / pl.PARAMS_FILE, changes)  # a bad override fails here, before anything runs
     schedule = launch_section(cfg).schedule
     holder = f"Prefect flow run {flow_run.name}"

@@ -1,5 +1,5 @@
-"""`flava sweep` and `flava k8s render|submit|sweep|status|logs|delete`: the launchers (``flava.launch``) on the
-command line."""
+"""`flava sweep`, `flava k8s render|submit|sweep|status|logs|delete` and `flava dask manifests|up|down`: the
+launchers (``flava.launch``) on the command line."""
 from __future__ import annotations
 
 import argparse
@@ -103,6 +103,32 @@ def _delete(args: argparse.Namespace):
             "deleted": k8s.delete(job, api=api, wait_gone=args.wait, retries=section.api_retries)}
 
 
+def _dask_manifests(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
+    from flava.launch import dask_cluster, k8s_manifests
+
+    return _write(k8s_manifests.render_yaml(dask_cluster.build_dask_manifests(config_from(args))), args.output)
+
+
+def _dask_up(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
+    from flava.launch import dask_cluster, k8s
+
+    cfg = config_from(args)
+    result = dask_cluster.up(cfg, api=k8s.api_client(k8s.k8s_section(cfg)))
+    # what to add to a data stage's command line (or params.yaml) to run its partitions there
+    result["data_stage_args"] = f"--set data.engine.kind=address --set data.engine.address={result['address']}"
+    return result
+
+
+def _dask_down(args: argparse.Namespace):
+    # Imported when the command runs: each command loads only its own stage's modules (its DVC code deps).
+    from flava.launch import dask_cluster, k8s
+
+    cfg = config_from(args)
+    return dask_cluster.down(cfg, api=k8s.api_client(k8s.k8s_section(cfg)))
+
+
 def _run_id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", default=None,
                         help="suffix of the Job name (default: config digest + a random suffix); the same run id "
@@ -150,3 +176,12 @@ def register(groups: argparse._SubParsersAction) -> None:
             command.add_argument("--tail", type=int, default=None, help="only the last N lines of each")
         if name == "delete":
             command.add_argument("--wait", action="store_true", help="wait until the Job is gone")
+    dask = groups.add_parser("dask", help="a Dask cluster on Kubernetes for the data stages (launch.dask): its "
+                                          "scheduler's address goes into data.engine.address")
+    dask_sub = dask.add_subparsers(dest="command", required=True, metavar="ACTION")
+    manifests = stage_command(dask_sub, "manifests", "print the scheduler Deployment and Service and the worker "
+                              "Deployment as YAML", _dask_manifests)
+    manifests.add_argument("-o", "--output", default=None, help="write the YAML here instead of stdout")
+    stage_command(dask_sub, "up", "create the cluster through the Kubernetes API (kubeconfig or in-cluster) and "
+                  "print the scheduler's address", _dask_up)
+    stage_command(dask_sub, "down", "delete the cluster's Deployments (and their pods) and Service", _dask_down)

@@ -8,8 +8,9 @@ the results in partition order whatever the engine, so a stage's outputs do not 
 - ``serial``: every partition in this process, in order (the default: no start-up cost, nothing to install).
 - ``local``: a ``dask.distributed.LocalCluster`` on this machine, ``workers`` processes (default: one per core)
   of one thread each -- the stages are CPU-bound Python (image decoding, GE), so processes, not threads.
-- ``address``: the Dask scheduler at ``data.engine.address`` (e.g. ``tcp://scheduler:8786``, one started by
-  dask-kubernetes); its workers need this project installed.
+- ``address``: the Dask scheduler at ``data.engine.address`` (e.g. ``tcp://scheduler:8786``, or the cluster
+  ``flava dask up`` starts on Kubernetes: :mod:`flava.launch.dask_cluster`); its workers need this project installed
+  and see the stage's paths where this process does.
 """
 from __future__ import annotations
 

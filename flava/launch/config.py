@@ -1,8 +1,8 @@
 """Typed configuration of the launchers (``launch:`` in params.yaml).
 
 ``launch.k8s`` describes the Kubernetes Job that runs the joint stage under ``torchrun`` on GPU nodes,
-``launch.sweep`` the Optuna study over the joint sampling ratios and warm-up, ``launch.schedule`` the Prefect
-deployment schedule.
+``launch.sweep`` the Optuna study over the joint sampling ratios and warm-up, ``launch.dask`` the Dask cluster the
+data stages can run their partitions on, ``launch.schedule`` the Prefect deployment schedule.
 Defaults are the embedded (synthetic, small) pipeline's values.
 """
 from __future__ import annotations
@@ -289,9 +289,35 @@ class ScheduleConfig(StrictModel):
         return value
 
 
+class DaskClusterConfig(StrictModel):
+    """A Dask cluster on Kubernetes for the data stages (``flava dask up``; :mod:`flava.launch.dask_cluster`): a
+    scheduler Deployment + Service and ``workers`` worker pods. Image, namespace, workspace PVC, security context,
+    service account and S3 credentials are ``launch.k8s``'s."""
+
+    # Deployments ``{name}-scheduler`` and ``{name}-worker``, Service ``{name}-scheduler``
+    name: str = "flava-dask"
+    # Worker pods of one single-threaded Dask worker each: the stages' partitions are CPU-bound Python.
+    workers: int = Field(default=2, ge=1)
+    port: int = Field(default=8786, ge=1, le=65535)  # the scheduler's, as Dask's default
+    scheduler_cpu: str = "1"
+    scheduler_memory: str = "2Gi"
+    worker_cpu: str = "1"  # one thread per worker
+    # The container's memory limit; `dask worker` reads it from the cgroup as its own (spills, then pauses, near it).
+    worker_memory: str = "4Gi"
+    node_selector: dict[str, str] = Field(default_factory=dict)  # e.g. CPU nodes; the GPU toleration is not applied
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not DNS_LABEL.match(value) or len(value) > 40:
+            raise ValueError(f"launch.dask.name={value!r} must be a lowercase RFC 1123 label of at most 40 characters")
+        return value
+
+
 class LaunchConfig(StrictModel):
     k8s: K8sConfig = Field(default_factory=K8sConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    dask: DaskClusterConfig = Field(default_factory=DaskClusterConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
 

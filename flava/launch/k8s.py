@@ -116,10 +116,16 @@ def api_client(k8s: K8sConfig):
     return client.ApiClient(configuration)
 
 
-def _apis(api) -> tuple[client.BatchV1Api, client.CoreV1Api]:
+def json_client(api=None) -> client.ApiClient:
+    """``api`` (default: the client's default configuration) sending JSON bodies with their Content-Type."""
     api = api or client.ApiClient()
     # Client 37.x sends no Content-Type for a dict body (older ones send this one): the API server needs it.
     api.set_default_header("Content-Type", JSON)
+    return api
+
+
+def _apis(api) -> tuple[client.BatchV1Api, client.CoreV1Api]:
+    api = json_client(api)
     return client.BatchV1Api(api), client.CoreV1Api(api)
 
 

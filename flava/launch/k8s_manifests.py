@@ -158,6 +158,13 @@ def _env(k8s: K8sConfig, mlflow_uri: str, parent_run_id: str | None) -> list[dic
     ]
     if parent_run_id:
         env.append({"name": lineage.PARENT_RUN_ENV, "value": parent_run_id})
+    return env + storage_env(k8s)
+
+
+def storage_env(k8s: K8sConfig) -> list[dict[str, Any]]:
+    """The S3 endpoint and credentials (from ``launch.k8s.s3_secret``) and ``launch.k8s.env``: what every pod that
+    reads or writes the project's data needs."""
+    env: list[dict[str, Any]] = []
     if k8s.s3_endpoint_url:
         env += [{"name": "AWS_ENDPOINT_URL", "value": k8s.s3_endpoint_url},
                 {"name": "MLFLOW_S3_ENDPOINT_URL", "value": k8s.s3_endpoint_url}]
@@ -179,14 +186,35 @@ def _resources(k8s: K8sConfig) -> dict[str, dict[str, str]]:
     return resources
 
 
+def workspace_volume(k8s: K8sConfig) -> dict[str, Any]:
+    """The ``workspace`` volume: the PVC ``launch.k8s.workspace_pvc``, else an emptyDir that dies with the pod."""
+    if k8s.workspace_pvc:
+        return {"name": "workspace", "persistentVolumeClaim": {"claimName": k8s.workspace_pvc}}
+    return {"name": "workspace", "emptyDir": {}}
+
+
+def pod_security_context(k8s: K8sConfig) -> dict[str, Any]:
+    """The image's non-root user, the workspace group-owned by ``fs_group``: the restricted Pod Security profile."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": k8s.run_as_user,
+        "runAsGroup": k8s.run_as_group,
+        "fsGroup": k8s.fs_group,
+        # Re-own the volume only when its root does not already match (a recursive chown of a large RWX
+        # workspace on every pod start would take minutes).
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
 def _pod_spec(k8s: K8sConfig, name: str, command: list[str], env: list[dict[str, Any]], *,
               rendezvous: bool) -> dict[str, Any]:
     """One trainer container as the image's non-root user, with the workspace, the params ConfigMap and a
     RAM-backed /dev/shm; what the restricted Pod Security profile asks for."""
-    workspace = (
-        {"name": "workspace", "persistentVolumeClaim": {"claimName": k8s.workspace_pvc}}
-        if k8s.workspace_pvc else {"name": "workspace", "emptyDir": {}}
-    )
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": k8s.image,
@@ -202,7 +230,7 @@ def _pod_spec(k8s: K8sConfig, name: str, command: list[str], env: list[dict[str,
         ],
         # The failure summary flava.launch.gang writes, else the log's tail: what `wait` reports on failure.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": container_security_context(),
     }
     if rendezvous:
         container["ports"] = [{"name": "rdzv", "containerPort": k8s.rdzv_port, "protocol": "TCP"}]
@@ -210,19 +238,10 @@ def _pod_spec(k8s: K8sConfig, name: str, command: list[str], env: list[dict[str,
         "restartPolicy": "Never",  # podFailurePolicy needs it; a failed pod is replaced under its index
         "terminationGracePeriodSeconds": k8s.termination_grace_s,
         "automountServiceAccountToken": False,  # the trainer never calls the API server
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": k8s.run_as_user,
-            "runAsGroup": k8s.run_as_group,
-            "fsGroup": k8s.fs_group,
-            # Re-own the volume only when its root does not already match (a recursive chown of a large RWX
-            # workspace on every pod start would take minutes).
-            "fsGroupChangePolicy": "OnRootMismatch",
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(k8s),
         "containers": [container],
         "volumes": [
-            workspace,
+            workspace_volume(k8s),
             {"name": "params", "configMap": {"name": name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
         ],

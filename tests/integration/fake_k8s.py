@@ -4,7 +4,8 @@ It serves only the endpoints the launcher calls and plays the Job controller's p
 pods per completion index; a scripted event per status read (a pod exits with a code, is disrupted, stays
 Pending); ``podFailurePolicy`` rules evaluated in order (Ignore / FailJob / Count), ``backoffLimit``,
 ``successPolicy`` on succeeded indexes, replacement pods under the same index; and API faults (HTTP 5xx/429,
-connections reset without a response) injected before the next requests.
+connections reset without a response) injected before the next requests. Deployments and Services (the Dask
+cluster of ``flava.launch.dask_cluster``) are stored, read and deleted as they are, with no controller behind them.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class FakeCluster:
         self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name) -> object
         self.requests: list[tuple[str, str]] = []
         self.served_faults: list = []
+        self.deletions: list = []  # (kind, namespace, name, propagationPolicy) of Deployments and Services
         self.lock = threading.RLock()
         self.clock = 0
 
@@ -232,7 +234,14 @@ class FakeCluster:
 def make_handler(cluster: FakeCluster):
     api = r"^/api/v1/namespaces/([^/]+)/"
     batch = r"^/apis/batch/v1/namespaces/([^/]+)/"
+    apps = r"^/apis/apps/v1/namespaces/([^/]+)/"
     routes = [
+        ("POST", re.compile(apps + r"deployments$"), "Deployment"),
+        # Deployments and Services are stored objects only: read and deleted as they are, no controller behind
+        ("GET", re.compile(apps + r"deployments/([^/]+)$"), ("read", "Deployment")),
+        ("DELETE", re.compile(apps + r"deployments/([^/]+)$"), ("delete", "Deployment")),
+        ("GET", re.compile(api + r"services/([^/]+)$"), ("read", "Service")),
+        ("DELETE", re.compile(api + r"services/([^/]+)$"), ("delete", "Service")),
         ("POST", re.compile(api + r"configmaps$"), "ConfigMap"),
         ("POST", re.compile(api + r"services$"), "Service"),
         ("POST", re.compile(api + r"persistentvolumeclaims$"), "PersistentVolumeClaim"),
@@ -289,6 +298,16 @@ def make_handler(cluster: FakeCluster):
                     if body.get("kind") != action:
                         return self._send(400, status_error(400, "BadRequest", "wrong kind"))
                     return self._send(*cluster.create(action, ns, body))
+                if isinstance(action, tuple):
+                    op, kind = action
+                    with cluster.lock:
+                        obj = (cluster.objects.pop if op == "delete" else cluster.objects.get)(
+                            (kind, ns, match.group(2)), None)
+                    if obj is None:
+                        return self._send(404, status_error(404, "NotFound", f"{kind.lower()} {match.group(2)}"))
+                    if op == "delete":
+                        cluster.deletions.append((kind, ns, match.group(2), query.get("propagationPolicy")))
+                    return self._send(200, public(obj))
                 if action == "job_status":
                     job = cluster.job_status(ns, match.group(2))
                     return self._send(200, job) if job else self._send(404, status_error(404, "NotFound", "job"))

@@ -201,6 +201,21 @@ def test_dvc_decides_what_is_up_to_date(first_run, monkeypatch):
     assert json.loads(status.stdout) == {}
 
 
+def test_a_dask_address_sets_the_data_engine_and_re_runs_nothing(first_run, monkeypatch):
+    """The flow maps no partitions itself: the data stages do, on the engine params.yaml names."""
+    _use(first_run.ws, monkeypatch)
+    params = first_run.ws / "params.yaml"
+    before, text = len(calls(first_run.ws)), params.read_text()
+    try:
+        state = pipe.flava_pipeline(dask_address="tcp://flava-dask-scheduler.flava.svc:8786", return_state=True)
+        assert state.is_completed(), state
+        engine = yaml.safe_load(params.read_text())["data"]["engine"]
+        assert (engine["kind"], engine["address"]) == ("address", "tcp://flava-dask-scheduler.flava.svc:8786")
+        assert len(calls(first_run.ws)) == before  # where partitions run is no DVC param: every stage up to date
+    finally:
+        params.write_text(text)
+
+
 def test_a_bad_override_fails_before_anything_runs(first_run, monkeypatch):
     _use(first_run.ws, monkeypatch)
     before, params = len(calls(first_run.ws)), (first_run.ws / "params.yaml").read_text()
@@ -360,7 +375,7 @@ def test_serve_and_deploy_coexist_and_serve_refuses_a_worker_deployment(prefect_
 
     # The run form: every parameter described, the overrides' format shown, the preset a choice.
     schema = served.parameter_openapi_schema["properties"]
-    assert set(schema) == {"overrides", "preset", "force", "sweep", "joint_on_k8s"}
+    assert set(schema) == {"overrides", "preset", "force", "sweep", "joint_on_k8s", "dask_address"}
     assert all(prop.get("description") for prop in schema.values()), schema
     assert "`key.path=value`" in schema["overrides"]["description"]
     assert "train.joint.steps=200" in schema["overrides"]["description"]
