@@ -61,6 +61,7 @@ from flava.data import storage
 from flava.data.captions import CAPTIONS_FIELD, CAPTIONS_MEMBER, row_captions
 from flava.data.engine import Engine, EngineConfig, open_engine
 from flava.data.jsonl import read_jsonl
+from flava.data.packs import fixed_member, make_ref, parse_ref, read_ref
 from flava.data.partitions import (
     PARTITIONS_DIR,
     ManifestPlan,
@@ -106,13 +107,7 @@ def shard_key(key: str) -> str:
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed headers: byte-identical shards for the same input
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    tar.addfile(fixed_member(name, len(data)), io.BytesIO(data))  # fixed headers: byte-identical shards
 
 
 def write_tar(samples: list[Sample], path: Path) -> None:
@@ -216,11 +211,14 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
 
 
 def resolve_image(image: str, manifest_dir: Path) -> str:
-    """Image reference -> readable URI: s3:// and absolute paths as they are; relative ones from the working
-    directory, else from the manifest's directory."""
-    if storage.is_s3(image) or Path(image).is_absolute() or Path(image).exists():
-        return image
-    return str(manifest_dir / image)
+    """Image reference -> readable reference (``flava.data.packs``): s3:// and absolute paths as they are;
+    relative ones from the working directory, else from the manifest's directory. A range of a tar
+    (``<tar>#<offset>+<size>``) resolves its tar the same way."""
+    ranged = parse_ref(image)
+    uri = ranged.uri if ranged else image
+    if not (storage.is_s3(uri) or Path(uri).is_absolute() or Path(uri).exists()):
+        uri = str(manifest_dir / uri)
+    return make_ref(uri, ranged.offset, ranged.size) if ranged else uri
 
 
 def encode_image(data: bytes, cfg: ShardConfig, where: str) -> tuple[str, bytes]:
@@ -264,7 +262,7 @@ def build_samples(
             if not row.get("image"):
                 raise ValueError(f"{corpus}: row {row['key']!r} has no 'image'")
             uri = resolve_image(str(row["image"]), manifest_dir)
-            ext, data = encode_image(storage.read_bytes(uri, s3=cfg.s3), cfg, f"{uri} (row {row['key']!r})")
+            ext, data = encode_image(read_ref(uri, cfg.s3), cfg, f"{uri} (row {row['key']!r})")
             files[ext] = data
         captions = row_captions(row) if corpus == "pairs" else None
         if captions is not None:

@@ -57,6 +57,7 @@ from flava.data.expectations import (
     corpus_checks,
 )
 from flava.data.ingest import CORPORA, dump_row
+from flava.data.packs import parse_ref, read_ref
 from flava.data.partitions import (
     PARTITIONS_DIR,
     ManifestPlan,
@@ -74,7 +75,7 @@ from flava.data.partitions import (
 )
 from flava.data.prep_config import ValidateConfig
 from flava.data.sources import safe_key
-from flava.data.storage import is_s3, read_bytes, split_s3
+from flava.data.storage import is_s3, split_s3
 from flava.data.stream_config import S3Config
 from flava.tracking.runs import StageLog, stage_run
 
@@ -87,31 +88,42 @@ PASSTHROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 
 # ---------------------------------------------------------------------------------------------- fetching
 class Fetcher:
-    """Bytes of a local path or an ``s3://`` URI, or ``(None, reason)``. A bucket whose endpoint cannot be
-    reached is remembered, so a dead endpoint costs one timeout, not one per row."""
+    """Bytes of an image reference (``flava.data.packs``: a local path, an ``s3://`` URI, or a range of a local or
+    S3 tar), or ``(None, reason)``. A bucket whose endpoint cannot be reached is remembered, so a dead endpoint
+    costs one timeout, not one per row."""
 
     def __init__(self, s3: S3Config, max_bytes: int):
         self.s3, self.max_bytes = s3, max_bytes
         self._dead_buckets: dict[str, str] = {}
 
     def __call__(self, ref: str) -> tuple[bytes | None, str | None]:
-        if not is_s3(ref):
-            path = Path(ref)
+        ranged = parse_ref(ref)
+        uri = ranged.uri if ranged else ref
+        if ranged is not None and ranged.size > self.max_bytes:  # the size is in the reference: do not read it
+            return None, f"file too large: {ranged.size} bytes > {self.max_bytes}"
+        if not is_s3(uri):
+            path = Path(uri)
             try:
                 if not path.is_file():
-                    return None, f"missing file: {ref[:200]}"
+                    return None, f"missing file: {uri[:200]}"
             except OSError as err:  # e.g. a name too long: not a path at all
-                return None, f"missing file: not a usable path ({err.strerror}): {ref[:200]!r}"
-            size = path.stat().st_size
-            if size > self.max_bytes:  # do not read it into memory
-                return None, f"file too large: {size} bytes > {self.max_bytes}"
-            return path.read_bytes(), None
-        bucket, _ = split_s3(ref)
+                return None, f"missing file: not a usable path ({err.strerror}): {uri[:200]!r}"
+            if ranged is None:
+                size = path.stat().st_size
+                if size > self.max_bytes:  # do not read it into memory
+                    return None, f"file too large: {size} bytes > {self.max_bytes}"
+            try:
+                return read_ref(ref), None
+            except ValueError as err:  # a range past the end of its tar
+                return None, f"missing file: {err}"
+        bucket, _ = split_s3(uri)
         if bucket in self._dead_buckets:
             return None, self._dead_buckets[bucket]
         try:
-            return read_bytes(ref, s3=self.s3), None
+            return read_ref(ref, self.s3), None
         except FileNotFoundError as err:
+            return None, f"s3 object not found: {err}"
+        except ValueError as err:  # a range past the end of its object
             return None, f"s3 object not found: {err}"
         except Exception as err:  # noqa: BLE001 - botocore: credentials, endpoint, access denied, throttling...
             from botocore.exceptions import (
