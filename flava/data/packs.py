@@ -33,6 +33,9 @@ from flava.data import storage
 from flava.data.partitions import temporary
 from flava.data.stream_config import S3Config
 
+# Field of a validated manifest row: the image reference as prepare wrote it, while ``image`` points into the
+# validation pack (where the accepted bytes are; meaningless outside the pipeline's working tree).
+SOURCE_IMAGE_FIELD = "source_image"
 _REF = re.compile(r"^(?P<uri>.+)#(?P<offset>\d+)\+(?P<size>\d+)$")
 _BLOCK = 512  # tar block size: member data is padded to a multiple of it
 

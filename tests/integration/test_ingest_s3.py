@@ -15,6 +15,7 @@ from PIL import Image
 
 from flava.config import PipelineConfig
 from flava.data.ingest import run_prepare
+from flava.data.packs import read_ref
 from flava.data.prep_config import WebdatasetPairs
 from flava.data.validate import run_validate
 from tests.helpers import tracking_in
@@ -82,7 +83,9 @@ def test_existing_object_is_fetched_and_missing_one_quarantined(tmp_path, s3_end
 
     [accepted] = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
     assert accepted["key"] == "pairs-k0"
-    img = Image.open(accepted["image"])  # a local, normalised copy
+    img = Image.open(io.BytesIO(read_ref(accepted["image"])))  # a local, normalised copy, in a pack
+    assert accepted["image"].startswith(str(tmp_path / "validated" / "images" / "pairs" / "00000.tar#"))
+    assert accepted["source_image"] == "s3://corpus/img/present.jpg"
     assert img.mode == "RGB" and img.size == (40, 30)
     [rejected] = read_jsonl(tmp_path / "validated" / "pairs.rejects.jsonl")
     assert rejected["key"] == "pairs-k1" and rejected["image"] == "s3://corpus/img/absent.jpg"

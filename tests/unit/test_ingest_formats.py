@@ -22,6 +22,7 @@ from flava.cli import main as cli_main
 from flava.config import PipelineConfig
 from flava.data import sources
 from flava.data.ingest import run_prepare
+from flava.data.packs import read_ref
 from flava.data.prep_config import ManifestPairs, TextFiles
 from flava.data.validate import run_validate
 from flava.exitcodes import NON_RETRYABLE
@@ -123,9 +124,11 @@ def test_img2dataset_parquet_images_come_from_the_bytes_and_are_stored_once(tmp_
     result = run_validate(c)
     assert result["pairs"] == {"in": 4, "accepted": 4, "rejected": 0, "reject_rate": 0.0}
     validated = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
-    written = list((tmp_path / "validated" / "images" / "pairs").iterdir())
-    assert len({r["image"] for r in validated}) == 3 == len(written)
-    assert Image.open(validated[2]["image"]).getpixel((5, 5))[1] > 120  # the green one, decoded from its bytes
+    assert [p.name for p in (tmp_path / "validated" / "images" / "pairs").iterdir()] == ["00000.tar"]  # one pack
+    with tarfile.open(tmp_path / "validated" / "images" / "pairs" / "00000.tar") as tar:
+        assert len({r["image"] for r in validated}) == 3 == len(tar.getmembers())
+    green = Image.open(io.BytesIO(read_ref(validated[2]["image"])))
+    assert green.getpixel((5, 5))[1] > 120  # the green one, decoded from its bytes
 
 
 def test_bytes_in_a_path_column_are_a_reject_not_a_crash(tmp_path):
@@ -237,7 +240,9 @@ def test_karpathy_splits_flickr30k_and_coco_layouts(tmp_path):
     assert {r["reason"] for r in rejects} == {"split 'val' not in splits ['train', 'restval']",
                                               "split 'test' not in splits ['train', 'restval']"}
     assert run_validate(c)["pairs"]["accepted"] == 3
-    assert len(list((tmp_path / "validated" / "images" / "pairs").iterdir())) == 3
+    assert [p.name for p in (tmp_path / "validated" / "images" / "pairs").iterdir()] == ["00000.tar"]
+    with tarfile.open(tmp_path / "validated" / "images" / "pairs" / "00000.tar") as tar:
+        assert len(tar.getmembers()) == 3
 
 
 def test_a_captions_json_given_as_a_manifest_says_which_kind_to_use(tmp_path):
