@@ -2,7 +2,9 @@
 
 Layout (``paths.shards`` may be ``s3://bucket/prefix``)::
 
-    {root}/{corpus}/shard-000000.tar ...   samples: {key}.png|jpg (image), {key}.txt (text), {key}.json (metadata)
+    {root}/{corpus}/shard-000000.tar ...   samples: {key}.png|jpg (image), {key}.txt (text), {key}.json (metadata:
+                                           the row but its text; ``image`` is the source's reference, e.g. the
+                                           raw file or webdataset member, not validation's pack)
                                            (a pair with several captions: {key}.captions.json, a JSON list,
                                            instead of {key}.txt; its image is stored once)
     {root}/{corpus}/index.json             num_samples, num_shards, per shard: name, samples, bytes, sha256
@@ -61,7 +63,7 @@ from flava.data import storage
 from flava.data.captions import CAPTIONS_FIELD, CAPTIONS_MEMBER, row_captions
 from flava.data.engine import Engine, EngineConfig, open_engine
 from flava.data.jsonl import read_jsonl
-from flava.data.packs import fixed_member, make_ref, parse_ref, read_ref
+from flava.data.packs import SOURCE_IMAGE_FIELD, fixed_member, make_ref, parse_ref, read_ref
 from flava.data.partitions import (
     PARTITIONS_DIR,
     ManifestPlan,
@@ -257,7 +259,9 @@ def build_samples(
             raise ValueError(f"{corpus}: keys {seen[key]!r} and {row['key']!r} collide as shard key {key!r}")
         seen[key] = row["key"]
         files: dict[str, bytes] = {}
-        meta = {k: v for k, v in row.items() if k not in ("text", "caption", CAPTIONS_FIELD)}
+        meta = {k: v for k, v in row.items() if k not in ("text", "caption", CAPTIONS_FIELD, SOURCE_IMAGE_FIELD)}
+        if SOURCE_IMAGE_FIELD in row:  # where the image came from; the validation pack's offset means nothing here
+            meta["image"] = row[SOURCE_IMAGE_FIELD]
         if corpus in ("pairs", "images"):
             if not row.get("image"):
                 raise ValueError(f"{corpus}: row {row['key']!r} has no 'image'")
@@ -278,8 +282,8 @@ def build_samples(
         yield Sample(key, files)
 
 
-# Bump when the partition summaries change meaning, so a resumed run never reuses another format's.
-PARTITION_FORMAT = 1
+# Bump when the partition summaries or the shards change meaning, so a resumed run never reuses another format's.
+PARTITION_FORMAT = 2  # 2: a sample's json names the image's source reference, not validation's copy
 
 
 @dataclass(frozen=True)
