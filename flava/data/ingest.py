@@ -6,9 +6,11 @@ documents; the manifest holds their passages; for a captions JSON, in images plu
 no usable image or caption). A source whose rows are all rejected fails the stage
 (``ValueError`` naming it and its first reasons) once the outputs are written. Keys start with the source name,
 so several corpora with the same native keys (img2dataset's ``000000000``) never collide. Images referenced by
-path or ``s3://`` are not read here: validation decodes them and quarantines what it cannot read; image bytes
-embedded in a source (tar members, parquet/arrow cells) are written once per distinct content under
-``paths.prepared/extracted/<source>/``. Evaluation sets are copied to ``paths.prepared/eval/`` with image paths
+path or ``s3://`` are not read here: validation decodes them and quarantines what it cannot read. Nor are
+they ever one file per image: an image member of an uncompressed webdataset tar (local or ``s3://``) is referenced
+in place, ``<tar>#<offset>+<size>`` (``flava.data.packs``), and image bytes embedded in a source (parquet/arrow
+cells, members of compressed tars) go into one pack per source, ``paths.prepared/extracted/<source>.tar``, once
+per distinct content. Evaluation sets are copied to ``paths.prepared/eval/`` with image paths
 resolved so that they open from the working directory.
 
 Manifest rows: pairs ``{key, image, text, source}`` (+ webdataset provenance such as ``url``, ``sha256``), or
@@ -33,7 +35,7 @@ from flava.tracking.runs import stage_run
 log = logging.getLogger(__name__)
 
 CORPORA = ("pairs", "images", "text")
-EXTRACTED = "extracted"  # image bytes from tars, parquet and arrow land in paths.prepared/extracted/<source>/
+EXTRACTED = "extracted"  # embedded image bytes land in packs paths.prepared/extracted/<source>.tar
 FIRST_REASONS = 3  # reject reasons quoted per source when all its rows are rejected
 
 
@@ -88,20 +90,20 @@ def _names(corpus: str, srcs: list) -> list[str]:
     return names
 
 
-def _pair_items(src: PairSource, ing: IngestConfig, raw: Path, extract_to: Path) -> Iterable[sources.Item]:
+def _pair_items(src: PairSource, ing: IngestConfig, raw: Path, pack: Path) -> Iterable[sources.Item]:
     if isinstance(src, ManifestPairs):
-        return sources.read_manifest(src, raw, ing.caption_filter, extract_to)
+        return sources.read_manifest(src, raw, ing.caption_filter, pack)
     if isinstance(src, CocoPairs):
         return sources.read_coco(src, raw)
     if isinstance(src, KarpathyPairs):
         return sources.read_karpathy(src, raw)
-    return sources.read_webdataset(src, raw, ing.caption_filter, extract_to, ing.s3)
+    return sources.read_webdataset(src, raw, ing.caption_filter, pack, ing.s3)
 
 
 def _prepare_pairs(ing: IngestConfig, raw: Path, out: Path) -> dict[str, Any]:
     sink = _Sink(out, "pairs")
     for src, name in zip(ing.pairs, _names("pairs", ing.pairs)):
-        for item in _pair_items(src, ing, raw, out / EXTRACTED / name):
+        for item in _pair_items(src, ing, raw, out / EXTRACTED / f"{name}.tar"):
             sink.add(item, name)
     return sink.close()
 

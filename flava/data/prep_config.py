@@ -81,8 +81,8 @@ class ManifestPairs(StrictModel):
     ``datasets`` ``save_to_disk`` directory, or one ``.arrow`` file). A value of ``image_column`` is a path
     relative to the manifest's directory, an absolute path, an ``s3://bucket/key`` URI, the image's bytes
     (img2dataset's ``jpg`` column) or a Hugging Face ``Image`` struct ``{bytes, path}`` (bytes when embedded,
-    else the path). Embedded bytes are written once per distinct image, named by their SHA-256, to
-    ``paths.prepared/extracted/<name>/``."""
+    else the path). Embedded bytes are written once per distinct image, named by their SHA-256, into the pack
+    ``paths.prepared/extracted/<name>.tar`` (``flava.data.packs``)."""
 
     kind: Literal["manifest"] = "manifest"
     path: str = "pairs/captions.jsonl"
@@ -115,8 +115,9 @@ class WebdatasetPairs(StrictModel):
     """Image-text pairs from existing webdataset tar shards (img2dataset / LAION / PMD style ``jpg`` + ``txt``
     [+ ``json``] members), in a local directory or under an ``s3://bucket/prefix``. With ``caption_filter`` the
     ``json`` member's title/description fields are used instead of ``txt``. The ``json`` member's
-    ``provenance_fields`` (img2dataset: the source url, sha256, ...) are kept as manifest columns. Images are
-    extracted to ``paths.prepared/extracted/<name>/``."""
+    ``provenance_fields`` (img2dataset: the source url, sha256, ...) are kept as manifest columns. Images of
+    uncompressed shards are referenced in place (``<shard>#<offset>+<size>``, ``flava.data.packs``); those of
+    compressed shards go into the pack ``paths.prepared/extracted/<name>.tar``."""
 
     kind: Literal["webdataset"] = "webdataset"
     path: str  # a directory holding the shards, one .tar file, or an s3://bucket/prefix

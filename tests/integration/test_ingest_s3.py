@@ -124,4 +124,8 @@ def test_img2dataset_webdataset_on_s3_is_streamed_with_its_provenance(tmp_path, 
     assert [r["key"] for r in rows] == ["laion-000000000", "laion-000000001"]
     assert rows[1]["url"] == "http://127.0.0.1/000000001.jpg" and rows[1]["sha256"] == hashlib.sha256(
         samples[1][2]).hexdigest()
+    # referenced in place (a range of the S3 tar), never copied
+    assert [r["image"].split("#")[0] for r in rows] == ["s3://laion/out/00000.tar", "s3://laion/out/00001.tar"]
+    assert [read_ref(r["image"], cfg.data.ingest.s3) for r in rows] == [data for _, _, data in samples]
+    assert list((tmp_path / "prepared" / "extracted").iterdir()) == []
     assert run_validate(cfg)["pairs"]["accepted"] == 2

@@ -10,10 +10,11 @@ import pytest
 
 from flava.data import storage
 from flava.data.packs import PackWriter, make_ref, parse_ref, read_ref, ref_size
+from flava.data.sources import ImageStore
 from flava.data.stream_config import S3Config
 from tests.helpers import moto_s3
 
-IMAGES = {"a.jpg": b"\xff\xd8 first image" * 37, "b.png": b"\x89PNG second" * 3, "c.jpg": b"x" * 512}
+IMAGES = {"a.jpg": b"\xff\xd8\xff first image" * 37, "b.png": b"\x89PNG second" * 3, "c.jpg": b"x" * 512}
 
 
 def _pack(path) -> dict[str, str]:
@@ -88,3 +89,16 @@ def test_s3_refs_are_one_ranged_get(tmp_path, monkeypatch):
         assert [r.decode() if isinstance(r, bytes) else r for r in ranges] == [*expected, None]
         with pytest.raises(FileNotFoundError, match="s3://bkt/nope.tar"):
             read_ref("s3://bkt/nope.tar#0+4", s3)
+
+
+def test_image_store_is_one_lazy_pack_per_source(tmp_path):
+    """prepare's store of embedded bytes: one pack per instance, named by the caller, created at the first image,
+    identical images stored once; a source without embedded bytes leaves no pack."""
+    with ImageStore(tmp_path / "a.tar") as a, ImageStore(tmp_path / "b.tar") as b, ImageStore(tmp_path / "c.tar"):
+        ref1, digest = a.put(IMAGES["a.jpg"])
+        assert a.put(IMAGES["a.jpg"]) == (ref1, digest) and a.written == 1
+        ref2, _ = b.put(IMAGES["b.png"], "png")
+    assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar"]
+    assert read_ref(ref1) == IMAGES["a.jpg"] and read_ref(ref2) == IMAGES["b.png"]
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        assert tar.getnames() == [f"{digest}.jpg"]  # suffix from the bytes' signature
