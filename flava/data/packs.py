@@ -65,12 +65,6 @@ def parse_ref(ref: str) -> RangeRef | None:
     return RangeRef(match["uri"], int(match["offset"]), int(match["size"]))
 
 
-def ref_size(ref: str) -> int | None:
-    """Bytes a ranged reference names (known without reading it); None for a plain path or URI."""
-    parsed = parse_ref(ref)
-    return None if parsed is None else parsed.size
-
-
 def read_ref(ref: str, s3: S3Config | None = None) -> bytes:
     """The bytes ``ref`` names (see the module docstring). Missing file/object -> FileNotFoundError; a range
     past the end of its tar -> ValueError naming the reference."""

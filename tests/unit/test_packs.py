@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from flava.data import storage
-from flava.data.packs import PackWriter, make_ref, parse_ref, read_ref, ref_size
+from flava.data.packs import PackWriter, make_ref, parse_ref, read_ref
 from flava.data.sources import ImageStore
 from flava.data.stream_config import S3Config
 from tests.helpers import moto_s3
@@ -33,7 +33,7 @@ def test_pack_is_a_tar_whose_members_the_refs_name(tmp_path):
             assert refs[m.name] == f"{tmp_path / 'p.tar'}#{m.offset_data}+{m.size}"
     for name, ref in refs.items():
         assert read_ref(ref) == IMAGES[name]
-        assert ref_size(ref) == len(IMAGES[name])
+        assert parse_ref(ref).size == len(IMAGES[name])
 
 
 def test_same_bytes_are_stored_once_and_packs_are_reproducible(tmp_path):
@@ -57,7 +57,7 @@ def test_a_failed_writer_leaves_no_pack(tmp_path):
 
 
 def test_parse_plain_paths_and_bad_ranges(tmp_path):
-    assert parse_ref("/data/img.jpg") is None and ref_size("s3://b/k.jpg") is None
+    assert parse_ref("/data/img.jpg") is None and parse_ref("s3://b/k.jpg") is None
     parsed = parse_ref("s3://b/shard#1.tar#1536+20")
     assert (parsed.uri, parsed.offset, parsed.size) == ("s3://b/shard#1.tar", 1536, 20)
     with pytest.raises(ValueError, match="already ends like"):

@@ -17,9 +17,10 @@ from PIL import Image
 from flava.config import PipelineConfig
 from flava.data import images as imaging
 from flava.data.ingest import dump_row, run_prepare
-from flava.data.packs import SOURCE_IMAGE_FIELD, parse_ref
+from flava.data.packs import SOURCE_IMAGE_FIELD, PackWriter, make_ref, parse_ref
+from flava.data.stream_config import S3Config
 from flava.data.synthetic import run_generate
-from flava.data.validate import run_validate
+from flava.data.validate import Fetcher, run_validate
 from tests.helpers import tracking_in
 from tests.unit.test_synthetic import SMALL
 
@@ -267,3 +268,14 @@ def test_cli_runs_the_three_stages_and_reports_threshold_failures(tmp_path, caps
     (tmp_path / "prepared" / "pairs.jsonl").write_text("".join(dump_row(r) + "\n" for r in rows))
     assert main(["data", "validate", "--params", str(params), *paths]) == 2
     assert "pairs: 2/3 accepted" in capsys.readouterr().err
+
+
+def test_fetcher_reads_pack_ranges_and_checks_their_size_before_reading(tmp_path):
+    with PackWriter(tmp_path / "p.tar") as pack:
+        small, big = pack.add("small.png", b"\x89PNG small"), pack.add("big.png", b"\x89PNG " + b"x" * 100)
+    fetch = Fetcher(S3Config(), max_bytes=50)
+    assert fetch(small) == (b"\x89PNG small", None)
+    assert fetch(big) == (None, "file too large: 105 bytes > 50")
+    missing, error = fetch(make_ref(str(tmp_path / "p.tar"), 10**6, 10))  # past the end of the pack
+    assert missing is None and error.startswith("missing file:") and "read 0 of 10 bytes" in error
+    assert fetch(make_ref(str(tmp_path / "gone.tar"), 0, 10))[1] == f"missing file: {tmp_path / 'gone.tar'}"
