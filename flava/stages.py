@@ -135,7 +135,7 @@ STAGES: tuple[Stage, ...] = (
         deps=("${paths.raw}",), params=("seed", "data.ingest"),
         outs=tuple(Out(f"{_PREPARED}/{c}.jsonl") for c in _CORPORA) + (Out(f"{_PREPARED}/eval"),)
         + tuple(Out(f"{_PREPARED}/{c}.rejects.jsonl") for c in _CORPORA)
-        + (Out(f"{_PREPARED}/extracted"),  # image bytes taken out of tars, parquet and arrow sources
+        + (Out(f"{_PREPARED}/extracted"),  # packs of image bytes embedded in parquet/arrow cells and compressed tars
            Out(f"{_PREPARED}/partitions")),  # per source unit: rows, rejects, summary (resume, flava.data.ingest)
         metrics=(Out(f"{_PREPARED}/metrics.json", cache=False),),
         help="ingest raw corpora into per-corpus manifests",

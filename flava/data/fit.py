@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flava.data import storage
 from flava.data.captions import row_captions
+from flava.data.packs import read_ref
 from flava.data.shards import read_manifest, resolve_image
 from flava.data.tokenizer import fit_wordpiece, load_tokenizer
 from flava.data.transforms import decode_image, model_image_geometry, transform_from_config
@@ -84,7 +84,7 @@ def sample_pixels(cfg: "PipelineConfig") -> torch.Tensor:
         raise ValueError(f"no images to fit the codebook on in {cc.corpora} under {cfg.paths.validated}")
     chosen = random.Random(f"{cfg.seed}:codebook").sample(refs, min(cc.sample_images, len(refs)))
     transform = transform_from_config(cfg, train=False)
-    pixels = [transform(decode_image(storage.read_bytes(resolve_image(image, base), s3=cfg.data.shards.s3)))
+    pixels = [transform(decode_image(read_ref(resolve_image(image, base), cfg.data.shards.s3)))
               for image, base in chosen]
     return torch.stack(pixels)
 

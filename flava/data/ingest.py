@@ -6,10 +6,12 @@ documents; the manifest holds their passages; for a captions JSON, in images plu
 no usable image or caption). A source whose rows are all rejected fails the stage
 (``ValueError`` naming it and its first reasons) once the outputs are written. Keys start with the source name,
 so several corpora with the same native keys (img2dataset's ``000000000``) never collide. Images referenced by
-path or ``s3://`` are not read here: validation decodes them and quarantines what it cannot read; image bytes
-embedded in a source (tar members, parquet/arrow cells) are written once per distinct content of each unit under
-``paths.prepared/extracted/<source>/<unit number>/``. Evaluation sets are copied to ``paths.prepared/eval/`` with
-image paths resolved so that they open from the working directory.
+path or ``s3://`` are not read here: validation decodes them and quarantines what it cannot read. Nor are
+they ever one file per image: an image member of an uncompressed webdataset tar (local or ``s3://``) is referenced
+in place, ``<tar>#<offset>+<size>`` (``flava.data.packs``), and image bytes embedded in a source (parquet/arrow
+cells, members of compressed tars) go into one pack per unit of the source,
+``paths.prepared/extracted/<source>/<unit number>.tar``, once per distinct content. Evaluation sets are copied to
+``paths.prepared/eval/`` with image paths resolved so that they open from the working directory.
 
 Partitions: each unit of each source (``sources.source_units``: a webdataset shard, a parquet part, an Arrow
 file, a text file; a CSV/TSV/JSONL manifest, a captions JSON or a class-folder tree is one unit however large) is
@@ -57,7 +59,7 @@ from flava.tracking.runs import stage_run
 log = logging.getLogger(__name__)
 
 CORPORA = ("pairs", "images", "text")
-EXTRACTED = "extracted"  # image bytes from tars, parquet and arrow land in paths.prepared/extracted/<source>/
+EXTRACTED = "extracted"  # embedded image bytes land in packs paths.prepared/extracted/<source>/<unit>.tar
 FIRST_REASONS = 3  # reject reasons quoted per source when all its rows are rejected
 
 
@@ -137,28 +139,27 @@ class PrepareTask:
     fingerprint: str  # of the corpus's inputs and params and of this partition: done when its summary has it
 
 
-def extraction_dir(out: Path, name: str, unit_index: int) -> Path:
-    """Where the image bytes embedded in one unit of source ``name`` are written: a directory per unit, so
-    partitions running at once never write the same file (an image repeated in two units is stored twice)."""
-    return out / EXTRACTED / name / part_name(unit_index)
+def extraction_pack(out: Path, name: str, unit_index: int) -> Path:
+    """The pack of the image bytes embedded in one unit of source ``name``: a pack per unit, so partitions running
+    at once never write the same file (an image repeated in two units is stored twice)."""
+    return out / EXTRACTED / name / f"{part_name(unit_index)}.tar"
 
 
-def _pair_items(src: PairSource, task: PrepareTask, extract_to: Path) -> Iterable[sources.Item]:
+def _pair_items(src: PairSource, task: PrepareTask, pack: Path) -> Iterable[sources.Item]:
     ing, raw = task.ing, Path(task.raw)
     if isinstance(src, ManifestPairs):
-        return sources.read_manifest(src, raw, ing.caption_filter, extract_to, task.unit)
+        return sources.read_manifest(src, raw, ing.caption_filter, pack, task.unit)
     if isinstance(src, CocoPairs):
         return sources.read_coco(src, raw)
     if isinstance(src, KarpathyPairs):
         return sources.read_karpathy(src, raw)
-    return sources.read_webdataset(src, raw, ing.caption_filter, extract_to, ing.s3, task.unit)
+    return sources.read_webdataset(src, raw, ing.caption_filter, pack, ing.s3, task.unit)
 
 
 def _prepare_pairs(task: PrepareTask, sink: _Sink) -> dict[str, Any]:
-    extract_to = extraction_dir(Path(task.out), task.name, task.unit_index)
-    if extract_to.exists():  # written by a run of this partition that was cut short
-        shutil.rmtree(extract_to)
-    for item in _pair_items(task.ing.pairs[task.source], task, extract_to):
+    pack = extraction_pack(Path(task.out), task.name, task.unit_index)
+    pack.unlink(missing_ok=True)  # written by a run of this partition that was cut short (no summary)
+    for item in _pair_items(task.ing.pairs[task.source], task, pack):
         sink.add(item, task.name)
     return sink.close()
 

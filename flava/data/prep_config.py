@@ -82,7 +82,8 @@ class ManifestPairs(StrictModel):
     relative to the manifest's directory, an absolute path, an ``s3://bucket/key`` URI, the image's bytes
     (img2dataset's ``jpg`` column) or a Hugging Face ``Image`` struct ``{bytes, path}`` (bytes when embedded,
     else the path). Embedded bytes are written once per distinct image of each file (parquet part, Arrow file),
-    named by their SHA-256, to ``paths.prepared/extracted/<name>/<file number>/``."""
+    named by their SHA-256, into the pack ``paths.prepared/extracted/<name>/<file number>.tar``
+    (``flava.data.packs``)."""
 
     kind: Literal["manifest"] = "manifest"
     path: str = "pairs/captions.jsonl"
@@ -115,8 +116,9 @@ class WebdatasetPairs(StrictModel):
     """Image-text pairs from existing webdataset tar shards (img2dataset / LAION / PMD style ``jpg`` + ``txt``
     [+ ``json``] members), in a local directory or under an ``s3://bucket/prefix``. With ``caption_filter`` the
     ``json`` member's title/description fields are used instead of ``txt``. The ``json`` member's
-    ``provenance_fields`` (img2dataset: the source url, sha256, ...) are kept as manifest columns. Images are
-    extracted to ``paths.prepared/extracted/<name>/<shard number>/``."""
+    ``provenance_fields`` (img2dataset: the source url, sha256, ...) are kept as manifest columns. Images of
+    uncompressed shards are referenced in place (``<shard>#<offset>+<size>``, ``flava.data.packs``); those of
+    compressed shards go into the pack ``paths.prepared/extracted/<name>/<shard number>.tar``."""
 
     kind: Literal["webdataset"] = "webdataset"
     path: str  # a directory holding the shards, one .tar file, or an s3://bucket/prefix
@@ -214,7 +216,8 @@ class IngestConfig(StrictModel):
 class ValidateConfig(StrictModel):
     """Great Expectations validation (``flava data validate``). Rows failing a check are quarantined with the
     reason; images in convertible modes (CMYK, L, P, RGBA, 16-bit, ...) are normalised to RGB, EXIF-rotated,
-    and written under ``paths.validated/images/<corpus>/`` (RGB JPEGs and PNGs as they are, see passthrough)."""
+    and written into one pack per partition, ``paths.validated/images/<corpus>/<n>.tar`` (RGB JPEGs and PNGs as
+    they are, see passthrough; ``flava.data.packs``)."""
 
     min_accept_fraction: float = Field(0.9, ge=0, le=1)
     # captions (pairs) and passages (text)

@@ -2,7 +2,9 @@
 
 Layout (``paths.shards`` may be ``s3://bucket/prefix``)::
 
-    {root}/{corpus}/shard-000000.tar ...   samples: {key}.png|jpg (image), {key}.txt (text), {key}.json (metadata)
+    {root}/{corpus}/shard-000000.tar ...   samples: {key}.png|jpg (image), {key}.txt (text), {key}.json (metadata:
+                                           the row but its text; ``image`` is the source's reference, e.g. the
+                                           raw file or webdataset member, not validation's pack)
                                            (a pair with several captions: {key}.captions.json, a JSON list,
                                            instead of {key}.txt; its image is stored once)
     {root}/{corpus}/index.json             num_samples, num_shards, per shard: name, samples, bytes, sha256
@@ -61,6 +63,7 @@ from flava.data import storage
 from flava.data.captions import CAPTIONS_FIELD, CAPTIONS_MEMBER, row_captions
 from flava.data.engine import Engine, EngineConfig, open_engine
 from flava.data.jsonl import read_jsonl
+from flava.data.packs import SOURCE_IMAGE_FIELD, fixed_member, make_ref, parse_ref, read_ref
 from flava.data.partitions import (
     PARTITIONS_DIR,
     ManifestPlan,
@@ -106,13 +109,7 @@ def shard_key(key: str) -> str:
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed headers: byte-identical shards for the same input
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    tar.addfile(fixed_member(name, len(data)), io.BytesIO(data))  # fixed headers: byte-identical shards
 
 
 def write_tar(samples: list[Sample], path: Path) -> None:
@@ -216,11 +213,14 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
 
 
 def resolve_image(image: str, manifest_dir: Path) -> str:
-    """Image reference -> readable URI: s3:// and absolute paths as they are; relative ones from the working
-    directory, else from the manifest's directory."""
-    if storage.is_s3(image) or Path(image).is_absolute() or Path(image).exists():
-        return image
-    return str(manifest_dir / image)
+    """Image reference -> readable reference (``flava.data.packs``): s3:// and absolute paths as they are;
+    relative ones from the working directory, else from the manifest's directory. A range of a tar
+    (``<tar>#<offset>+<size>``) resolves its tar the same way."""
+    ranged = parse_ref(image)
+    uri = ranged.uri if ranged else image
+    if not (storage.is_s3(uri) or Path(uri).is_absolute() or Path(uri).exists()):
+        uri = str(manifest_dir / uri)
+    return make_ref(uri, ranged.offset, ranged.size) if ranged else uri
 
 
 def encode_image(data: bytes, cfg: ShardConfig, where: str) -> tuple[str, bytes]:
@@ -259,12 +259,14 @@ def build_samples(
             raise ValueError(f"{corpus}: keys {seen[key]!r} and {row['key']!r} collide as shard key {key!r}")
         seen[key] = row["key"]
         files: dict[str, bytes] = {}
-        meta = {k: v for k, v in row.items() if k not in ("text", "caption", CAPTIONS_FIELD)}
+        meta = {k: v for k, v in row.items() if k not in ("text", "caption", CAPTIONS_FIELD, SOURCE_IMAGE_FIELD)}
+        if SOURCE_IMAGE_FIELD in row:  # where the image came from; the validation pack's offset means nothing here
+            meta["image"] = row[SOURCE_IMAGE_FIELD]
         if corpus in ("pairs", "images"):
             if not row.get("image"):
                 raise ValueError(f"{corpus}: row {row['key']!r} has no 'image'")
             uri = resolve_image(str(row["image"]), manifest_dir)
-            ext, data = encode_image(storage.read_bytes(uri, s3=cfg.s3), cfg, f"{uri} (row {row['key']!r})")
+            ext, data = encode_image(read_ref(uri, cfg.s3), cfg, f"{uri} (row {row['key']!r})")
             files[ext] = data
         captions = row_captions(row) if corpus == "pairs" else None
         if captions is not None:
@@ -280,8 +282,8 @@ def build_samples(
         yield Sample(key, files)
 
 
-# Bump when the partition summaries change meaning, so a resumed run never reuses another format's.
-PARTITION_FORMAT = 1
+# Bump when the partition summaries or the shards change meaning, so a resumed run never reuses another format's.
+PARTITION_FORMAT = 2  # 2: a sample's json names the image's source reference, not validation's copy
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@
 - class folders (ImageNet layout), labels optionally named by a synset -> class-name map;
 - text files (``.txt`` paragraphs streamed and merged to a minimum length, ``.jsonl`` documents).
 
-Bytes read from a source (tar members, parquet/arrow cells) are written once per distinct content (``ImageStore``).
+Image members of uncompressed webdataset tars are referenced in place (``<tar>#<offset>+<size>``,
+``flava.data.packs``); embedded bytes (parquet/arrow cells, members of compressed tars) are written into one pack
+per source, once per distinct content (``ImageStore``).
 
 Text is decoded as UTF-8 with ``surrogateescape``: undecodable bytes survive as lone surrogates (JSON escapes
 them), so validation can quarantine the row as "not valid UTF-8" instead of ingestion crashing on it.
@@ -31,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flava.data.captions import pair_row
+from flava.data.packs import PackWriter, make_ref
 from flava.data.prep_config import (
     CaptionFilterConfig,
     ClassFolderImages,
@@ -138,24 +141,42 @@ def image_suffix(data: bytes) -> str:
 
 
 class ImageStore:
-    """Writes image bytes once per distinct content: ``<dir>/<sha256[:2]>/<sha256>.<suffix>``. Identical images
-    (one photo under several captions, or repeated across shards) share one file."""
+    """Writes embedded image bytes into one pack (``flava.data.packs``) at ``pack``, a path the caller names (one
+    store per source file; two processes writing different packs do not meet). Members are named
+    ``<sha256>.<suffix>`` and stored once per distinct content: one photo under several captions is one member.
+    The pack is created at the first ``put`` (a source without embedded bytes leaves nothing), and renamed into
+    place by ``close`` -- or dropped when the ``with`` block it is used in fails."""
 
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.written = 0
+    def __init__(self, pack: Path):
+        self.pack = pack
+        self._writer: PackWriter | None = None
+
+    @property
+    def written(self) -> int:
+        """Distinct images stored so far."""
+        return 0 if self._writer is None else self._writer.members
 
     def put(self, data: bytes, suffix: str | None = None) -> tuple[str, str]:
-        """(path, sha256) of the stored copy."""
+        """(reference into the pack, sha256) of the stored copy."""
         digest = hashlib.sha256(data).hexdigest()
-        target = self.directory / digest[:2] / f"{digest}.{suffix or image_suffix(data)}"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
-            self.written += 1
-        return str(target), digest
+        if self._writer is None:
+            self._writer = PackWriter(self.pack)
+        return self._writer.add(f"{digest}.{suffix or image_suffix(data)}", data), digest
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> ImageStore:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._writer is None:
+            return
+        if exc_type is None:
+            self._writer.close()
+        else:
+            self._writer.abort()
 
 
 def _printable_raw(row: dict[str, Any]) -> dict[str, Any]:
@@ -347,13 +368,19 @@ def _manifest_units(src: ManifestPairs, root: Path) -> list[SourceUnit]:
     return units
 
 
-def read_manifest(src: ManifestPairs, root: Path, flt: CaptionFilterConfig, extract_to: Path,
+def read_manifest(src: ManifestPairs, root: Path, flt: CaptionFilterConfig, pack: Path,
                   unit: SourceUnit | None = None) -> Iterator[Item]:
-    """The pairs of a table source; of one of its ``_manifest_units`` when ``unit`` is given."""
+    """The pairs of a table source; of one of its ``_manifest_units`` when ``unit`` is given. Embedded image bytes
+    go into the pack ``pack`` (``ImageStore``)."""
     path = _manifest_path(src, root)
+    with ImageStore(pack) as store:
+        yield from _manifest_items(src, path, flt, store, unit)
+
+
+def _manifest_items(src: ManifestPairs, path: Path, flt: CaptionFilterConfig, store: ImageStore,
+                    unit: SourceUnit | None) -> Iterator[Item]:
     name = source_name(src.path, src.name)
     base = path if path.is_dir() else path.parent
-    store = ImageStore(extract_to)
     for index, (row, error) in enumerate(_manifest_rows(path, src, unit), unit.first_row if unit else 0):
         if error:
             yield Item(None, row or {}, error)
@@ -490,20 +517,22 @@ def _open_shard(uri: str, s3: S3Config) -> BinaryIO:
     return open(uri, "rb")
 
 
-def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of a tar read as a stream: consecutive members sharing a key (the webdataset convention)."""
-    key, members = None, {}
+def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes], dict[str, tuple[int, int]]]]:
+    """Samples of a tar read as a stream: consecutive members sharing a key (the webdataset convention), with
+    each member's (data offset, size) in the tar."""
+    key, members, where = None, {}, {}
     for member in tar:
         if not member.isfile():
             continue
         k, ext = _split_member(member.name)
         if k != key and members:
-            yield key, members
-            members = {}
+            yield key, members, where
+            members, where = {}, {}
         key = k
         members[ext] = tar.extractfile(member).read()
+        where[ext] = (member.offset_data, member.size)
     if members:
-        yield key, members
+        yield key, members, where
 
 
 def _webdataset_units(src: WebdatasetPairs, root: Path, s3: S3Config) -> list[SourceUnit]:
@@ -513,25 +542,33 @@ def _webdataset_units(src: WebdatasetPairs, root: Path, s3: S3Config) -> list[So
     return [SourceUnit(shard) for shard in shards]
 
 
-def read_webdataset(src: WebdatasetPairs, root: Path, flt: CaptionFilterConfig, extract_to: Path,
+def read_webdataset(src: WebdatasetPairs, root: Path, flt: CaptionFilterConfig, pack: Path,
                     s3: S3Config | None = None, unit: SourceUnit | None = None) -> Iterator[Item]:
-    """The pairs of a source's shards; of the one shard ``unit`` when given."""
+    """The pairs of a source's shards; of the one shard ``unit`` when given. An image member of an uncompressed
+    shard (local or ``s3://``) is referenced in place, ``<shard>#<offset>+<size>`` (``flava.data.packs``): nothing
+    is copied. A compressed shard's offsets are those of the decompressed stream, which no ranged read reaches: its
+    images go into the pack ``pack``."""
     s3 = s3 or S3Config()
     shards = [unit.path] if unit else [u.path for u in _webdataset_units(src, root, s3)]
     name = source_name(src.path.rstrip("/"), src.name)
-    store = ImageStore(extract_to)
-    for shard in shards:
-        shard_name = PurePosixPath(shard).name
-        try:
-            with _open_shard(shard, s3) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for wds_key, members in _samples(tar):
-                    yield _webdataset_item(src, flt, store, name, shard_name, wds_key, members)
-        except (tarfile.TarError, OSError) as err:
-            yield Item(None, {"shard": shard}, f"unreadable tar shard: {err}")
+    with ImageStore(pack) as store:
+        for shard in shards:
+            shard_name = PurePosixPath(shard).name
+            try:
+                with _open_shard(shard, s3) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                    in_place = getattr(tar.fileobj, "comptype", None) == "tar"  # r|* detected no compression
+                    for wds_key, members, where in _samples(tar):
+                        yield _webdataset_item(src, flt, store, name, shard_name, wds_key, members,
+                                               (shard, where) if in_place else None)
+            except (tarfile.TarError, OSError) as err:
+                yield Item(None, {"shard": shard}, f"unreadable tar shard: {err}")
 
 
 def _webdataset_item(src: WebdatasetPairs, flt: CaptionFilterConfig, store: ImageStore, name: str, shard: str,
-                     wds_key: str, members: dict[str, bytes]) -> Item:
+                     wds_key: str, members: dict[str, bytes],
+                     in_place: tuple[str, dict[str, tuple[int, int]]] | None) -> Item:
+    """One sample as a row; ``in_place``: (shard URI, member -> (data offset, size)) when the shard is read by
+    ranges, else the image is stored in ``store``."""
     raw = {"shard": shard, "__key__": wds_key, "members": sorted(members)}
     image_ext = next((e for e in src.image_extensions if e in members), None)
     if image_ext is None:
@@ -555,7 +592,11 @@ def _webdataset_item(src: WebdatasetPairs, flt: CaptionFilterConfig, store: Imag
         caption = decode_text(members[src.text_extension])
     else:
         return Item(None, raw, f"no {src.text_extension} member")
-    image, _ = store.put(members[image_ext], image_ext)
+    if in_place is not None:
+        uri, where = in_place
+        image = make_ref(uri, *where[image_ext])
+    else:
+        image, _ = store.put(members[image_ext], image_ext)
     provenance = {f: meta[f] for f in src.provenance_fields if f in meta}
     return Item({"key": f"{name}-{safe_key(wds_key)}", "image": image, "text": caption, "source": name,
                  **provenance}, raw)

@@ -4,14 +4,19 @@ For each corpus manifest in ``paths.prepared`` every row gets one column per che
 encoding and bounds, image decodability, mode and size, computed by decoding each image safely, local file or
 ``s3://`` object alike). The corpus's GE suite (``flava.data.expectations``) runs over those columns; a row that
 fails an expectation is rejected with the first failing expectation's reason. Accepted images are normalised
-(EXIF rotation, 8-bit RGB; RGB JPEGs and PNGs kept as they are under ``passthrough``) and written to
-``paths.validated/images/<corpus>/``, once per image reference (rows sharing an image share the file, named
-after the first row that decodes it); accepted rows point there.
+(EXIF rotation, 8-bit RGB; RGB JPEGs and PNGs kept as they are under ``passthrough``) and written into one
+*pack* per partition, ``paths.validated/images/<corpus>/<n>.tar`` (``flava.data.packs``: an uncompressed tar),
+never one file per image: once per image reference and once per distinct content (rows sharing an image share
+the member, named after the first row that decodes it); images of rejected rows never land in it. An accepted
+row's ``image`` is a reference into its partition's pack (``<pack>#<offset>+<size>``), and ``source_image``
+keeps the reference prepare wrote (where the image came from). The packs, and so the ``image`` references,
+depend on the partitioning; the bytes they name do not.
 
 The manifest is validated in partitions of ``data.engine.partition_rows`` rows, on the engine of
 ``data.engine`` (``flava.data.engine``): memory is bounded by the partition (one streaming pass before them
 finds the keys and images that recur across partitions, so duplicates and shared images come out as in one
-pass). Each partition writes ``partitions/<corpus>/<n>.jsonl``, ``<n>.rejects.jsonl`` and, last, ``<n>.json``
+pass; an image shared by rows of several partitions is in each of their packs). Each partition writes its pack,
+``partitions/<corpus>/<n>.jsonl``, ``<n>.rejects.jsonl`` and, last, ``<n>.json``
 (counts, reasons, per-expectation results, its GE result, the fingerprint of manifest + params + range);
 ``partitions/<corpus>/index.json`` lists them. A killed run resumes at the partitions without a matching
 ``<n>.json``; new manifest bytes or params start the corpus afresh.
@@ -33,16 +38,16 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import io
 import json
 import logging
-import os
 import shutil
 import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import pandas as pd
@@ -57,6 +62,7 @@ from flava.data.expectations import (
     corpus_checks,
 )
 from flava.data.ingest import CORPORA, dump_row
+from flava.data.packs import SOURCE_IMAGE_FIELD, PackWriter, parse_ref, read_ref
 from flava.data.partitions import (
     PARTITIONS_DIR,
     ManifestPlan,
@@ -74,7 +80,7 @@ from flava.data.partitions import (
 )
 from flava.data.prep_config import ValidateConfig
 from flava.data.sources import safe_key
-from flava.data.storage import is_s3, read_bytes, split_s3
+from flava.data.storage import is_s3, split_s3
 from flava.data.stream_config import S3Config
 from flava.tracking.runs import StageLog, stage_run
 
@@ -87,31 +93,42 @@ PASSTHROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 
 # ---------------------------------------------------------------------------------------------- fetching
 class Fetcher:
-    """Bytes of a local path or an ``s3://`` URI, or ``(None, reason)``. A bucket whose endpoint cannot be
-    reached is remembered, so a dead endpoint costs one timeout, not one per row."""
+    """Bytes of an image reference (``flava.data.packs``: a local path, an ``s3://`` URI, or a range of a local or
+    S3 tar), or ``(None, reason)``. A bucket whose endpoint cannot be reached is remembered, so a dead endpoint
+    costs one timeout, not one per row."""
 
     def __init__(self, s3: S3Config, max_bytes: int):
         self.s3, self.max_bytes = s3, max_bytes
         self._dead_buckets: dict[str, str] = {}
 
     def __call__(self, ref: str) -> tuple[bytes | None, str | None]:
-        if not is_s3(ref):
-            path = Path(ref)
+        ranged = parse_ref(ref)
+        uri = ranged.uri if ranged else ref
+        if ranged is not None and ranged.size > self.max_bytes:  # the size is in the reference: do not read it
+            return None, f"file too large: {ranged.size} bytes > {self.max_bytes}"
+        if not is_s3(uri):
+            path = Path(uri)
             try:
                 if not path.is_file():
-                    return None, f"missing file: {ref[:200]}"
+                    return None, f"missing file: {uri[:200]}"
             except OSError as err:  # e.g. a name too long: not a path at all
-                return None, f"missing file: not a usable path ({err.strerror}): {ref[:200]!r}"
-            size = path.stat().st_size
-            if size > self.max_bytes:  # do not read it into memory
-                return None, f"file too large: {size} bytes > {self.max_bytes}"
-            return path.read_bytes(), None
-        bucket, _ = split_s3(ref)
+                return None, f"missing file: not a usable path ({err.strerror}): {uri[:200]!r}"
+            if ranged is None:
+                size = path.stat().st_size
+                if size > self.max_bytes:  # do not read it into memory
+                    return None, f"file too large: {size} bytes > {self.max_bytes}"
+            try:
+                return read_ref(ref), None
+            except ValueError as err:  # a range past the end of its tar
+                return None, f"missing file: {err}"
+        bucket, _ = split_s3(uri)
         if bucket in self._dead_buckets:
             return None, self._dead_buckets[bucket]
         try:
-            return read_bytes(ref, s3=self.s3), None
+            return read_ref(ref, self.s3), None
         except FileNotFoundError as err:
+            return None, f"s3 object not found: {err}"
+        except ValueError as err:  # a range past the end of its object
             return None, f"s3 object not found: {err}"
         except Exception as err:  # noqa: BLE001 - botocore: credentials, endpoint, access denied, throttling...
             from botocore.exceptions import (
@@ -160,11 +177,12 @@ class _CorpusChecker:
     """Check columns of one partition's rows. Rows are numbered corpus-wide (``start`` is the partition's first
     row); ``prior_keys`` and ``prior_images`` carry what earlier partitions saw: the first row of each key that
     recurs here, and the key naming each shared image that an earlier row decoded first. Normalised images are
-    written to temporary names; ``settle_images`` renames those an accepted row points to and drops the rest."""
+    appended to a scratch file beside ``pack`` as they decode (memory holds one image at a time);
+    ``settle_images`` copies those an accepted row points to into the pack ``pack`` and drops the scratch file."""
 
-    def __init__(self, corpus: str, v: ValidateConfig, fetch: Fetcher, image_dir: Path, *, start: int = 0,
+    def __init__(self, corpus: str, v: ValidateConfig, fetch: Fetcher, pack: Path, *, start: int = 0,
                  prior_keys: dict[str, int] | None = None, prior_images: dict[str, str] | None = None):
-        self.corpus, self.v, self.fetch, self.image_dir = corpus, v, fetch, image_dir
+        self.corpus, self.v, self.fetch, self.pack = corpus, v, fetch, pack
         self.start = start
         self.prior_keys = prior_keys or {}
         self.prior_images = prior_images or {}
@@ -173,8 +191,10 @@ class _CorpusChecker:
         self.truncated = 0
         # image reference -> its check columns and normalised file: an image shared by several rows (COCO's five
         # captions per image) is fetched, decoded and written once per partition
-        self._seen_images: dict[str, tuple[dict[str, Any], Path | None]] = {}
-        self._pending: dict[Path, Path] = {}  # final image path -> temporary file holding it
+        self._seen_images: dict[str, tuple[dict[str, Any], str | None]] = {}
+        self._scratch_path = temporary(pack.with_suffix(".scratch"))
+        self._scratch: BinaryIO | None = None  # opened at the first decoded image
+        self._pending: dict[str, tuple[int, int]] = {}  # member name -> (offset, size) in the scratch file
         # row index -> caption check columns of a multi-caption row (set by check_captions)
         self.caption_columns: dict[int, dict[str, Any]] = {}
 
@@ -230,8 +250,9 @@ class _CorpusChecker:
                 row[CAPTIONS_FIELD] = kept.get(i, [])
         return dropped, result
 
-    def image_columns(self, row: dict[str, Any], decode: bool) -> tuple[dict[str, Any], Path | None]:
-        """Check columns of the row's image; when it decodes, the normalised image is written (path returned)."""
+    def image_columns(self, row: dict[str, Any], decode: bool) -> tuple[dict[str, Any], str | None]:
+        """Check columns of the row's image; when it decodes, the normalised image is kept aside (its member name
+        in the pack returned)."""
         empty = {"image_error": None, "image_mode": None, "image_width": np.nan, "image_height": np.nan,
                  "image_min_side": np.nan, "image_max_side": np.nan, "image_aspect": np.nan}
         ref = row.get("image")
@@ -245,7 +266,7 @@ class _CorpusChecker:
         return self._seen_images[ref]
 
     def _check_image(self, ref: str, key: str, empty: dict[str, Any], *,
-                     count: bool) -> tuple[dict[str, Any], Path | None]:
+                     count: bool) -> tuple[dict[str, Any], str | None]:
         data, error = self.fetch(ref)
         if error:
             return {**empty, "image_error": error}, None
@@ -265,28 +286,42 @@ class _CorpusChecker:
                 self.conversions[f"{info.mode}->RGB"] += 1
             self.exif_rotated += int(turned)
         keep = v.passthrough and info.format in PASSTHROUGH_FORMATS and info.mode == "RGB" and not turned
-        path = self.image_dir / image_name(key, PASSTHROUGH_FORMATS[info.format] if keep else v.image_format)
-        tmp = temporary(path)
+        name = image_name(key, PASSTHROUGH_FORMATS[info.format] if keep else v.image_format)
         if keep:  # already what the shards need: the source bytes, untouched
-            tmp.write_bytes(data)
-        elif v.image_format == "png":
-            rgb.save(tmp, format="PNG")
+            out = data
         else:
-            rgb.save(tmp, format="JPEG", quality=v.jpeg_quality)
-        self._pending[path] = tmp
-        return cols, path
-
-    def settle_images(self, kept: set[Path]) -> None:
-        """Rename the images accepted rows point to into place; drop the others (decoded, but every row using
-        them was rejected for another reason, e.g. its caption)."""
-        for path, tmp in self._pending.items():
-            if path in kept:
-                os.replace(tmp, path)
+            buffer = io.BytesIO()
+            if v.image_format == "png":
+                rgb.save(buffer, format="PNG")
             else:
-                tmp.unlink(missing_ok=True)
-        self._pending.clear()
+                rgb.save(buffer, format="JPEG", quality=v.jpeg_quality)
+            out = buffer.getvalue()
+        if self._scratch is None:
+            self._scratch = self._scratch_path.open("w+b")
+        self._pending[name] = (self._scratch.tell(), len(out))
+        self._scratch.write(out)
+        return cols, name
 
-    def frame(self, rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[Path | None]]:
+    def settle_images(self, kept: set[str]) -> dict[str, str]:
+        """Write the pack: the images accepted rows point to, in the order they decoded, each once; the others
+        (decoded, but every row using them was rejected for another reason, e.g. its caption) never land in it.
+        Returns member name -> reference into the pack. The scratch file is removed."""
+        refs: dict[str, str] = {}
+        try:
+            with PackWriter(self.pack) as pack:
+                for name, (offset, size) in self._pending.items():
+                    if name in kept:
+                        self._scratch.seek(offset)
+                        refs[name] = pack.add(name, self._scratch.read(size))
+        finally:
+            if self._scratch is not None:
+                self._scratch.close()
+                self._scratch = None
+            self._scratch_path.unlink(missing_ok=True)
+            self._pending.clear()
+        return refs
+
+    def frame(self, rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str | None]]:
         seen: dict[str, int] = {}
         records, written = [], []
         for i, row in enumerate(rows):
@@ -319,7 +354,7 @@ class _CorpusChecker:
 
 # ---------------------------------------------------------------------------------------------- the stage
 # Bump when the partition outputs change meaning, so a resumed run never reuses partitions of another format.
-PARTITION_FORMAT = 1
+PARTITION_FORMAT = 2  # 2: accepted images in one pack per partition, not one file per image
 # PARTITIONS_DIR, under paths.validated: <corpus>/<partition>.{jsonl,rejects.jsonl,json}, index.json
 
 
@@ -359,6 +394,11 @@ class PartitionTask:
     prior_images: dict[str, str]  # image ref -> key of the earlier row that decoded it first
 
 
+def _pack_path(out: Path, corpus: str, index: int) -> Path:
+    """The pack of partition ``index``'s accepted images (``flava.data.packs``)."""
+    return out / "images" / corpus / f"{part_name(index)}.tar"
+
+
 def _partition_paths(out: Path, corpus: str, index: int) -> dict[str, Path]:
     base = out / PARTITIONS_DIR / corpus
     name = part_name(index)
@@ -377,7 +417,7 @@ def validate_partition(task: PartitionTask) -> dict[str, Any]:
     reasons, per-expectation results, examples, the GE result) last -- the summary marks the partition done."""
     corpus, v, out, part = task.corpus, task.v, Path(task.out), task.part
     rows = read_range(task.manifest, part)
-    checker = _CorpusChecker(corpus, v, Fetcher(task.s3, v.max_image_bytes), out / "images" / corpus,
+    checker = _CorpusChecker(corpus, v, Fetcher(task.s3, v.max_image_bytes), _pack_path(out, corpus, part.index),
                              start=part.start, prior_keys=task.prior_keys, prior_images=task.prior_images)
     runner = _suite_runner()
     dropped, caption_result = checker.check_captions(rows, runner) if corpus == "pairs" else ({}, None)
@@ -395,10 +435,14 @@ def validate_partition(task: PartitionTask) -> dict[str, Any]:
         failing = [r.expectation_config.type for r in final.results if not r.success]
         raise RuntimeError(f"{corpus} rows {part.start}..: accepted rows fail {failing}; the reject mapping is broken")
 
-    checker.settle_images({written[i] for i in accepted_idx if written[i] is not None})
+    refs = {}
+    if corpus in IMAGE_CORPORA:  # the pack first: the accepted rows point into it
+        refs = checker.settle_images({written[i] for i in accepted_idx if written[i] is not None})
     paths = _partition_paths(out, corpus, part.index)
     write_lines_atomic(paths["accepted"], (
-        dump_row(rows[i] if written[i] is None else {**rows[i], "image": str(written[i])}) for i in accepted_idx))
+        dump_row(rows[i] if written[i] is None else
+                 {**rows[i], "image": refs[written[i]], SOURCE_IMAGE_FIELD: rows[i]["image"]})
+        for i in accepted_idx))
     write_lines_atomic(paths["rejects"], _reject_lines(rows, reasons, failed, dropped))
     histogram = Counter(reason.split(":")[0] for reason in reasons.values())
     metrics = {"in": len(rows), "accepted": len(accepted_idx), "rejected": len(reasons),

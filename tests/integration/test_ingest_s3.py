@@ -15,6 +15,7 @@ from PIL import Image
 
 from flava.config import PipelineConfig
 from flava.data.ingest import run_prepare
+from flava.data.packs import read_ref
 from flava.data.prep_config import WebdatasetPairs
 from flava.data.validate import run_validate
 from tests.helpers import tracking_in
@@ -82,7 +83,9 @@ def test_existing_object_is_fetched_and_missing_one_quarantined(tmp_path, s3_end
 
     [accepted] = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
     assert accepted["key"] == "pairs-k0"
-    img = Image.open(accepted["image"])  # a local, normalised copy
+    img = Image.open(io.BytesIO(read_ref(accepted["image"])))  # a local, normalised copy, in a pack
+    assert accepted["image"].startswith(str(tmp_path / "validated" / "images" / "pairs" / "00000.tar#"))
+    assert accepted["source_image"] == "s3://corpus/img/present.jpg"
     assert img.mode == "RGB" and img.size == (40, 30)
     [rejected] = read_jsonl(tmp_path / "validated" / "pairs.rejects.jsonl")
     assert rejected["key"] == "pairs-k1" and rejected["image"] == "s3://corpus/img/absent.jpg"
@@ -121,4 +124,8 @@ def test_img2dataset_webdataset_on_s3_is_streamed_with_its_provenance(tmp_path, 
     assert [r["key"] for r in rows] == ["laion-000000000", "laion-000000001"]
     assert rows[1]["url"] == "http://127.0.0.1/000000001.jpg" and rows[1]["sha256"] == hashlib.sha256(
         samples[1][2]).hexdigest()
+    # referenced in place (a range of the S3 tar), never copied
+    assert [r["image"].split("#")[0] for r in rows] == ["s3://laion/out/00000.tar", "s3://laion/out/00001.tar"]
+    assert [read_ref(r["image"], cfg.data.ingest.s3) for r in rows] == [data for _, _, data in samples]
+    assert list((tmp_path / "prepared" / "extracted").iterdir()) == []
     assert run_validate(cfg)["pairs"]["accepted"] == 2

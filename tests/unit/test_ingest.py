@@ -13,6 +13,7 @@ from PIL import Image
 from flava.config import PipelineConfig
 from flava.data import sources
 from flava.data.ingest import run_prepare
+from flava.data.packs import read_ref
 from flava.data.prep_config import CaptionFilterConfig
 from flava.data.synthetic import run_generate
 from tests.helpers import tracking_in
@@ -166,7 +167,7 @@ def _tar(path: Path, members: dict[str, bytes]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_webdataset_shards_are_extracted_and_incomplete_samples_rejected(tmp_path):
+def test_webdataset_images_are_referenced_in_place_and_incomplete_samples_rejected(tmp_path):
     raw = _minimal_raw(tmp_path)
     (raw / "wds").mkdir()
     _tar(raw / "wds" / "shard-000000.tar", {
@@ -181,9 +182,12 @@ def test_webdataset_shards_are_extracted_and_incomplete_samples_rejected(tmp_pat
     assert result["pairs"] == {"in": 4, "accepted": 2, "rejected": 2}
     rows = read_jsonl(tmp_path / "prepared" / "pairs.jsonl")
     assert [r["key"] for r in rows] == ["wds-000001", "wds-sub_000004"]
-    for row in rows:
-        assert Path(row["image"]).is_file() and "extracted" in row["image"]
-        assert Image.open(row["image"]).size == (24, 24)
+    for row, shard, member in zip(rows, ("shard-000000.tar", "shard-000001.tar"), ("000001.jpg", "sub/000004.png")):
+        with tarfile.open(raw / "wds" / shard) as tar:  # a range of the source tar: its member's data
+            info = tar.getmember(member)
+        assert row["image"] == f"{raw / 'wds' / shard}#{info.offset_data}+{info.size}"
+        assert Image.open(io.BytesIO(read_ref(row["image"]))).size == (24, 24)
+    assert list((tmp_path / "prepared" / "extracted").iterdir()) == []  # nothing copied
     reasons = sorted(r["reason"] for r in read_jsonl(tmp_path / "prepared" / "pairs.rejects.jsonl"))
     assert reasons == ["no image member (one of ['jpg', 'jpeg', 'png', 'webp'])", "no txt member"]
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import gc
 import json
+import tarfile
 import tracemalloc
 
 from flava.data import sources
 from flava.data.captions import CAPTIONS_MEMBER
 from flava.data.ingest import run_prepare
 from flava.data.loader import ShardDataset, SlotPlan, caption_index
+from flava.data.packs import read_ref
 from flava.data.prep_config import ManifestPairs
 from flava.data.shards import load_index, read_tar, shard_location, write_corpus
 from flava.data.validate import run_validate
@@ -79,7 +81,10 @@ def test_coco_five_captions_per_image_one_sample_from_manifest_to_loader(tmp_pat
     assert [(r["key"], r["caption_index"], r["reason"]) for r in drops] == [
         ("coco-25", 1, "empty caption: whitespace only"), ("coco-30", 0, "empty caption: no text"),
         ("coco-30", 1, "empty caption: whitespace only")]
-    assert len(list((tmp_path / "validated" / "images" / "pairs").iterdir())) == 3  # one file per image
+    # one pack per partition (here one), never one file per image: 3 images in it
+    assert [p.name for p in (tmp_path / "validated" / "images" / "pairs").iterdir()] == ["00000.tar"]
+    with tarfile.open(tmp_path / "validated" / "images" / "pairs" / "00000.tar") as tar:
+        assert len(tar.getmembers()) == 3
     assert (tmp_path / "validated" / "ge" / "pairs_captions.json").is_file()
 
     # shard: the image stored once with all its captions
@@ -96,7 +101,7 @@ def test_coco_five_captions_per_image_one_sample_from_manifest_to_loader(tmp_pat
     assert sorted(stored["coco-40"]) == ["jpg", "json", "txt"]  # single caption: as before
     images_in_shard = [files["jpg"] for files in stored.values()]
     assert len(images_in_shard) == 3  # 10 captions, 3 image copies
-    assert sum(map(len, images_in_shard)) == sum(len(open(r["image"], "rb").read()) for r in validated)
+    assert sum(map(len, images_in_shard)) == sum(len(read_ref(r["image"])) for r in validated)
 
     # loader: one caption per visit, from a generator seeded by (seed, corpus, key, epoch)
     def visits(seed: int, epochs: int, skip: int = 0) -> list[tuple[str, bytes]]:

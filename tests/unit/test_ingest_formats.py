@@ -5,6 +5,7 @@ Arrow, COCO captions and Karpathy splits, CC3M-style headerless TSV, ImageNet fo
 stored once however many captions it has."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -22,11 +23,13 @@ from flava.cli import main as cli_main
 from flava.config import PipelineConfig
 from flava.data import sources
 from flava.data.ingest import run_prepare
+from flava.data.packs import read_ref
 from flava.data.prep_config import ManifestPairs, TextFiles
 from flava.data.validate import run_validate
 from flava.exitcodes import NON_RETRYABLE
 from flava.train.stages import require_zeroshot_eval
 from tests.helpers import tracking_in
+from tests.unit.test_validate import pack_member
 
 COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 220), (230, 200, 20), (120, 40, 160)]
 
@@ -110,9 +113,12 @@ def test_img2dataset_parquet_images_come_from_the_bytes_and_are_stored_once(tmp_
     rows, rejects, _ = prepared_pairs(tmp_path)
     assert [r["key"] for r in rows] == ["laion-000000000", "laion-000000001", "laion-000010000", "laion-000010001"]
     assert [r["text"] for r in rows][2:] == ["a green field", "a blue sky"]
-    assert rows[0]["image"] == rows[1]["image"]  # identical bytes: one file, two references
-    assert len(extracted_files(tmp_path)) == 3
-    assert Path(rows[0]["image"]).read_bytes() == same and rows[0]["image"].endswith(".jpg")
+    assert rows[0]["image"] == rows[1]["image"]  # identical bytes: one member, two references
+    assert [p.name for p in extracted_files(tmp_path)] == ["laion.tar"]  # one pack for the source, not a file each
+    member, data = pack_member(rows[0]["image"])
+    assert data == same and member.endswith(".jpg")
+    with tarfile.open(extracted_files(tmp_path)[0]) as tar:
+        assert len(tar.getmembers()) == 3
     # the manifest holds references, never the bytes (nor their text as a path)
     assert (tmp_path / "prepared" / "pairs.jsonl").stat().st_size < 2000
     [reject] = rejects
@@ -123,9 +129,11 @@ def test_img2dataset_parquet_images_come_from_the_bytes_and_are_stored_once(tmp_
     result = run_validate(c)
     assert result["pairs"] == {"in": 4, "accepted": 4, "rejected": 0, "reject_rate": 0.0}
     validated = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
-    written = list((tmp_path / "validated" / "images" / "pairs").iterdir())
-    assert len({r["image"] for r in validated}) == 3 == len(written)
-    assert Image.open(validated[2]["image"]).getpixel((5, 5))[1] > 120  # the green one, decoded from its bytes
+    assert [p.name for p in (tmp_path / "validated" / "images" / "pairs").iterdir()] == ["00000.tar"]  # one pack
+    with tarfile.open(tmp_path / "validated" / "images" / "pairs" / "00000.tar") as tar:
+        assert len({r["image"] for r in validated}) == 3 == len(tar.getmembers())
+    green = Image.open(io.BytesIO(read_ref(validated[2]["image"])))
+    assert green.getpixel((5, 5))[1] > 120  # the green one, decoded from its bytes
 
 
 def test_bytes_in_a_path_column_are_a_reject_not_a_crash(tmp_path):
@@ -164,7 +172,8 @@ def test_hf_parquet_image_structs_with_bytes_embedded_or_null(tmp_path):
     assert run_prepare(c)["pairs"] == {"in": 4, "accepted": 3, "rejected": 1}
     rows, rejects, _ = prepared_pairs(tmp_path)
     assert [r["key"] for r in rows] == ["hf-00000000", "hf-00000001", "hf-00000003"]
-    assert "extracted" in rows[0]["image"] and Path(rows[0]["image"]).read_bytes() == parts[0][0]["bytes"]
+    assert [p.name for p in extracted_files(tmp_path)] == ["hf.tar"]
+    assert pack_member(rows[0]["image"])[1] == parts[0][0]["bytes"]
     assert rows[1]["image"] == str(raw / "hf" / "data" / "local.jpg")  # null bytes: the path, resolved
     assert rejects[0]["reason"] == "no image reference"
     assert rejects[0]["row"]["image"] == {"bytes": None, "path": None}
@@ -197,7 +206,7 @@ def test_hf_save_to_disk_arrow_dataset_dict(tmp_path):
     assert run_prepare(c)["pairs"] == {"in": 3, "accepted": 3, "rejected": 0}
     rows, _, _ = prepared_pairs(tmp_path)
     assert [r["key"] for r in rows] == ["ds-train0", "ds-train1", "ds-train2"]
-    assert [Path(r["image"]).read_bytes() for r in rows] == [jpeg(COLOURS[i]) for i in range(3)]
+    assert [read_ref(r["image"]) for r in rows] == [jpeg(COLOURS[i]) for i in range(3)]
     assert run_validate(c)["pairs"]["accepted"] == 3
     # every split of the DatasetDict; a split it does not have is a readable error
     assert run_prepare(cfg(tmp_path, [{"path": "ds", "key_column": "id"}]))["pairs"]["accepted"] == 5
@@ -237,7 +246,9 @@ def test_karpathy_splits_flickr30k_and_coco_layouts(tmp_path):
     assert {r["reason"] for r in rejects} == {"split 'val' not in splits ['train', 'restval']",
                                               "split 'test' not in splits ['train', 'restval']"}
     assert run_validate(c)["pairs"]["accepted"] == 3
-    assert len(list((tmp_path / "validated" / "images" / "pairs").iterdir())) == 3
+    assert [p.name for p in (tmp_path / "validated" / "images" / "pairs").iterdir()] == ["00000.tar"]
+    with tarfile.open(tmp_path / "validated" / "images" / "pairs" / "00000.tar") as tar:
+        assert len(tar.getmembers()) == 3
 
 
 def test_a_captions_json_given_as_a_manifest_says_which_kind_to_use(tmp_path):
@@ -286,6 +297,22 @@ def img2dataset_tar(path: Path, samples: list[tuple[str, str, bytes]]) -> None:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
+
+
+def test_compressed_webdataset_shards_go_into_one_pack_per_source(tmp_path):
+    """A gzipped shard's member offsets are those of the decompressed stream, which no ranged read reaches: its
+    images are copied into the source's pack; an uncompressed shard's are referenced in place."""
+    raw = raw_with_other_corpora(tmp_path)
+    img2dataset_tar(tmp_path / "plain.tar", [(f"00000000{i}", f"a thing number {i} here", jpeg(COLOURS[i]))
+                                             for i in range(3)])
+    (raw / "gz").mkdir()
+    (raw / "gz" / "00000.tar.gz").write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
+    c = cfg(tmp_path, [{"kind": "webdataset", "path": "gz", "pattern": "*.tar.gz"}])
+    assert run_prepare(c)["pairs"] == {"in": 3, "accepted": 3, "rejected": 0}
+    rows, _, _ = prepared_pairs(tmp_path)
+    assert [p.name for p in extracted_files(tmp_path)] == ["gz.tar"]
+    assert [pack_member(r["image"])[1] for r in rows] == [jpeg(COLOURS[i]) for i in range(3)]
+    assert run_validate(c)["pairs"]["accepted"] == 3
 
 
 def test_several_img2dataset_corpora_in_one_run_never_collide(tmp_path):

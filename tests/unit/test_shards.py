@@ -4,10 +4,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from flava.data.packs import PackWriter
 from flava.data.shards import read_tar, run_shard
 from tests.unit.shard_fixtures import config, make_validated
 
@@ -45,6 +47,28 @@ def test_sample_contents_roundtrip(tmp_path):
         assert s.files["txt"].decode() == row["text"]
         with open(row["image"], "rb") as fh:
             assert s.files["png"] == fh.read()  # "source" format keeps the PNG bytes
+
+
+def test_samples_read_images_from_packs_and_name_their_source(tmp_path):
+    """Validated rows pointing into a pack (one ranged read each; a relative pack path resolved from the manifest's
+    directory): the shard holds the member's bytes, and its json names the source reference, not the pack."""
+    validated = make_validated(tmp_path, n_pairs=6)
+    rows = [json.loads(line) for line in (validated / "pairs.jsonl").read_text().splitlines()]
+    with PackWriter(validated / "images" / "pairs" / "00000.tar") as pack:
+        for row in rows:
+            source = row["image"]
+            ref = pack.add(f"{row['key']}.png", Path(source).read_bytes())
+            row.update(image=ref.replace(f"{validated}/", ""), source_image=source)  # relative to the manifest
+    (validated / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_shard(config(tmp_path))
+    by_key = {r["key"]: r for r in rows}
+    samples = [s for tar in sorted((tmp_path / "shards" / "pairs").glob("shard-*.tar")) for s in read_tar(tar.read_bytes())]
+    assert len(samples) == 6
+    for s in samples:
+        meta = json.loads(s.files["json"])
+        row = by_key[meta["key"]]
+        assert s.files["png"] == Path(row["source_image"]).read_bytes()
+        assert meta["image"] == row["source_image"] and "source_image" not in meta
 
 
 def test_deterministic_bytes_and_seeded_order(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -16,14 +17,33 @@ from PIL import Image
 from flava.config import PipelineConfig
 from flava.data import images as imaging
 from flava.data.ingest import dump_row, run_prepare
+from flava.data.packs import SOURCE_IMAGE_FIELD, PackWriter, make_ref, parse_ref
+from flava.data.stream_config import S3Config
 from flava.data.synthetic import run_generate
-from flava.data.validate import run_validate
+from flava.data.validate import Fetcher, run_validate
 from tests.helpers import tracking_in
 from tests.unit.test_synthetic import SMALL
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pack_member(ref: str) -> tuple[str, bytes]:
+    """(member name, bytes) of the pack member a validated row's ``image`` points to, read by tarfile -- not by
+    the reference's own offset arithmetic."""
+    parsed = parse_ref(ref)
+    assert parsed is not None, f"not a pack reference: {ref}"
+    with tarfile.open(parsed.uri) as tar:
+        for member in tar.getmembers():
+            if member.offset_data == parsed.offset:
+                assert member.size == parsed.size
+                return member.name, tar.extractfile(member).read()
+    raise AssertionError(f"no member of {parsed.uri} starts at {parsed.offset}")
+
+
+def open_ref(ref: str) -> Image.Image:
+    return Image.open(io.BytesIO(pack_member(ref)[1]))
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -135,13 +155,14 @@ def test_bad_inputs_are_converted_or_quarantined_with_reasons(tmp_path):
     # converted, not rejected: every accepted image is 8-bit RGB under paths.validated
     assert set(accepted) == {name for name, _, _ in GOOD}
     for row in accepted.values():
-        assert Path(row["image"]).parent == out / "images" / "pairs"
-        assert Image.open(row["image"]).mode == "RGB"
-    rgba = np.asarray(Image.open(accepted["rgba"]["image"]))
+        assert parse_ref(row["image"]).uri == str(out / "images" / "pairs" / "00000.tar")
+        assert open_ref(row["image"]).mode == "RGB"
+        assert row[SOURCE_IMAGE_FIELD] == str(tmp_path / "src" / f"{row['key']}.img")  # prepare's reference, kept
+    rgba = np.asarray(open_ref(accepted["rgba"]["image"]))
     assert tuple(rgba[0, 0]) == (0, 0, 255) and tuple(rgba[0, -1]) == (255, 255, 255)  # alpha composited on white
-    sixteen = np.asarray(Image.open(accepted["sixteen"]["image"]))
+    sixteen = np.asarray(open_ref(accepted["sixteen"]["image"]))
     assert sixteen[0, 0, 0] == 128 and sixteen[0, -1, 0] == 255  # rescaled, not clipped
-    exif = Image.open(accepted["exif"]["image"])
+    exif = open_ref(accepted["exif"]["image"])
     assert exif.size == (20, 40)  # EXIF rotation applied
     assert np.asarray(exif)[0, 10, 2] > 200  # the blue band is now along the top
 
@@ -158,8 +179,12 @@ def test_bad_inputs_are_converted_or_quarantined_with_reasons(tmp_path):
     assert rejects["blank"]["reason"] == "empty caption: whitespace only"
     assert rejects["empty"]["reason"] == "empty caption: no text"
     assert "does-not-exist.png" in rejects["missing"]["reason"]
-    # exactly the accepted rows' images remain (decoded-then-rejected rows leave no file behind)
-    assert {str(p) for p in (out / "images" / "pairs").iterdir()} == {r["image"] for r in accepted.values()}
+    # one pack, holding exactly the accepted rows' images (decoded-then-rejected rows leave nothing behind)
+    assert [p.name for p in (out / "images" / "pairs").iterdir()] == ["00000.tar"]
+    with tarfile.open(out / "images" / "pairs" / "00000.tar") as tar:
+        members = tar.getnames()
+    assert len(set(members)) == len(members)
+    assert set(members) == {pack_member(r["image"])[0] for r in accepted.values()}
 
     metrics = json.loads((out / "metrics.json").read_text())
     for corpus in ("pairs", "images", "text"):
@@ -206,7 +231,7 @@ def test_synthetic_world_passes_end_to_end(tmp_path):
     result = run_validate(cfg)
     assert all(result[c]["rejected"] == 0 and result[c]["accepted"] > 0 for c in ("pairs", "images", "text"))
     rows = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
-    assert all(Image.open(r["image"]).size == (32, 32) for r in rows)
+    assert all(open_ref(r["image"]).size == (32, 32) for r in rows)
     # a re-run writes byte-identical outputs (no GE run ids or timestamps)
     before = {p: p.read_bytes() for p in sorted((tmp_path / "validated").rglob("*")) if p.is_file()}
     run_validate(cfg)
@@ -243,3 +268,14 @@ def test_cli_runs_the_three_stages_and_reports_threshold_failures(tmp_path, caps
     (tmp_path / "prepared" / "pairs.jsonl").write_text("".join(dump_row(r) + "\n" for r in rows))
     assert main(["data", "validate", "--params", str(params), *paths]) == 2
     assert "pairs: 2/3 accepted" in capsys.readouterr().err
+
+
+def test_fetcher_reads_pack_ranges_and_checks_their_size_before_reading(tmp_path):
+    with PackWriter(tmp_path / "p.tar") as pack:
+        small, big = pack.add("small.png", b"\x89PNG small"), pack.add("big.png", b"\x89PNG " + b"x" * 100)
+    fetch = Fetcher(S3Config(), max_bytes=50)
+    assert fetch(small) == (b"\x89PNG small", None)
+    assert fetch(big) == (None, "file too large: 105 bytes > 50")
+    missing, error = fetch(make_ref(str(tmp_path / "p.tar"), 10**6, 10))  # past the end of the pack
+    assert missing is None and error.startswith("missing file:") and "read 0 of 10 bytes" in error
+    assert fetch(make_ref(str(tmp_path / "gone.tar"), 0, 10))[1] == f"missing file: {tmp_path / 'gone.tar'}"

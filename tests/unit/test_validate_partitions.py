@@ -2,8 +2,10 @@
 killed run resumes at its first unfinished partition and ends byte-identical; JPEG/PNG passthrough."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from flava.data.stream_config import S3Config
 from flava.data.synthetic import run_generate
 from tests.helpers import spy_partitions, tracking_in
 from tests.unit.test_synthetic import SMALL
-from tests.unit.test_validate import encode, exif_rotated_jpeg, read_jsonl, rgb, write_prepared
+from tests.unit.test_validate import encode, exif_rotated_jpeg, pack_member, read_jsonl, rgb, write_prepared
 
 # rows of the fixture manifest: 21 pairs, so 3 rows per partition gives 7 partitions, with a duplicate key and
 # shared images whose first rows lie in earlier partitions than the rows that repeat them
@@ -53,18 +55,31 @@ def _snapshot(out: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
             if p.is_file() and p.relative_to(out).parts[0] not in skip}
 
 
+def _resolved(out: Path) -> dict[str, object]:
+    """The outputs that do not depend on the partitioning: every file but the packs (one per partition) and the
+    per-partition bookkeeping, with each accepted row's pack reference replaced by the member it names."""
+    snap: dict[str, object] = _snapshot(out, (*PER_PARTITIONING, "images"))
+    for corpus in validation.IMAGE_CORPORA:
+        snap[f"{corpus}.jsonl"] = [{**r, "image": pack_member(r["image"])} for r in read_jsonl(out / f"{corpus}.jsonl")]
+    return snap
+
+
 def test_partitions_give_the_one_pass_outputs_and_counts_add_up(tmp_path):
     cfg, prepared = _prepare(tmp_path)
     out = Path(cfg.paths.validated)
     _run(cfg, prepared, EngineConfig(partition_rows=ONE_PASS))
-    one_pass = _snapshot(out, PER_PARTITIONING)
+    one_pass = _resolved(out)
     one_pass_ge = json.loads((out / "ge" / "pairs.json").read_text())
+    assert [p.name for p in (out / "images" / "pairs").iterdir()] == ["00000.tar"]
     shutil.rmtree(out)
 
     result = _run(cfg, prepared, EngineConfig(partition_rows=SMALL_PARTITIONS))
-    assert _snapshot(out, PER_PARTITIONING) == one_pass  # rows, rejects, images, metrics, report: same bytes
+    # rows (images as the bytes they point to), rejects, metrics, report: the same
+    assert _resolved(out) == one_pass
+    # one pack per partition, whatever the number of images: no file per image
+    assert sorted(p.name for p in (out / "images" / "pairs").iterdir()) == [f"{i:05d}.tar" for i in range(7)]
     accepted = {r["key"]: r for r in read_jsonl(out / "pairs.jsonl")}
-    assert Path(accepted["shared-later"]["image"]).name.startswith("shared-first-")
+    assert pack_member(accepted["shared-later"]["image"])[0].startswith("shared-first-")
     rejects = {r["key"]: r["reason"] for r in read_jsonl(out / "pairs.rejects.jsonl")}
     assert rejects["rgb"] == "duplicate key: 'rgb' already seen at row 0"  # a row of partition 5 -> row 0
 
@@ -156,13 +171,13 @@ def test_passthrough_keeps_jpeg_and_png_bytes_unless_a_conversion_is_needed(tmp_
     for passthrough in (False, True):
         out = tmp_path / f"validated-{passthrough}"
         validation.validate(ValidateConfig(passthrough=passthrough), S3Config(), prepared, out)
-        written = {r["key"]: Path(r["image"]) for r in read_jsonl(out / "pairs.jsonl")}
+        written = {r["key"]: pack_member(r["image"]) for r in read_jsonl(out / "pairs.jsonl")}
         assert set(written) == set(inputs)
-        for name, path in written.items():
+        for name, (member, data) in written.items():
             kept = passthrough and name in ("photo", "drawing")  # grey: mode L; exif: to be rotated
-            assert (path.read_bytes() == inputs[name]) is kept, name
-            assert path.suffix == (".jpg" if kept and name == "photo" else ".png"), name
-            assert Image.open(path).mode == "RGB"
+            assert (data == inputs[name]) is kept, name
+            assert Path(member).suffix == (".jpg" if kept and name == "photo" else ".png"), name
+            assert Image.open(io.BytesIO(data)).mode == "RGB"
 
 
 def test_synthetic_world_is_the_same_with_and_without_passthrough(tmp_path):
@@ -180,7 +195,9 @@ def test_synthetic_world_is_the_same_with_and_without_passthrough(tmp_path):
         v = cfg.data.validation.model_copy(update={"passthrough": passthrough})
         validation.validate(v, cfg.data.ingest.s3, cfg.paths.prepared, out)
         snapshots.append(_snapshot(out, (validation.PARTITIONS_DIR,)))
-    assert any(name.endswith(".png") for name in snapshots[0]) and snapshots[0] == snapshots[1]
+    with tarfile.open(out / "images" / "pairs" / "00000.tar") as tar:
+        assert tar.getnames() and all(name.endswith(".png") for name in tar.getnames())
+    assert snapshots[0] == snapshots[1]
 
 
 def test_engines_return_results_in_partition_order():
