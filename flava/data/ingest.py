@@ -264,8 +264,9 @@ def _prepare_corpus(corpus: str, ing: IngestConfig, raw: Path, out: Path, engine
         parts_dir.mkdir(parents=True)
         write_json_atomic(index, {"fingerprint": fingerprint, "partitions": [
             {"name": part_name(t.index), "source": t.name, "unit": t.unit.path} for t in tasks]})
-    else:  # resuming: drop what partitions cut short half-wrote (see partitions.temporary)
-        for tmp in parts_dir.glob(".*.tmp"):
+    else:  # resuming: drop what partitions cut short half-wrote (see partitions.temporary), packs included
+        extracted = [out / EXTRACTED / name for name in {t.name for t in tasks}] if corpus == "pairs" else []
+        for tmp in [p for d in [parts_dir, *extracted] for p in d.glob(".*.tmp")]:
             tmp.unlink()
     todo = [t for t in tasks if finished(partition_paths(out, corpus, t.index)["summary"], t.fingerprint) is None]
     if todo:

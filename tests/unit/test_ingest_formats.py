@@ -73,8 +73,10 @@ def prepared_pairs(tmp_path: Path) -> tuple[list[dict], list[dict], dict]:
     return read_jsonl(out / "pairs.jsonl"), read_jsonl(out / "pairs.rejects.jsonl"), metrics
 
 
-def extracted_files(tmp_path: Path) -> list[Path]:
-    return sorted(p for p in (tmp_path / "prepared" / "extracted").rglob("*") if p.is_file())
+def extracted_files(tmp_path: Path) -> list[str]:
+    """The packs under paths.prepared/extracted, as ``<source>/<unit>.tar``."""
+    root = tmp_path / "prepared" / "extracted"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 # ------------------------------------------------------------------------------ img2dataset / HF parquet
@@ -114,11 +116,12 @@ def test_img2dataset_parquet_images_come_from_the_bytes_and_are_stored_once(tmp_
     assert [r["key"] for r in rows] == ["laion-000000000", "laion-000000001", "laion-000010000", "laion-000010001"]
     assert [r["text"] for r in rows][2:] == ["a green field", "a blue sky"]
     assert rows[0]["image"] == rows[1]["image"]  # identical bytes: one member, two references
-    assert [p.name for p in extracted_files(tmp_path)] == ["laion.tar"]  # one pack for the source, not a file each
+    # one pack per parquet part (a prepare partition), not a file per image
+    assert extracted_files(tmp_path) == ["laion/00000.tar", "laion/00001.tar"]
     member, data = pack_member(rows[0]["image"])
     assert data == same and member.endswith(".jpg")
-    with tarfile.open(extracted_files(tmp_path)[0]) as tar:
-        assert len(tar.getmembers()) == 3
+    with tarfile.open(tmp_path / "prepared" / "extracted" / "laion" / "00000.tar") as tar:
+        assert len(tar.getmembers()) == 1  # the two rows' identical bytes, once
     # the manifest holds references, never the bytes (nor their text as a path)
     assert (tmp_path / "prepared" / "pairs.jsonl").stat().st_size < 2000
     [reject] = rejects
@@ -172,7 +175,7 @@ def test_hf_parquet_image_structs_with_bytes_embedded_or_null(tmp_path):
     assert run_prepare(c)["pairs"] == {"in": 4, "accepted": 3, "rejected": 1}
     rows, rejects, _ = prepared_pairs(tmp_path)
     assert [r["key"] for r in rows] == ["hf-00000000", "hf-00000001", "hf-00000003"]
-    assert [p.name for p in extracted_files(tmp_path)] == ["hf.tar"]
+    assert extracted_files(tmp_path) == ["hf/00000.tar", "hf/00001.tar"]
     assert pack_member(rows[0]["image"])[1] == parts[0][0]["bytes"]
     assert rows[1]["image"] == str(raw / "hf" / "data" / "local.jpg")  # null bytes: the path, resolved
     assert rejects[0]["reason"] == "no image reference"
@@ -299,7 +302,7 @@ def img2dataset_tar(path: Path, samples: list[tuple[str, str, bytes]]) -> None:
                 tar.addfile(info, io.BytesIO(payload))
 
 
-def test_compressed_webdataset_shards_go_into_one_pack_per_source(tmp_path):
+def test_compressed_webdataset_shards_go_into_one_pack_per_shard(tmp_path):
     """A gzipped shard's member offsets are those of the decompressed stream, which no ranged read reaches: its
     images are copied into the source's pack; an uncompressed shard's are referenced in place."""
     raw = raw_with_other_corpora(tmp_path)
@@ -310,7 +313,7 @@ def test_compressed_webdataset_shards_go_into_one_pack_per_source(tmp_path):
     c = cfg(tmp_path, [{"kind": "webdataset", "path": "gz", "pattern": "*.tar.gz"}])
     assert run_prepare(c)["pairs"] == {"in": 3, "accepted": 3, "rejected": 0}
     rows, _, _ = prepared_pairs(tmp_path)
-    assert [p.name for p in extracted_files(tmp_path)] == ["gz.tar"]
+    assert extracted_files(tmp_path) == ["gz/00000.tar"]
     assert [pack_member(r["image"])[1] for r in rows] == [jpeg(COLOURS[i]) for i in range(3)]
     assert run_validate(c)["pairs"]["accepted"] == 3
 

@@ -13,6 +13,7 @@ import pytest
 
 from flava.data import ingest, sources
 from flava.data.engine import EngineConfig
+from flava.data.packs import read_ref
 from flava.data.prep_config import IngestConfig
 from tests.helpers import spy_partitions
 from tests.unit.test_ingest import _tar, png_bytes, read_jsonl
@@ -97,11 +98,14 @@ def test_one_partition_per_source_unit_and_the_counts_add_up(tmp_path):
     whole = [item.row["key"] for item in sources.read_manifest(_ingest().pairs[2], raw, _ingest().caption_filter,
                                                                tmp_path / "whole") if item.row]
     assert [k for k in pairs if k.startswith("pq-")] == whole == ["pq-00000000", "pq-00000001"]
-    # embedded bytes: a directory per unit; the red square of shards 0 and 1 is in both, with the same bytes
-    assert Path(pairs["wds-a"]["image"]).parent.parent == out / ingest.EXTRACTED / "wds" / "00000"
-    assert Path(pairs["wds-c"]["image"]).parent.parent == out / ingest.EXTRACTED / "wds" / "00001"
-    assert Path(pairs["wds-a"]["image"]).read_bytes() == Path(pairs["wds-c"]["image"]).read_bytes() == RED
-
+    # images of uncompressed shards are referenced in place; embedded bytes go into a pack per unit
+    assert pairs["wds-a"]["image"].startswith(str(raw / "wds" / "shard-0.tar") + "#")
+    assert pairs["wds-c"]["image"].startswith(str(raw / "wds" / "shard-1.tar") + "#")
+    assert read_ref(pairs["wds-a"]["image"]) == read_ref(pairs["wds-c"]["image"]) == RED
+    assert pairs["pq-00000000"]["image"].startswith(str(out / ingest.EXTRACTED / "pq" / "00000.tar") + "#")
+    assert pairs["pq-00000001"]["image"].startswith(str(out / ingest.EXTRACTED / "pq" / "00001.tar") + "#")
+    assert read_ref(pairs["pq-00000000"]["image"]) == GREEN and read_ref(pairs["pq-00000001"]["image"]) == BLUE
+    assert sorted(p.name for p in (out / ingest.EXTRACTED).rglob("*") if p.is_file()) == ["00000.tar", "00001.tar"]
 
 def test_a_source_rejected_in_every_partition_still_fails_the_stage(tmp_path):
     raw, out = _raw(tmp_path), tmp_path / "prepared"
@@ -147,7 +151,9 @@ def test_killed_prepare_resumes_at_the_first_unfinished_partition(tmp_path, monk
     monkeypatch.setattr(ingest, "write_json_atomic", real_summary_write)
     assert not killed_at.exists() and not (out / "pairs.jsonl").exists()
     (out / ingest.PARTITIONS_DIR / "pairs" / ".00003.jsonl.123.tmp").write_text('{"key": "cut')
-    (out / ingest.EXTRACTED / "wds" / "00002" / "cut-short.png").write_bytes(b"\x89PNG cut")
+    (out / ingest.EXTRACTED / "pq").mkdir(parents=True)
+    (out / ingest.EXTRACTED / "pq" / "00001.tar").write_bytes(b"a pack cut short")  # its partition is unfinished
+    (out / ingest.EXTRACTED / "pq" / ".00001.tar.123.tmp").write_bytes(b"a pack's temporary")
     finished_mtime = (out / ingest.PARTITIONS_DIR / "pairs" / "00000.jsonl").stat().st_mtime_ns
 
     done = spy_partitions(monkeypatch, ingest, "prepare_partition")
