@@ -3,7 +3,9 @@
 Each configured benchmark is read from its official layout (:mod:`flava.eval.official`) into the in-memory set
 types and run by the same functions as the evaluation sets: ImageNet zero-shot and linear probe, COCO / Flickr30k
 retrieval, GLUE and VQAv2 fine-tunes. The fine-tunes and the probe choose their epoch / C on a part of the train
-split held out (``select_fraction``) and report the official dev/val split.
+split held out (``select_fraction``) and report the official dev/val split, scored as the official evaluations
+score it: GLUE adds each task's official metric to its accuracy (CoLA ``mcc``, MRPC / QQP ``f1``, STS-B
+``spearman`` besides ``pearson``); VQAv2's ``vqa_accuracy`` is the official one, on normalised answers.
 
 :func:`run_benchmarks` returns ``None`` when no benchmark is configured (the evaluation's outputs are then exactly
 those of the evaluation sets), else one block per benchmark: its metrics with ``chance`` (the chance level of its
@@ -168,7 +170,8 @@ def _glue(b: EvalContext) -> dict[str, dict[str, Any]]:
             update={"task": "regression" if task.regression else "classification"}
         )
         metrics = finetune_text(b.model, b.tokenizer, {"train": fit, "val": select, "test": dev}, fcfg,
-                                device=b.device, max_length=b.max_length, seed=b.seed)
+                                device=b.device, max_length=b.max_length, seed=b.seed,
+                                extra_metrics=task.metrics)
         out[f"glue_{name}"] = {**metrics, "chance": 0.0 if task.regression else majority_rate(dev.labels)}
     return out
 

@@ -4,6 +4,8 @@ Each run deep-copies the evaluated model (the original is never touched), puts a
 chosen CLS feature, trains both with AdamW (encoder at ``lr``, head at ``head_lr``) for ``epochs`` epochs, and
 reports the test metric at the epoch with the best validation metric (checkpoint selection on val, as GLUE
 protocols do). Classification reports accuracy; regression (GLUE STS-B style, numeric labels) reports Pearson r.
+Text fine-tunes may also report official GLUE metrics of the test split at that epoch (``mcc``, ``f1``,
+``spearman``: :mod:`flava.eval.glue_metrics`); the epoch is still chosen on accuracy / Pearson r.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -18,6 +21,7 @@ from PIL import Image
 from flava.eval.config import FinetuneConfig, TextFinetuneConfig
 from flava.eval.datasets import ImageDataset, TextSet, VqaSet
 from flava.eval.features import text_length, tokenize
+from flava.eval.glue_metrics import f1_score, matthews_corrcoef, pearson, spearman
 
 
 class Head(torch.nn.Module):
@@ -46,15 +50,15 @@ class _Split:
         return self.targets.shape[0]
 
 
-def _pearson(pred: torch.Tensor, target: torch.Tensor) -> float:
-    pred, target = pred.double() - pred.double().mean(), target.double() - target.double().mean()
-    denom = pred.norm() * target.norm()
-    return float((pred * target).sum() / denom) if denom > 0 else 0.0
+# Official GLUE metrics a text fine-tune can add, by task kind.
+CLASSIFICATION_EXTRAS = ("mcc", "f1")
+REGRESSION_EXTRAS = ("spearman",)
+ExtraScores = Callable[[torch.Tensor, _Split], dict[str, float]]
 
 
 def _metric(outputs: torch.Tensor, split: _Split, regression: bool) -> float:
     if regression:
-        return _pearson(outputs.squeeze(-1), split.targets)
+        return pearson(outputs.squeeze(-1).double().numpy(), split.targets.double().numpy())
     pred = outputs.argmax(dim=-1)
     if split.soft is not None:
         return sum(scores.get(p, 0.0) for scores, p in zip(split.soft, pred.tolist())) / len(split)
@@ -71,7 +75,9 @@ def _run(
     fcfg: FinetuneConfig,
     device: torch.device,
     seed: int,
+    extra: ExtraScores | None = None,
 ) -> dict[str, float]:
+    """Fine-tune and report the best-val epoch; ``extra`` adds scores of that epoch's test outputs."""
     torch.manual_seed(seed)
     encoder = copy.deepcopy(model).to(device)
     head = Head(feature_dim, out_dim, fcfg.dropout).to(device)
@@ -109,8 +115,10 @@ def _run(
             optimizer.step()
             total, steps = total + float(loss.detach()), steps + 1
         val = _metric(predict(splits["val"]), splits["val"], regression)
-        test = _metric(predict(splits["test"]), splits["test"], regression)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(steps, 1), "val": val, "test": test})
+        test_out = predict(splits["test"])
+        test = _metric(test_out, splits["test"], regression)
+        history.append({"epoch": epoch + 1, "train_loss": total / max(steps, 1), "val": val, "test": test,
+                        "extra": extra(test_out, splits["test"]) if extra is not None else {}})
     best = max(history, key=lambda h: h["val"])  # first best epoch on ties
     name = "pearson" if regression else "vqa_accuracy" if splits["test"].soft is not None else "accuracy"
     return {
@@ -118,6 +126,7 @@ def _run(
         f"val_{name}": best["val"],
         "best_epoch": float(best["epoch"]),
         "final_train_loss": history[-1]["train_loss"],
+        **best["extra"],
     }
 
 
@@ -171,8 +180,12 @@ def finetune_text(
     max_length: int,
     classes: list[str] | None = None,
     seed: int = 0,
+    extra_metrics: Sequence[str] = (),
+    positive: str = "1",
 ) -> dict[str, float]:
-    """Head on ``model.text_features`` (text CLS) over ``data["train"|"val"|"test"]``."""
+    """Head on ``model.text_features`` (text CLS) over ``data["train"|"val"|"test"]``. ``extra_metrics`` names
+    official GLUE metrics of the test split to report too (classification: ``mcc``, ``f1`` of the ``positive``
+    label; regression: ``spearman``)."""
     device = torch.device(device)
     max_length = text_length(model, max_length)
     kind = text_task_kind(data["train"].labels, fcfg.task)
@@ -181,6 +194,7 @@ def finetune_text(
         classes = classes or sorted(set(data["train"].labels))
         if len(classes) < 2:
             raise ValueError("text fine-tuning needs at least two classes in the train split")
+    extra = _extra_scores(extra_metrics, regression, classes, positive)
     splits = {}
     for name, ds in data.items():
         ids, mask = tokenize(tokenizer, ds.sentences, max_length, pairs=ds.pairs)
@@ -198,9 +212,36 @@ def finetune_text(
 
     probe = splits["train"]
     dim = _feature_dim(model, lambda: features(model, probe, torch.arange(1), _param_device(model)))
-    out = _run(model, features, dim, splits, 1 if regression else len(classes), regression, fcfg, device, seed)
+    out = _run(model, features, dim, splits, 1 if regression else len(classes), regression, fcfg, device, seed,
+               extra)
     out["num_classes"] = float(0 if regression else len(classes))
     return out
+
+
+def _extra_scores(
+    names: Sequence[str], regression: bool, classes: list[str] | None, positive: str
+) -> ExtraScores | None:
+    """The scorer of ``names`` on a split's outputs, or None when none is asked for."""
+    allowed = REGRESSION_EXTRAS if regression else CLASSIFICATION_EXTRAS
+    wrong = [n for n in names if n not in allowed]
+    if wrong:
+        kind = "regression" if regression else "classification"
+        raise ValueError(f"text fine-tune: metrics {wrong} do not apply to {kind}; choose from {allowed}")
+    if not names:
+        return None
+    if "f1" in names and positive not in (classes or []):
+        raise ValueError(f"text fine-tune: F1's positive label {positive!r} is not among the classes {classes}")
+    positive_at = classes.index(positive) if "f1" in names else None
+
+    def score(outputs: torch.Tensor, split: _Split) -> dict[str, float]:
+        target = split.targets.numpy()
+        if regression:
+            return {"spearman": spearman(outputs.squeeze(-1).double().numpy(), target.astype(np.float64))}
+        pred = outputs.argmax(dim=-1).numpy()
+        scorers = {"mcc": lambda: matthews_corrcoef(pred, target), "f1": lambda: f1_score(pred, target, positive_at)}
+        return {n: scorers[n]() for n in names}
+
+    return score
 
 
 def finetune_multimodal(

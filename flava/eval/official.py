@@ -3,7 +3,8 @@
 - ImageNet-1k: ``<folder>/n01440764/*.JPEG`` synset folders and a synset -> class-name file -> :class:`ZeroShotSet`;
 - COCO / Flickr30k Karpathy splits (``dataset_coco.json``, ``dataset_flickr30k.json``) -> :class:`RetrievalSet`;
 - GLUE TSVs as distributed (``SST-2/dev.tsv``, ``MNLI/dev_matched.tsv``, headerless ``CoLA``) -> :class:`TextSet`;
-- VQAv2 questions + annotations JSONs and a COCO image folder -> :class:`VqaSet` with VQA-accuracy answer scores.
+- VQAv2 questions + annotations JSONs and a COCO image folder -> :class:`VqaSet` with answers normalised and scored
+  as the official VQA evaluation does (:mod:`flava.eval.vqa_answers`).
 
 Every malformed entry raises a ``ValueError`` naming the file, the line or index and the problem.
 """
@@ -12,19 +13,17 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from flava.data.sources import load_class_names
 from flava.eval.datasets import RetrievalSet, TextSet, VqaSet, ZeroShotSet
+from flava.eval.vqa_answers import answer_scores, normalize_answer
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 _SYNSET = re.compile(r"^n\d{8}$")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
-# VQA accuracy (Antol et al. 2015): an answer given by this many of the ten annotators scores 1.
-VQA_FULL_CREDIT = 3
 
 
 def read_synset_names(path: str | Path) -> dict[str, str]:
@@ -110,7 +109,8 @@ def load_karpathy(
 
 @dataclass(frozen=True)
 class GlueTask:
-    """Where a GLUE task's columns are in its TSVs (names for files with a header, indices for CoLA's)."""
+    """Where a GLUE task's columns are in its TSVs (names for files with a header, indices for CoLA's), and the
+    official metrics reported besides accuracy (STS-B: besides Pearson r), as :mod:`flava.eval.finetune` names them."""
 
     folder: str
     dev: str
@@ -118,6 +118,7 @@ class GlueTask:
     pair: str | int | None
     label: str | int
     regression: bool = False
+    metrics: tuple[str, ...] = ()
 
     @property
     def header(self) -> bool:
@@ -125,11 +126,11 @@ class GlueTask:
 
 
 GLUE_TASKS = {
-    "cola": GlueTask("CoLA", "dev.tsv", 3, None, 1),  # no header: source, label, original label, sentence
+    "cola": GlueTask("CoLA", "dev.tsv", 3, None, 1, metrics=("mcc",)),  # no header: source, label, orig., sentence
     "sst2": GlueTask("SST-2", "dev.tsv", "sentence", None, "label"),
-    "mrpc": GlueTask("MRPC", "dev.tsv", "#1 String", "#2 String", "Quality"),
-    "qqp": GlueTask("QQP", "dev.tsv", "question1", "question2", "is_duplicate"),
-    "stsb": GlueTask("STS-B", "dev.tsv", "sentence1", "sentence2", "score", regression=True),
+    "mrpc": GlueTask("MRPC", "dev.tsv", "#1 String", "#2 String", "Quality", metrics=("f1",)),
+    "qqp": GlueTask("QQP", "dev.tsv", "question1", "question2", "is_duplicate", metrics=("f1",)),
+    "stsb": GlueTask("STS-B", "dev.tsv", "sentence1", "sentence2", "score", regression=True, metrics=("spearman",)),
     "mnli": GlueTask("MNLI", "dev_matched.tsv", "sentence1", "sentence2", "gold_label"),
     "qnli": GlueTask("QNLI", "dev.tsv", "question", "sentence", "label"),
     "rte": GlueTask("RTE", "dev.tsv", "sentence1", "sentence2", "label"),
@@ -180,14 +181,6 @@ def load_glue_task(root: str | Path, name: str) -> tuple[TextSet, TextSet]:
     return read_glue_tsv(folder / "train.tsv", task), read_glue_tsv(folder / task.dev, task)
 
 
-def vqa_scores(answers: Sequence[str]) -> dict[str, float]:
-    """The ten annotators' answers -> {answer: min(#annotators who gave it / 3, 1)} (answers lower-cased and
-    stripped; the official evaluation also normalises punctuation, numbers and articles and averages over the ten
-    leave-one-out subsets, which this simpler form does not)."""
-    counts = Counter(a.strip().lower() for a in answers)
-    return {a: min(c / VQA_FULL_CREDIT, 1.0) for a, c in counts.items()}
-
-
 def _coco_image_index(folder: Path) -> dict[int, str]:
     """COCO image id -> path, from names ending in the zero-padded id (``COCO_val2014_000000000042.jpg``)."""
     out = {}
@@ -199,8 +192,9 @@ def _coco_image_index(folder: Path) -> dict[int, str]:
 
 
 def load_vqav2(questions: str | Path, annotations: str | Path, images: str | Path) -> VqaSet:
-    """The official questions + annotations JSONs -> :class:`VqaSet`: ``answers`` the ``multiple_choice_answer``
-    (the training target), ``answer_scores`` the VQA accuracy of every answer the annotators gave."""
+    """The official questions + annotations JSONs -> :class:`VqaSet`: ``answers`` the normalised
+    ``multiple_choice_answer`` (the training target), ``answer_scores`` the official VQA accuracy of every normalised
+    answer the annotators gave (so a predicted answer class is scored as the official evaluation scores it)."""
     questions, annotations = Path(questions), Path(annotations)
     qs = json.loads(questions.read_text()).get("questions")
     anns = json.loads(annotations.read_text()).get("annotations")
@@ -240,6 +234,6 @@ def load_vqav2(questions: str | Path, annotations: str | Path, images: str | Pat
             raise ValueError(f"{where}: no image for image_id {q['image_id']} in {images}")
         paths.append(index[q["image_id"]])
         texts.append(text)
-        answers.append(ann["multiple_choice_answer"].strip().lower())
-        scores.append(vqa_scores([a["answer"] for a in ann["answers"]]))
+        answers.append(normalize_answer(ann["multiple_choice_answer"]))
+        scores.append(answer_scores([a["answer"] for a in ann["answers"]]))
     return VqaSet(paths, texts, answers, scores)

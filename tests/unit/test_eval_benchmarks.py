@@ -1,5 +1,6 @@
 """The paper's benchmarks from local copies in their official layouts (eval.benchmarks): readers, skips, errors,
-sentence pairs, VQA accuracy and one evaluation of the oracle model with benchmarks configured."""
+sentence pairs, the official scoring (VQA answer normalisation and accuracy, GLUE MCC / F1 / Spearman) and one
+evaluation of the oracle model with benchmarks configured."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from flava.eval.config import GLUE_TASK_NAMES, EvalConfig
 from flava.eval.context import EvalContext
 from flava.eval.datasets import TextSet, load_text_cls
 from flava.eval.features import tokenize
+from flava.eval.glue_metrics import average_ranks, f1_score, matthews_corrcoef, pearson, spearman
 from flava.eval.official import (
     GLUE_TASKS,
     load_glue_task,
@@ -24,10 +26,10 @@ from flava.eval.official import (
     load_vqav2,
     read_glue_tsv,
     read_synset_names,
-    vqa_scores,
 )
 from flava.eval.report import write_reports
 from flava.eval.run import evaluate_model
+from flava.eval.vqa_answers import answer_scores, normalize_answer, vqa_accuracy
 from tests.unit.test_eval_fakes import (
     COLOURS,
     OracleModel,
@@ -83,8 +85,8 @@ WARM = {"red", "yellow", "purple"}
 
 
 def write_glue(root: Path, rows: int = 36) -> Path:
-    """SST-2 (single sentences), QNLI (pairs whose label depends on the second sentence only) and CoLA (no header)
-    in the GLUE download layout; the other tasks are absent."""
+    """SST-2 (single sentences), QNLI and MRPC (pairs whose label depends on the second sentence only) and CoLA (no
+    header) in the GLUE download layout; the other tasks are absent."""
     def colour(i: int) -> str:
         return NAMES[i % len(NAMES)]
 
@@ -94,7 +96,9 @@ def write_glue(root: Path, rows: int = 36) -> Path:
             f"{i}\twhat is it?\tthe {colour(i)} shape.\t{'entailment' if colour(i) in WARM else 'not_entailment'}"
             for i in range(n)]
         cola = [f"gj04\t{int(colour(i) in WARM)}\t\tthe {colour(i)} shape." for i in range(n)]
-        for task, lines in (("SST-2", sst), ("QNLI", qnli), ("CoLA", cola)):
+        mrpc = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"] + [
+            f"{int(colour(i) in WARM)}\t{i}\t{i + n}\tis it so?\ta photo of a {colour(i)}." for i in range(n)]
+        for task, lines in (("SST-2", sst), ("QNLI", qnli), ("CoLA", cola), ("MRPC", mrpc)):
             (root / task).mkdir(parents=True, exist_ok=True)
             (root / task / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     return root
@@ -217,16 +221,117 @@ def test_vqav2_reader_and_vqa_accuracy(tmp_path):
     keys = write_vqav2(tmp_path)
     ds = load_vqav2(keys["val_questions"], keys["val_annotations"], keys["val_images"])
     assert len(ds.questions) == 2 * len(NAMES) and ds.answers[0] == "magenta"
-    assert ds.answer_scores[1] == {"red": 1.0, "green": pytest.approx(1 / 3)}
+    assert ds.answer_scores[1] == {"red": 1.0, "green": pytest.approx(0.3)}  # 9 of 10 and 1 of 10 annotators
     assert ds.images[1].endswith("COCO_val2014_000000001001.jpg")
-    assert vqa_scores(["Yes", "yes", "no", "maybe", "maybe", "maybe", "maybe"]) == {
-        "yes": pytest.approx(2 / 3), "no": pytest.approx(1 / 3), "maybe": 1.0}
     anns = Path(keys["val_annotations"])
     data = json.loads(anns.read_text())
+    data["annotations"][1]["multiple_choice_answer"] = "The Two."
+    data["annotations"][1]["answers"] = [{"answer": a} for a in ["two", "2", "Two", "a two", "dog", "cat"] * 2]
+    anns.write_text(json.dumps(data))
+    ds = load_vqav2(keys["val_questions"], anns, keys["val_images"])
+    # 12 annotators: "2" from 8 of them scores 1; "dog" from 2: (2 * 1/3 + 10 * 2/3) / 12.
+    assert ds.answers[1] == "2"
+    assert ds.answer_scores[1] == {"2": 1.0, "dog": pytest.approx(22 / 36), "cat": pytest.approx(22 / 36)}
     data["annotations"] = data["annotations"][1:]
     anns.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"questions.json: questions\[0\]: question_id 10000 has no entry"):
         load_vqav2(keys["val_questions"], anns, keys["val_images"])
+
+
+# --- official scoring -------------------------------------------------------------------------------------------
+
+NORMALISED = {
+    "Two": "2", "two dogs": "2 dogs", "none": "0", "a dog": "dog", "The Dog.": "dog", "an apple": "apple",
+    "  Yes\n": "yes", "it's": "it's", "its": "its", "dont": "don't", "isnt": "isn't", "couldnt've": "couldn't've",
+    "well": "well", "were": "were", "1,000": "1000", "1,000 dollars, maybe": "1000 dollars maybe",
+    "yes, it is": "yes it is", "red,blue": "red blue", "black-and-white": "black and white", "t-shirt": "t shirt",
+    "left/right": "left right", "(left)": "left", "2.5": "2.5", "3.": "3", "a.m.": "am", "what?": "what",
+    "a": "",
+}
+
+
+@pytest.mark.parametrize("raw", NORMALISED)
+def test_vqa_answer_normalisation_is_the_official_processing(raw):
+    assert normalize_answer(raw) == NORMALISED[raw]
+    assert normalize_answer(NORMALISED[raw]) == NORMALISED[raw]  # class names and scores keys are already processed
+
+
+def _leave_one_out(humans: list[str], answer: str) -> float:
+    """The official accuracy spelt out: each human left out in turn, min(1, matches among the rest / 3), averaged."""
+    return float(np.mean([min(1.0, sum(h == answer for k, h in enumerate(humans) if k != i) / 3)
+                          for i in range(len(humans))]))
+
+
+def test_vqa_accuracy_averages_the_leave_one_out_subsets():
+    assert [vqa_accuracy(m, 10) for m in range(6)] == pytest.approx([0.0, 0.3, 0.6, 0.9, 1.0, 1.0])
+    assert vqa_accuracy(10, 10) == 1.0
+    for n in (1, 3, 7, 10):
+        for m in range(n + 1):
+            humans = ["x"] * m + ["y"] * (n - m)
+            assert vqa_accuracy(m, n) == pytest.approx(_leave_one_out(humans, "x"))
+    humans = ["Two", "2", "2"] + ["a dog"] * 4 + ["dog", "dog"] + ["cat"]
+    assert answer_scores(humans) == {"2": pytest.approx(0.9), "dog": 1.0, "cat": pytest.approx(0.3)}
+    with pytest.raises(ValueError, match="0 <= matches <= humans"):
+        vqa_accuracy(11, 10)
+    with pytest.raises(ValueError, match="at least one human answer"):
+        answer_scores([])
+
+
+def _from_confusion(tp: int, tn: int, fp: int, fn: int) -> tuple[list[int], list[int]]:
+    """(predictions, targets) with the given binary confusion counts."""
+    pairs = [(1, 1)] * tp + [(0, 0)] * tn + [(1, 0)] * fp + [(0, 1)] * fn
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+def test_matthews_and_f1_from_hand_computed_confusions():
+    pred, target = _from_confusion(tp=6, tn=3, fp=1, fn=2)
+    # (6*3 - 1*2) / sqrt((6+1)(6+2)(3+1)(3+2))
+    assert matthews_corrcoef(pred, target) == pytest.approx(16 / np.sqrt(7 * 8 * 4 * 5))
+    assert f1_score(pred, target) == pytest.approx(2 * 6 / (2 * 6 + 1 + 2))
+    assert f1_score(pred, target, positive=0) == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
+    assert matthews_corrcoef(*_from_confusion(5, 5, 0, 0)) == 1.0
+    assert matthews_corrcoef(*_from_confusion(0, 0, 5, 5)) == -1.0
+    # Three classes: c = 4 correct of s = 6; predicted per class (2, 2, 2), true (3, 2, 1).
+    # (4*6 - (2*3 + 2*2 + 2*1)) / sqrt((36 - 12) * (36 - 14))
+    assert matthews_corrcoef([0, 0, 1, 1, 2, 2], [0, 0, 1, 0, 2, 1]) == pytest.approx(12 / np.sqrt(24 * 22))
+
+
+def test_degenerate_confusions_score_zero_without_dividing_by_zero():
+    with np.errstate(all="raise"):
+        assert matthews_corrcoef(*_from_confusion(tp=7, tn=0, fp=3, fn=0)) == 0.0  # predicts one class only
+        assert matthews_corrcoef(*_from_confusion(tp=4, tn=0, fp=0, fn=6)) == 0.0  # one true class only
+        assert matthews_corrcoef([1, 1, 1], [1, 1, 1]) == 0.0  # all one class, all right
+        assert matthews_corrcoef([0], [0]) == 0.0
+        assert f1_score(*_from_confusion(tp=0, tn=9, fp=0, fn=0)) == 0.0  # no positive anywhere
+        assert f1_score(*_from_confusion(tp=0, tn=2, fp=3, fn=4)) == 0.0
+        assert spearman([1, 2, 3], [5, 5, 5]) == 0.0 and pearson([2, 2], [1, 3]) == 0.0
+    with pytest.raises(ValueError, match="must be equal non-empty 1-D"):
+        matthews_corrcoef([1, 0], [1])
+    with pytest.raises(ValueError, match="must be equal non-empty 1-D"):
+        f1_score([], [])
+
+
+def test_spearman_ranks_with_ties():
+    assert list(average_ranks([10, 20, 20, 30])) == [1.0, 2.5, 2.5, 4.0]
+    assert list(average_ranks([3.0, 1.0, 2.0])) == [3.0, 1.0, 2.0]
+    x, y = [1, 2, 3, 4], [1, 4, 9, 100]  # monotone, far from linear
+    assert spearman(x, y) == pytest.approx(1.0) and pearson(x, y) < 0.9
+    assert spearman(x, y[::-1]) == pytest.approx(-1.0)
+    # Ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4]: deviations (-1.5, 0, 0, 1.5) and (-1.5, -.5, .5, 1.5).
+    assert spearman([10, 20, 20, 30], [1, 2, 3, 4]) == pytest.approx(4.5 / np.sqrt(4.5 * 5))
+
+
+def test_glue_metrics_agree_with_scikit_learn_and_scipy():
+    metrics = pytest.importorskip("sklearn.metrics")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for k in (2, 3):
+        pred, target = rng.integers(0, k, 200), rng.integers(0, k, 200)
+        assert matthews_corrcoef(pred, target) == pytest.approx(metrics.matthews_corrcoef(target, pred))
+    pred, target = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    assert f1_score(pred, target) == pytest.approx(metrics.f1_score(target, pred))
+    x, y = rng.integers(0, 6, 100).astype(float), rng.normal(size=100)  # ties in x
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
 
 
 def test_held_out_parts_are_spread_and_never_straddle_an_image():
@@ -282,8 +387,8 @@ def test_vqav2_finetune_scores_vqa_accuracy(tmp_path):
     assert vqa["num_classes"] == len(NAMES)
     # Every val question but the 'magenta' one can score 1; that one scores 0 whatever the model says.
     assert vqa["vqa_accuracy"] == pytest.approx((2 * len(NAMES) - 1) / (2 * len(NAMES)))
-    # Best constant answer: e.g. 'blue' scores 1 on its 2 questions and 1/3 on the 2 green ones (of 12).
-    assert vqa["chance"] == pytest.approx((2 + 2 / 3) / 12)
+    # Best constant answer: e.g. 'blue' scores 1 on its 2 questions and 0.3 (1 of 10 annotators) on the 2 green ones.
+    assert vqa["chance"] == pytest.approx((2 + 2 * 0.3) / 12)
     assert out["imagenet_zeroshot"] == {"skipped": "eval.benchmarks.imagenet.val is not set"}
 
 
@@ -312,6 +417,10 @@ def test_evaluate_model_with_official_layouts_then_report(tmp_path):
     assert bench["vqav2"] == {"skipped": "eval.benchmarks.vqav2.val_questions is not set"}
     # The QNLI label is in the second sentence only: learning it shows the pair reaches the model.
     assert bench["glue_qnli"]["accuracy"] == 1.0 and bench["glue_sst2"]["accuracy"] == 1.0
+    # The official metric besides accuracy where GLUE has one; accuracy-only tasks gain no key.
+    assert bench["glue_cola"]["accuracy"] == bench["glue_cola"]["mcc"] == 1.0
+    assert bench["glue_mrpc"]["accuracy"] == bench["glue_mrpc"]["f1"] == 1.0
+    assert "mcc" not in bench["glue_sst2"] and "f1" not in bench["glue_qnli"]
     assert bench["glue_mnli"]["skipped"].startswith("no train.tsv or dev_matched.tsv in ")
     assert set(metrics["tasks"]) == {"zeroshot", "retrieval_i2t", "retrieval_t2i", "linear_probe", "text_cls",
                                      "vqa"}  # benchmarks stay out of the macros the promotion gate reads
@@ -322,3 +431,4 @@ def test_evaluate_model_with_official_layouts_then_report(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Paper benchmarks" in md and "| imagenet_zeroshot | top1 1.0000, top5 1.0000" in md
     assert "| vqav2 | skipped: eval.benchmarks.vqav2.val_questions is not set |" in md
+    assert "| glue_cola | accuracy 1.0000, val_accuracy" in md and ", mcc 1.0000, " in md

@@ -103,8 +103,10 @@ def test_text_regression_reports_pearson(world):
     data = {"train": ds(36, 0), "val": ds(12, 1), "test": ds(12, 2)}
     assert text_task_kind(data["train"].labels, "auto") == "regression"
     cfg = TextFinetuneConfig(epochs=20, batch_size=6, lr=1e-3, head_lr=5e-2, dropout=0.0)
-    out = finetune_text(model, tok, data, cfg, device="cpu", max_length=16)
-    assert out["pearson"] > 0.8
+    out = finetune_text(model, tok, data, cfg, device="cpu", max_length=16, extra_metrics=("spearman",))
+    assert out["pearson"] > 0.8 and out["spearman"] > 0.8
+    with pytest.raises(ValueError, match=r"metrics \['mcc'\] do not apply to regression"):
+        finetune_text(model, tok, data, cfg, device="cpu", max_length=16, extra_metrics=("mcc",))
 
 
 def test_text_finetune_rejects_labels_outside_the_closed_set(world):
@@ -113,6 +115,9 @@ def test_text_finetune_rejects_labels_outside_the_closed_set(world):
     with pytest.raises(ValueError, match="closed set"):
         finetune_text(OracleModel(tok), tok, data, TextFinetuneConfig(epochs=1), device="cpu", max_length=16,
                       classes=["0", "7"])
+    with pytest.raises(ValueError, match="F1's positive label 'yes' is not among the classes"):
+        finetune_text(OracleModel(tok), tok, data, TextFinetuneConfig(epochs=1), device="cpu", max_length=16,
+                      extra_metrics=("f1",), positive="yes")
 
 
 def test_multimodal_finetune_answers_colour_questions(world):
