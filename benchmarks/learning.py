@@ -151,19 +151,24 @@ def evaluate_checkpoints(cfg: PipelineConfig, joint: dict[str, Any]) -> list[dic
 def run_arm(root: Path, args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
     run_dir = root / f"seed{seed}" / name
     cfg = config(root, args, run_dir, seed, ARMS[name])
+    unimodal_s = 0.0  # the unimodal stages' seconds, when this run trained them (the first arm of a seed)
     if cfg.train.joint.init_from_unimodal:  # the unimodal encoders of this seed, trained once, copied in
         unimodal = root / f"seed{seed}" / "unimodal"
         if not (unimodal / "models").exists():
             ucfg = config(root, args, unimodal, seed, {})
+            start = time.perf_counter()
             for stage in ("text", "image"):
                 run_pretrain(ucfg, stage)
+            unimodal_s = time.perf_counter() - start
         for stage in ("text", "image"):
             shutil.copytree(unimodal / "models" / stage, run_dir / "models" / stage, dirs_exist_ok=True)
     start = time.perf_counter()
     joint = run_pretrain(cfg, "joint")
     train_s = time.perf_counter() - start
+    start = time.perf_counter()
     curve = evaluate_checkpoints(cfg, joint)
-    return {"arm": name, "seed": seed, "train_s": train_s, "curve": curve}
+    return {"arm": name, "seed": seed, "unimodal_s": unimodal_s, "train_s": train_s,
+            "eval_s": time.perf_counter() - start, "curve": curve}
 
 
 def _spread(values: list[float]) -> str:
@@ -207,6 +212,13 @@ def plot_curves(results: list[dict[str, Any]], arms: list[str], path: Path) -> P
     return path
 
 
+def write_results(out: Path, settings: dict[str, Any], results: list[dict[str, Any]]) -> Path:
+    """``results.json`` in ``out``: the settings and every finished run's curve."""
+    path = out / "results.json"
+    path.write_text(json.dumps({"settings": settings, "runs": results}, indent=2) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1200, help="joint steps per run (the fixed budget)")
@@ -238,19 +250,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flava-learning-work-") as tmp:
         root = args.workdir or Path(tmp)
         world_s = make_world(config(root, args, root / "world", None, {}))
-        results = [run_arm(root, args, arm, seed) for seed in range(args.seeds) for arm in arms]
+        meta = {"steps": args.steps, "eval_every": args.eval_every, "unimodal_steps": args.unimodal_steps,
+                "seeds": args.seeds, "threads": args.threads, "set": args.set, "world_s": world_s}
+        out.mkdir(parents=True, exist_ok=True)
+        results = []
+        for seed in range(args.seeds):
+            for arm in arms:
+                results.append(run_arm(root, args, arm, seed))
+                # after every run, so a benchmark stopped for time keeps the runs it finished
+                write_results(out, {**meta, "finished_runs": len(results)}, results)
     for r in results:
-        print(f"\n{r['arm']}, seed {r['seed']}: joint {args.steps} steps in {r['train_s']:.0f} s")
+        print(f"\n{r['arm']}, seed {r['seed']}: joint {args.steps} steps in {r['train_s']:.0f} s (unimodal stages "
+              f"{r['unimodal_s']:.0f} s, evaluations {r['eval_s']:.0f} s)")
         keys = list(r["curve"][0])
         print(table(keys, [[f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys]
                            for row in r["curve"]]))
     print(f"\nlast evaluation per arm ({args.steps} joint steps, {args.seeds} seed(s); mean +- std over seeds):")
     print(summary_table(results, arms))
-    out.mkdir(parents=True, exist_ok=True)
     plot = plot_curves(results, arms, out / "curves.png")
-    meta = {"steps": args.steps, "eval_every": args.eval_every, "unimodal_steps": args.unimodal_steps,
-            "seeds": args.seeds, "threads": args.threads, "set": args.set, "world_s": world_s}
-    (out / "results.json").write_text(json.dumps({"settings": meta, "runs": results}, indent=2) + "\n")
     print(f"\nworld made in {world_s:.0f} s; curves: {plot}; results: {out / 'results.json'}")
 
 

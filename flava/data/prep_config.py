@@ -24,6 +24,11 @@ class GenerateConfig(StrictModel):
     colours: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
     shapes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle", "cross"])
     max_count: int = Field(3, ge=1, le=4)  # objects per image: 1..max_count copies of one coloured shape
+    # Object radius as a fraction of the image side, per size: [one object alone, each of several in a 3x3 grid].
+    # The renderer jitters it by +-10 %. Defaults: at 64 px, small grid objects are ~6 px in radius.
+    object_radius: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"small": (0.12, 0.09), "large": (0.22, 0.15)}
+    )
     # sizes of the corpora
     pairs: int = Field(3000, ge=1)
     images_per_class: int = Field(40, ge=1)  # unpaired class-folder images
@@ -56,6 +61,18 @@ class GenerateConfig(StrictModel):
         if unknown or not value or len(set(value)) != len(value):
             raise ValueError(
                 f"data.generate.{info.field_name} must be distinct names from {sorted(known)}, got {value}"
+            )
+        return value
+
+    @field_validator("object_radius")
+    @classmethod
+    def _radii(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        from flava.data.world import SIZES  # the sizes a scene can have
+
+        if set(value) != set(SIZES) or any(not 0 < r <= 0.5 for pair in value.values() for r in pair):
+            raise ValueError(
+                f"data.generate.object_radius needs exactly {list(SIZES)}, each [alone, in a grid] as fractions "
+                f"of the image side in (0, 0.5], got {value}"
             )
         return value
 

@@ -35,6 +35,9 @@ SPLITS = ("train", "val", "test")
 # One independent random stream per corpus / eval split, so changing one size never shifts another's samples.
 _STREAMS = {"pairs": 1, "images": 2, "text": 3, "zeroshot": 10, "retrieval": 20, "text_cls": 30, "vqa": 40}
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+# Generator keys added after data.dvc was recorded: the marker names them only when they differ from their
+# default, so the default world stays byte-identical (data.dvc's md5, ``flava.pipeline.SYNTHETIC_WORLD_MD5``).
+_RECORDED_ONLY_WHEN_SET = ("object_radius",)
 
 
 def _rng(seed: int, stream: str, index: int, split: str = "train") -> np.random.Generator:
@@ -61,7 +64,7 @@ class _Writer:
 
     def image(self, scene: world.Scene, rng: np.random.Generator, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        world.render(scene, rng, self.gen.image_size).save(
+        world.render(scene, rng, self.gen.image_size, self.gen.object_radius).save(
             path, format="PNG", compress_level=self.gen.png_compress_level
         )
 
@@ -173,6 +176,13 @@ class _Writer:
         return counts
 
 
+def _recorded_config(gen: GenerateConfig) -> dict[str, Any]:
+    """The generator config as the marker records it (see ``_RECORDED_ONLY_WHEN_SET``)."""
+    at_default = {key for key in _RECORDED_ONLY_WHEN_SET
+                  if getattr(gen, key) == GenerateConfig.model_fields[key].get_default(call_default_factory=True)}
+    return gen.model_dump(mode="json", exclude=at_default)
+
+
 def _prepare_root(root: Path) -> None:
     """Create ``root``, or clear what an earlier generation wrote there. A non-empty directory that this
     generator did not write (real data) is never touched."""
@@ -210,7 +220,7 @@ def generate(gen: GenerateConfig, seed: int, root: str | Path) -> dict[str, Any]
         "text_cls_chance": 1.0 / len(world.TEXT_CLS_LABELS),
         "vqa_answers": len(world.vqa_answers(gen.colours, gen.shapes, gen.max_count)),
     }
-    _write_json(root / MARKER, {"seed": seed, "generate": gen.model_dump(mode="json"), **result})
+    _write_json(root / MARKER, {"seed": seed, "generate": _recorded_config(gen), **result})
     result["seconds"] = round(time.perf_counter() - start, 3)
     log.info("synthetic world written to %s in %.1fs: %s", root, result["seconds"], counts)
     return result

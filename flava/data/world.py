@@ -6,6 +6,7 @@ an object's colour never competes with the background's. Everything here is a pu
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +36,6 @@ _POSITION_XY = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "
                 "center": (0.5, 0.5)}
 _POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                     "center": "in the middle"}
-# Object radius as a fraction of the image side: (single object, several objects in a 3x3 grid).
-_RADIUS = {"small": (0.12, 0.09), "large": (0.22, 0.15)}
 
 
 @dataclass(frozen=True)
@@ -114,8 +113,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown polygon shape {shape!r}")
 
 
-def render(scene: Scene, rng: np.random.Generator, size: int) -> Image.Image:
-    """Draw the scene as an RGB image of ``size`` x ``size`` pixels."""
+def render(scene: Scene, rng: np.random.Generator, size: int,
+           object_radius: Mapping[str, tuple[float, float]]) -> Image.Image:
+    """Draw the scene as an RGB image of ``size`` x ``size`` pixels. ``object_radius`` maps each size to the
+    object radius as a fraction of the side: (one object alone, each of several in a 3x3 grid)."""
     img = Image.fromarray(_background(rng, scene.background, size), mode="RGB")
     draw = ImageDraw.Draw(img)
     jitter = rng.integers(-18, 19, size=3)
@@ -124,12 +125,12 @@ def render(scene: Scene, rng: np.random.Generator, size: int) -> Image.Image:
         fx, fy = _POSITION_XY[scene.position]
         fx, fy = fx + rng.uniform(-0.04, 0.04), fy + rng.uniform(-0.04, 0.04)
         centres = [(fx * size, fy * size)]
-        radius = _RADIUS[scene.size][0] * size
+        radius = object_radius[scene.size][0] * size
     else:  # distinct cells of a 3x3 grid, so copies never overlap and can be counted
         cells = rng.choice(9, size=scene.count, replace=False)
         centres = [((c % 3 + 0.5 + rng.uniform(-0.1, 0.1)) * size / 3,
                     (c // 3 + 0.5 + rng.uniform(-0.1, 0.1)) * size / 3) for c in cells]
-        radius = _RADIUS[scene.size][1] * size
+        radius = object_radius[scene.size][1] * size
     radius *= rng.uniform(0.9, 1.1)
     for cx, cy in centres:
         if scene.shape == "circle":

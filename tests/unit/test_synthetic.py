@@ -155,3 +155,36 @@ def test_config_rejects_unknown_names_and_bad_splits():
         GenerateConfig(vqa={"train": 1, "test": 1})
     with pytest.raises(ValidationError, match="prompt_templates"):
         GenerateConfig(prompt_templates=["no slot"])
+    with pytest.raises(ValidationError, match="object_radius"):
+        GenerateConfig(object_radius={"small": (0.12, 0.09)})
+    with pytest.raises(ValidationError, match="object_radius"):
+        GenerateConfig(object_radius={"small": (0.12, 0.09), "large": (0.6, 0.15)})
+
+
+def _object_pixels(img: Image.Image) -> int:
+    arr = np.asarray(img, dtype=np.int16)
+    return int(((arr.max(2) - arr.min(2)) > 60).sum())
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_object_radius_sets_the_drawn_size(count):
+    """Twice the configured radius (alone or in the grid) draws about four times the object pixels."""
+    scene = world.Scene(colour="red", shape="square", size="small", count=count,
+                        position="center" if count == 1 else None, background="plain")
+    base = {"small": (0.1, 0.07), "large": (0.2, 0.14)}
+    twice = {"small": (0.2, 0.14), "large": (0.4, 0.28)}
+    area, area_twice = (_object_pixels(world.render(scene, np.random.default_rng(5), 128, radii))
+                        for radii in (base, twice))
+    assert 3.5 < area_twice / area < 4.5
+
+
+def test_object_radius_changes_only_the_pixels_and_the_marker_names_it_only_when_set(tmp_path):
+    run_generate(make_cfg(tmp_path / "default"))
+    run_generate(make_cfg(tmp_path / "larger", object_radius={"small": (0.18, 0.13), "large": (0.3, 0.2)}))
+    default, larger = digest_tree(tmp_path / "default"), digest_tree(tmp_path / "larger")
+    assert default.keys() == larger.keys()
+    differ = {path for path in default if default[path] != larger[path]} - {MARKER}
+    assert differ and all(path.endswith(".png") for path in differ)  # same scenes, captions, labels
+    recorded = [json.loads((tmp_path / name / MARKER).read_text())["generate"] for name in ("default", "larger")]
+    assert "object_radius" not in recorded[0]  # the default world's bytes (data.dvc) stay as recorded
+    assert recorded[1]["object_radius"] == {"small": [0.18, 0.13], "large": [0.3, 0.2]}
