@@ -24,7 +24,6 @@ import io
 import os
 import re
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -89,29 +88,7 @@ def read_ref(ref: str, s3: S3Config | None = None) -> bytes:
 def _read_s3_range(parsed: RangeRef, s3: S3Config) -> bytes:
     if parsed.size == 0:  # an empty Range header is invalid; nothing to read
         return b""
-    # botocore: optional, S3 only (see the note at flava.data.storage's imports)
-    from botocore.exceptions import ClientError, ResponseStreamingError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    bucket, key = storage.split_s3(parsed.uri)
-    client = storage.s3_client(s3)
-    byte_range = f"bytes={parsed.offset}-{parsed.offset + parsed.size - 1}"
-    for attempt in range(s3.max_attempts):
-        try:
-            return client.get_object(Bucket=bucket, Key=key, Range=byte_range)["Body"].read()
-        except ClientError as err:
-            code = err.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NoSuchBucket"):
-                raise FileNotFoundError(f"no such S3 object: {parsed.uri} ({code})") from err
-            if code == "InvalidRange":
-                raise ValueError(f"{parsed.uri}: range {byte_range} is past the end of the object") from err
-            raise
-        except (ResponseStreamingError, BotoConnectionError):
-            # the body stream broke after the request succeeded; botocore does not retry that (as storage.read_bytes)
-            if attempt + 1 == s3.max_attempts:
-                raise
-            time.sleep(s3.retry_backoff_s * 2**attempt)
-    raise AssertionError("unreachable")
+    return storage.read_bytes(parsed.uri, s3=s3, byte_range=(parsed.offset, parsed.size))
 
 
 def fixed_member(name: str, size: int) -> tarfile.TarInfo:

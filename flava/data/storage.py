@@ -75,27 +75,33 @@ def _transfer_config(s3: S3Config):
     )
 
 
-def read_bytes(uri: str, *, s3: S3Config | None = None) -> bytes:
-    """Whole object/file as bytes. Missing -> FileNotFoundError naming the URI."""
+def read_bytes(uri: str, *, s3: S3Config | None = None, byte_range: tuple[int, int] | None = None) -> bytes:
+    """Whole object/file as bytes, or the ``byte_range`` (offset, size) of an S3 object (one ranged GET).
+    Missing -> FileNotFoundError naming the URI; a range past the object's end -> ValueError."""
     if not is_s3(uri):
         path = Path(uri)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {uri}")
         return path.read_bytes()
     # botocore: optional, S3 only (see the note at the imports)
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ResponseStreamingError
+    from botocore.exceptions import ClientError, ResponseStreamingError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     s3 = s3 or S3Config()
     bucket, key = split_s3(uri)
     client = s3_client(s3)
     for attempt in range(s3.max_attempts):
         try:
-            body = client.get_object(Bucket=bucket, Key=key)["Body"]
-            return body.read()
+            if byte_range is None:
+                return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            offset, size = byte_range
+            return client.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + size - 1}")["Body"].read()
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NoSuchBucket"):
                 raise FileNotFoundError(f"no such S3 object: {uri} ({code})") from err
+            if code == "InvalidRange":
+                raise ValueError(f"{uri}: range {byte_range} is past the end of the object") from err
             raise
         except (ResponseStreamingError, BotoConnectionError):
             # The request succeeded but the body stream broke; botocore does not retry that.

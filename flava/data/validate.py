@@ -72,6 +72,7 @@ from flava.data.partitions import (
     iter_rows,
     part_fingerprint,
     part_name,
+    partition_paths,
     plan_partitions,
     read_range,
     temporary,
@@ -399,13 +400,6 @@ def _pack_path(out: Path, corpus: str, index: int) -> Path:
     return out / "images" / corpus / f"{part_name(index)}.tar"
 
 
-def _partition_paths(out: Path, corpus: str, index: int) -> dict[str, Path]:
-    base = out / PARTITIONS_DIR / corpus
-    name = part_name(index)
-    return {"accepted": base / f"{name}.jsonl", "rejects": base / f"{name}.rejects.jsonl",
-            "summary": base / f"{name}.json"}
-
-
 @functools.cache
 def _suite_runner() -> SuiteRunner:
     """One GE context per process (a Dask worker validates many partitions; a context takes seconds to set up)."""
@@ -438,7 +432,7 @@ def validate_partition(task: PartitionTask) -> dict[str, Any]:
     refs = {}
     if corpus in IMAGE_CORPORA:  # the pack first: the accepted rows point into it
         refs = checker.settle_images({written[i] for i in accepted_idx if written[i] is not None})
-    paths = _partition_paths(out, corpus, part.index)
+    paths = partition_paths(out, corpus, part.index)
     write_lines_atomic(paths["accepted"], (
         dump_row(rows[i] if written[i] is None else
                  {**rows[i], "image": refs[written[i]], SOURCE_IMAGE_FIELD: rows[i]["image"]})
@@ -590,7 +584,7 @@ def validate_corpus(corpus: str, v: ValidateConfig, s3: S3Config, prepared: Path
 
     part_fingerprints = [part_fingerprint(fingerprint, p.index) for p in plan.partitions]
     todo = [p for p, fp in zip(plan.partitions, part_fingerprints)
-            if finished(_partition_paths(out, corpus, p.index)["summary"], fp) is None]
+            if finished(partition_paths(out, corpus, p.index)["summary"], fp) is None]
     if todo:
         prior_keys, prior_images = _carry_over(manifest, corpus, plan)
         log.info("validate %s: %d of %d partitions to do on %s", corpus, len(todo), len(plan.partitions), engine.name)
@@ -598,7 +592,7 @@ def validate_corpus(corpus: str, v: ValidateConfig, s3: S3Config, prepared: Path
             PartitionTask(corpus, str(manifest), str(out), p, part_fingerprints[p.index], v, s3,
                           prior_keys[p.index], prior_images[p.index]) for p in todo])
 
-    paths = [_partition_paths(out, corpus, p.index) for p in plan.partitions]
+    paths = [partition_paths(out, corpus, p.index) for p in plan.partitions]
     concatenate_atomic([p["accepted"] for p in paths], out / f"{corpus}.jsonl")
     concatenate_atomic([p["rejects"] for p in paths], out / f"{corpus}.rejects.jsonl")
     summaries = [json.loads(p["summary"].read_text(encoding="utf-8")) for p in paths]

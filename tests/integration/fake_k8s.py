@@ -370,3 +370,19 @@ class FakeServer:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def use_kubeconfig(api, directory, monkeypatch) -> None:
+    """Point the CLI at the fake API server of ``api`` through a kubeconfig file in ``directory`` (as a user's
+    ``KUBECONFIG`` would), outside any in-cluster environment, with ``directory`` as the working directory."""
+    import yaml
+
+    kubeconfig = directory / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": api.configuration.host}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.chdir(directory)

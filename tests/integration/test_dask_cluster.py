@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client
 
 from flava.config import PipelineConfig
@@ -25,7 +24,7 @@ from tests.unit.shard_fixtures import config as shard_config
 from tests.unit.shard_fixtures import make_validated
 from tests.unit.test_validate_partitions import SMALL_PARTITIONS, _prepare, _run, _snapshot
 
-from .fake_k8s import FakeCluster, FakeServer
+from .fake_k8s import FakeCluster, FakeServer, use_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2
@@ -95,15 +94,7 @@ def test_cli_up_prints_the_address_and_down_deletes(fake_k8s, tmp_path, monkeypa
     from flava.cli import main
 
     cluster, api = fake_k8s
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": api.configuration.host}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.chdir(tmp_path)
+    use_kubeconfig(api, tmp_path, monkeypatch)
     params = ["--params", str(project_root / "params.yaml"), "--set", "launch.dask.workers=4"]
     assert main(["dask", "up", *params]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -28,7 +27,7 @@ from flava.launch import k8s as k8slib
 from flava.launch.config import K8sConfig
 from flava.tracking.lineage import PARENT_RUN_ENV
 
-from .fake_k8s import FakeCluster, FakeServer
+from .fake_k8s import FakeCluster, FakeServer, use_kubeconfig
 
 SERVER = "http://mlflow.example:5000"
 FLOOR = "29.0.0"  # pyproject: kubernetes>=29
@@ -350,15 +349,7 @@ def test_cli_status_logs_delete(fake_k8s, tmp_path, monkeypatch, capsys, project
     from flava.cli import main
 
     cluster, api = fake_k8s
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": api.configuration.host}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.chdir(tmp_path)
+    use_kubeconfig(api, tmp_path, monkeypatch)
     params = ["--params", str(project_root / "params.yaml"), "--set", "launch.k8s.nodes=2"]
     assert main(["k8s", "submit", *params, "--run-id", "cli"]) == 0
     submitted = json.loads(capsys.readouterr().out)
