@@ -20,8 +20,8 @@ one partition, run on the engine of ``data.engine`` (``flava.data.engine``). A p
 counts, first reasons, the fingerprint of the corpus's inputs and params and of ``n``); ``index.json`` lists them.
 The corpus's manifest and rejects are the partitions' files concatenated in order and its metrics their sums, so
 they are the bytes of one pass over the sources on any engine. A killed run resumes at the partitions without a
-matching ``<n>.json``; changed inputs (a unit's files by name, size and modification time) or params start the
-corpus afresh.
+matching ``<n>.json``; changed inputs (a unit file's name, size and SHA-256; a class-folder tree's file names
+and sizes) or params start the corpus afresh.
 
 Manifest rows: pairs ``{key, image, text, source}`` (+ webdataset provenance such as ``url``, ``sha256``), or
 ``{key, image, captions, source}`` for an image with several captions (COCO, Karpathy: ``flava.data.captions``),
@@ -203,17 +203,31 @@ def prepare_partition(task: PrepareTask) -> dict[str, Any]:
 
 
 def _digest_inputs(digest: Any, path: str) -> None:
-    """Feed the identity of what ``path`` names to ``digest``: name, size and modification time of the file or of
-    every file under the directory (hashing the bytes of a corpus would cost a full read per run); an ``s3://``
-    URI stands for itself (an object replaced under the same key is not noticed: delete the partitions)."""
+    """Feed the identity of what ``path`` names to ``digest``, the same on every clone and copy of the data (never
+    a modification time: the partitions' summaries are stage outputs, byte-identical for the same data):
+
+    - a file (a tar shard, parquet part, Arrow file, manifest, text file, class-name map): its name, size and
+      SHA-256, since the rows prepare writes depend on its bytes. This reads each unit once more per run (the
+      digest streams, ~1 GB/s per core here; DVC hashes the same raw files for the stage's dependency);
+    - a directory (a class-folder tree): the relative names and sizes of its files -- prepare's rows from it
+      depend on the names only; validation reads the images;
+    - an ``s3://`` URI: itself (an object replaced under the same key is not noticed: delete the partitions)."""
     if is_s3(path):
         digest.update(f"{path}\n".encode())
         return
     root = Path(path)
-    for file in [root] if not root.is_dir() else sorted(f for f in root.rglob("*") if f.is_file()):
-        stat = file.stat() if file.exists() else None
-        size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (None, None)
-        digest.update(f"{file}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
+    if root.is_dir():
+        for file in sorted(f for f in root.rglob("*") if f.is_file()):
+            digest.update(f"{file.relative_to(root)}\t{file.stat().st_size}\n".encode("utf-8", "surrogateescape"))
+        return
+    if not root.is_file():
+        digest.update(f"{path}\tmissing\n".encode("utf-8", "surrogateescape"))
+        return
+    content = hashlib.sha256()
+    with root.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            content.update(block)
+    digest.update(f"{path}\t{root.stat().st_size}\t{content.hexdigest()}\n".encode("utf-8", "surrogateescape"))
 
 
 def _corpus_fingerprint(corpus: str, ing: IngestConfig, units: list[tuple[str, sources.SourceUnit]], raw: Path,

@@ -131,6 +131,33 @@ def test_local_dask_cluster_gives_the_serial_bytes(tmp_path):
     assert _snapshot(out) == serial
 
 
+def test_the_same_data_in_another_clone_gives_the_same_bytes(tmp_path, monkeypatch):
+    """Partition summaries are stage outputs (DVC hashes them): their fingerprints know inputs by content, so a
+    second clone -- the same files written at another time -- writes the same bytes; an input rewritten with the
+    same size and its old modification time is still a new input."""
+    clones = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        raw = _raw(Path("."))
+        for file in raw.rglob("*"):  # written "at another time"
+            os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + len(clones) * 7_000_000_000))
+        ingest.prepare(_ingest(), raw, Path("prepared"))
+        clones.append(_snapshot(Path("prepared")))
+    assert clones[0] == clones[1]
+    assert any(name.startswith("partitions/") for name in clones[0])
+
+    text_file = Path("raw") / "txt" / "b.txt"
+    stat = text_file.stat()
+    text_file.write_text(text_file.read_text().replace("third", "THIRD"))  # same size, other bytes
+    os.utime(text_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert text_file.stat().st_size == stat.st_size
+    done = spy_partitions(monkeypatch, ingest, "prepare_partition")
+    ingest.prepare(_ingest(), Path("raw"), Path("prepared"))
+    assert done == [("text", 0), ("text", 1), ("text", 2)]
+    assert "THIRD" in Path("prepared/text.jsonl").read_text()
+
+
 def test_killed_prepare_resumes_at_the_first_unfinished_partition(tmp_path, monkeypatch):
     raw, out = _raw(tmp_path), tmp_path / "prepared"
     ingest.prepare(_ingest(), raw, out)
