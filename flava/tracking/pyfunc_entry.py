@@ -139,8 +139,12 @@ def unshadow_running_flava() -> list[str]:
         copy = code / "flava" / "__init__.py"
         if (code.name == "code" and (code.parent / "MLmodel").is_file() and copy.is_file()
                 and copy.resolve().parent != in_use):
-            sys.path.remove(entry)
             dropped.append(entry)
+    if dropped:
+        # A new list, never an in-place removal: another thread may be walking the old one this moment
+        # (importlib.metadata does, for every version lookup), and removing an entry before its position makes
+        # it skip one, so site-packages went unseen and a package "was not installed".
+        sys.path = [entry for entry in sys.path if entry not in dropped]
     return dropped
 
 
