@@ -5,7 +5,8 @@ types and run by the same functions as the evaluation sets: ImageNet zero-shot a
 retrieval, GLUE and VQAv2 fine-tunes. The fine-tunes and the probe choose their epoch / C on a part of the train
 split held out (``select_fraction``) and report the official dev/val split, scored as the official evaluations
 score it: GLUE adds each task's official metric to its accuracy (CoLA ``mcc``, MRPC / QQP ``f1``, STS-B
-``spearman`` besides ``pearson``); VQAv2's ``vqa_accuracy`` is the official one, on normalised answers.
+``spearman`` besides ``pearson``) and chooses the epoch on the score GLUE ranks the task by (``GlueTask.select_on``,
+named in the results as ``selected_on``); VQAv2's ``vqa_accuracy`` is the official one, on normalised answers.
 
 :func:`run_benchmarks` returns ``None`` when no benchmark is configured (the evaluation's outputs are then exactly
 those of the evaluation sets), else one block per benchmark: its metrics with ``chance`` (the chance level of its
@@ -171,7 +172,7 @@ def _glue(b: EvalContext) -> dict[str, dict[str, Any]]:
         )
         metrics = finetune_text(b.model, b.tokenizer, {"train": fit, "val": select, "test": dev}, fcfg,
                                 device=b.device, max_length=b.max_length, seed=b.seed,
-                                extra_metrics=task.metrics)
+                                extra_metrics=task.metrics, select_on=task.select_on)
         out[f"glue_{name}"] = {**metrics, "chance": 0.0 if task.regression else majority_rate(dev.labels)}
     return out
 

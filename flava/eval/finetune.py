@@ -5,7 +5,9 @@ chosen CLS feature, trains both with AdamW (encoder at ``lr``, head at ``head_lr
 reports the test metric at the epoch with the best validation metric (checkpoint selection on val, as GLUE
 protocols do). Classification reports accuracy; regression (GLUE STS-B style, numeric labels) reports Pearson r.
 Text fine-tunes may also report official GLUE metrics of the test split at that epoch (``mcc``, ``f1``,
-``spearman``: :mod:`flava.eval.glue_metrics`); the epoch is still chosen on accuracy / Pearson r.
+``spearman``: :mod:`flava.eval.glue_metrics`) and choose the epoch on a GLUE task's official metric
+(``select_on``); otherwise the epoch is chosen on accuracy / Pearson r / VQA accuracy. Every result names its
+selection metric (``selected_on``) and holds its validation score at the chosen epoch (``val_<metric>``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,17 @@ from PIL import Image
 from flava.eval.config import FinetuneConfig, TextFinetuneConfig
 from flava.eval.datasets import ImageDataset, TextSet, VqaSet
 from flava.eval.features import text_length, tokenize
-from flava.eval.glue_metrics import f1_score, matthews_corrcoef, pearson, spearman
+from flava.eval.glue_metrics import (
+    CLASSIFICATION_SELECTION,
+    REGRESSION_SELECTION,
+    SelectionMetric,
+    f1_score,
+    matthews_corrcoef,
+    pearson,
+    select_epoch,
+    selection_score,
+    spearman,
+)
 
 
 class Head(torch.nn.Module):
@@ -56,6 +68,14 @@ REGRESSION_EXTRAS = ("spearman",)
 ExtraScores = Callable[[torch.Tensor, _Split], dict[str, float]]
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The validation metric that picks the epoch: its reported name and its score of a split's (outputs, targets)."""
+
+    name: str
+    score: Callable[[torch.Tensor, torch.Tensor], float]
+
+
 def _metric(outputs: torch.Tensor, split: _Split, regression: bool) -> float:
     if regression:
         return pearson(outputs.squeeze(-1).double().numpy(), split.targets.double().numpy())
@@ -76,8 +96,11 @@ def _run(
     device: torch.device,
     seed: int,
     extra: ExtraScores | None = None,
-) -> dict[str, float]:
-    """Fine-tune and report the best-val epoch; ``extra`` adds scores of that epoch's test outputs."""
+    select: Selection | None = None,
+) -> dict[str, float | str]:
+    """Fine-tune and report the best-val epoch; ``extra`` adds scores of that epoch's test outputs. ``select``
+    chooses the epoch (default: the task's own metric, accuracy / Pearson r / VQA accuracy) and adds its val and
+    test scores under its name where the task's metric does not already report them."""
     torch.manual_seed(seed)
     encoder = copy.deepcopy(model).to(device)
     head = Head(feature_dim, out_dim, fcfg.dropout).to(device)
@@ -114,19 +137,28 @@ def _run(
             loss.backward()
             optimizer.step()
             total, steps = total + float(loss.detach()), steps + 1
-        val = _metric(predict(splits["val"]), splits["val"], regression)
+        val_out = predict(splits["val"])
+        val = _metric(val_out, splits["val"], regression)
         test_out = predict(splits["test"])
         test = _metric(test_out, splits["test"], regression)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(steps, 1), "val": val, "test": test,
-                        "extra": extra(test_out, splits["test"]) if extra is not None else {}})
-    best = max(history, key=lambda h: h["val"])  # first best epoch on ties
+        history.append({
+            "epoch": epoch + 1, "train_loss": total / max(steps, 1), "val": val, "test": test,
+            "extra": extra(test_out, splits["test"]) if extra is not None else {},
+            "select": (select.score(val_out, splits["val"].targets), select.score(test_out, splits["test"].targets))
+            if select is not None else (val, test),
+        })
+    best = history[select_epoch([h["select"][0] for h in history])]
     name = "pearson" if regression else "vqa_accuracy" if splits["test"].soft is not None else "accuracy"
+    selected = select.name if select is not None else name
     return {
         name: best["test"],
         f"val_{name}": best["val"],
         "best_epoch": float(best["epoch"]),
         "final_train_loss": history[-1]["train_loss"],
         **best["extra"],
+        selected: best["select"][1],
+        f"val_{selected}": best["select"][0],
+        "selected_on": selected,
     }
 
 
@@ -182,10 +214,12 @@ def finetune_text(
     seed: int = 0,
     extra_metrics: Sequence[str] = (),
     positive: str = "1",
-) -> dict[str, float]:
+    select_on: SelectionMetric | None = None,
+) -> dict[str, float | str]:
     """Head on ``model.text_features`` (text CLS) over ``data["train"|"val"|"test"]``. ``extra_metrics`` names
     official GLUE metrics of the test split to report too (classification: ``mcc``, ``f1`` of the ``positive``
-    label; regression: ``spearman``)."""
+    label; regression: ``spearman``). ``select_on`` is the validation metric that picks the epoch (a GLUE task's
+    ``GlueTask.select_on``); None: accuracy, or Pearson r for regression."""
     device = torch.device(device)
     max_length = text_length(model, max_length)
     kind = text_task_kind(data["train"].labels, fcfg.task)
@@ -195,6 +229,7 @@ def finetune_text(
         if len(classes) < 2:
             raise ValueError("text fine-tuning needs at least two classes in the train split")
     extra = _extra_scores(extra_metrics, regression, classes, positive)
+    select = text_selection(select_on, regression, classes, positive) if select_on is not None else None
     splits = {}
     for name, ds in data.items():
         ids, mask = tokenize(tokenizer, ds.sentences, max_length, pairs=ds.pairs)
@@ -213,7 +248,7 @@ def finetune_text(
     probe = splits["train"]
     dim = _feature_dim(model, lambda: features(model, probe, torch.arange(1), _param_device(model)))
     out = _run(model, features, dim, splits, 1 if regression else len(classes), regression, fcfg, device, seed,
-               extra)
+               extra, select)
     out["num_classes"] = float(0 if regression else len(classes))
     return out
 
@@ -229,9 +264,7 @@ def _extra_scores(
         raise ValueError(f"text fine-tune: metrics {wrong} do not apply to {kind}; choose from {allowed}")
     if not names:
         return None
-    if "f1" in names and positive not in (classes or []):
-        raise ValueError(f"text fine-tune: F1's positive label {positive!r} is not among the classes {classes}")
-    positive_at = classes.index(positive) if "f1" in names else None
+    positive_at = _positive_index(classes, positive) if "f1" in names else None
 
     def score(outputs: torch.Tensor, split: _Split) -> dict[str, float]:
         target = split.targets.numpy()
@@ -242,6 +275,30 @@ def _extra_scores(
         return {n: scorers[n]() for n in names}
 
     return score
+
+
+def _positive_index(classes: list[str] | None, positive: str) -> int:
+    if positive not in (classes or []):
+        raise ValueError(f"text fine-tune: F1's positive label {positive!r} is not among the classes {classes}")
+    return classes.index(positive)
+
+
+def text_selection(
+    metric: SelectionMetric, regression: bool, classes: list[str] | None, positive: str
+) -> Selection:
+    """The text fine-tune's epoch selection on ``metric`` (:func:`flava.eval.glue_metrics.selection_score`)."""
+    allowed = REGRESSION_SELECTION if regression else CLASSIFICATION_SELECTION
+    if metric not in allowed:
+        kind = "regression" if regression else "classification"
+        raise ValueError(f"text fine-tune: selection metric {metric!r} does not apply to {kind}; "
+                         f"choose from {allowed}")
+    positive_at = _positive_index(classes, positive) if metric == "f1_accuracy_mean" else 1
+
+    def score(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        values = outputs.squeeze(-1).double().numpy() if regression else outputs.argmax(dim=-1).numpy()
+        return selection_score(metric, values, targets.numpy(), positive_at)
+
+    return Selection(metric, score)
 
 
 def finetune_multimodal(
@@ -255,7 +312,7 @@ def finetune_multimodal(
     max_length: int,
     answers: list[str] | None = None,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """Closed-answer classification head on ``model.multimodal_features`` (multimodal CLS) for VQA-style data.
 
     Splits with ``answer_scores`` (VQAv2) are scored by VQA accuracy (``vqa_accuracy``); their val/test answers

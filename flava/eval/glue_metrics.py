@@ -5,10 +5,13 @@ positive class for MRPC and QQP, Spearman correlation (with Pearson) for STS-B. 
 Degenerate inputs score 0 rather than dividing by zero, as scikit-learn does: a constant prediction or a single-class
 target has Matthews correlation 0, F1 is 0 when there is no positive to find or predict, a constant series
 correlates 0 with anything.
+
+:func:`selection_score` scores a validation split by the metric a fine-tune chooses its epoch on (one of
+:data:`SELECTION_METRICS`) and :func:`select_epoch` picks the epoch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 
@@ -78,3 +81,35 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation: Pearson r of the average ranks."""
     return pearson(average_ranks(x), average_ranks(y))
+
+
+# The validation score a fine-tune picks its epoch on; ``GlueTask.select_on`` in :mod:`flava.eval.official` names
+# each GLUE task's. ``f1_accuracy_mean`` is (F1 + accuracy) / 2, GLUE's score of a task reporting both.
+SelectionMetric = Literal["accuracy", "mcc", "f1_accuracy_mean", "pearson", "spearman"]
+SELECTION_METRICS: tuple[SelectionMetric, ...] = get_args(SelectionMetric)
+CLASSIFICATION_SELECTION: tuple[SelectionMetric, ...] = ("accuracy", "mcc", "f1_accuracy_mean")
+REGRESSION_SELECTION: tuple[SelectionMetric, ...] = ("pearson", "spearman")
+
+
+def selection_score(metric: SelectionMetric, outputs: Sequence[float], target: Sequence[float],
+                    positive: int = 1) -> float:
+    """``metric`` of one split: ``outputs`` are predicted class indices for the classification metrics (``positive``
+    is F1's class), predicted values for ``pearson`` / ``spearman``."""
+    if metric in REGRESSION_SELECTION:
+        return pearson(outputs, target) if metric == "pearson" else spearman(outputs, target)
+    pred, target = _check_labels(outputs, target)
+    if metric == "mcc":
+        return matthews_corrcoef(pred, target)
+    accuracy = float(np.mean(pred == target))
+    if metric == "accuracy":
+        return accuracy
+    if metric == "f1_accuracy_mean":
+        return (f1_score(pred, target, positive) + accuracy) / 2
+    raise ValueError(f"unknown selection metric {metric!r}; choose from {SELECTION_METRICS}")
+
+
+def select_epoch(scores: Sequence[float]) -> int:
+    """Index of the best of the per-epoch validation ``scores``, the first one on ties."""
+    if not len(scores):
+        raise ValueError("no epoch to select from")
+    return max(range(len(scores)), key=lambda i: scores[i])

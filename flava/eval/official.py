@@ -19,6 +19,7 @@ from typing import Any
 
 from flava.data.sources import load_class_names
 from flava.eval.datasets import RetrievalSet, TextSet, VqaSet, ZeroShotSet
+from flava.eval.glue_metrics import SelectionMetric
 from flava.eval.vqa_answers import answer_scores, normalize_answer
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -109,8 +110,14 @@ def load_karpathy(
 
 @dataclass(frozen=True)
 class GlueTask:
-    """Where a GLUE task's columns are in its TSVs (names for files with a header, indices for CoLA's), and the
-    official metrics reported besides accuracy (STS-B: besides Pearson r), as :mod:`flava.eval.finetune` names them."""
+    """Where a GLUE task's columns are in its TSVs (names for files with a header, indices for CoLA's), the
+    official metrics reported besides accuracy (STS-B: besides Pearson r), as :mod:`flava.eval.finetune` names them,
+    and ``select_on``, the validation metric the fine-tune picks its epoch on.
+
+    ``select_on`` is the score the GLUE leaderboard ranks the task by: its macro-average counts a task reporting two
+    metrics as their unweighted mean (Wang et al. 2019, Sec. 4), so MRPC and QQP select on ``f1_accuracy_mean``
+    rather than F1 alone. STS-B selects on Spearman, the rank correlation, by choice: GLUE's own task score would be
+    the mean of Pearson and Spearman. MNLI is scored and selected on accuracy, on matched dev."""
 
     folder: str
     dev: str
@@ -119,6 +126,7 @@ class GlueTask:
     label: str | int
     regression: bool = False
     metrics: tuple[str, ...] = ()
+    select_on: SelectionMetric = "accuracy"
 
     @property
     def header(self) -> bool:
@@ -126,11 +134,15 @@ class GlueTask:
 
 
 GLUE_TASKS = {
-    "cola": GlueTask("CoLA", "dev.tsv", 3, None, 1, metrics=("mcc",)),  # no header: source, label, orig., sentence
+    # CoLA has no header: source, label, original label, sentence.
+    "cola": GlueTask("CoLA", "dev.tsv", 3, None, 1, metrics=("mcc",), select_on="mcc"),
     "sst2": GlueTask("SST-2", "dev.tsv", "sentence", None, "label"),
-    "mrpc": GlueTask("MRPC", "dev.tsv", "#1 String", "#2 String", "Quality", metrics=("f1",)),
-    "qqp": GlueTask("QQP", "dev.tsv", "question1", "question2", "is_duplicate", metrics=("f1",)),
-    "stsb": GlueTask("STS-B", "dev.tsv", "sentence1", "sentence2", "score", regression=True, metrics=("spearman",)),
+    "mrpc": GlueTask("MRPC", "dev.tsv", "#1 String", "#2 String", "Quality", metrics=("f1",),
+                     select_on="f1_accuracy_mean"),
+    "qqp": GlueTask("QQP", "dev.tsv", "question1", "question2", "is_duplicate", metrics=("f1",),
+                    select_on="f1_accuracy_mean"),
+    "stsb": GlueTask("STS-B", "dev.tsv", "sentence1", "sentence2", "score", regression=True, metrics=("spearman",),
+                     select_on="spearman"),
     "mnli": GlueTask("MNLI", "dev_matched.tsv", "sentence1", "sentence2", "gold_label"),
     "qnli": GlueTask("QNLI", "dev.tsv", "question", "sentence", "label"),
     "rte": GlueTask("RTE", "dev.tsv", "sentence1", "sentence2", "label"),

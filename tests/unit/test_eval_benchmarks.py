@@ -17,7 +17,18 @@ from flava.eval.config import GLUE_TASK_NAMES, EvalConfig
 from flava.eval.context import EvalContext
 from flava.eval.datasets import TextSet, load_text_cls
 from flava.eval.features import tokenize
-from flava.eval.glue_metrics import average_ranks, f1_score, matthews_corrcoef, pearson, spearman
+from flava.eval.finetune import text_selection
+from flava.eval.glue_metrics import (
+    CLASSIFICATION_SELECTION,
+    REGRESSION_SELECTION,
+    average_ranks,
+    f1_score,
+    matthews_corrcoef,
+    pearson,
+    select_epoch,
+    selection_score,
+    spearman,
+)
 from flava.eval.official import (
     GLUE_TASKS,
     load_glue_task,
@@ -334,6 +345,49 @@ def test_glue_metrics_agree_with_scikit_learn_and_scipy():
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
 
 
+def test_epoch_selection_follows_the_official_metric_not_accuracy():
+    # Imbalanced val split: 8 negatives, 2 positives. Epoch 1 predicts all negative: accuracy 0.8, MCC 0, F1 0.
+    # Epoch 2 finds both positives with 3 false alarms: accuracy 0.7, MCC 10 / sqrt(5 * 2 * 8 * 5) = 0.5, F1 4/7.
+    target = torch.tensor([0] * 8 + [1] * 2)
+    preds = (torch.zeros(10, dtype=torch.long), torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 1, 1]))
+    outputs = [torch.nn.functional.one_hot(p, 2).float() * 3 - 1 for p in preds]  # logits, argmax = prediction
+
+    def scores(metric):
+        selection = text_selection(metric, False, ["0", "1"], "1")
+        assert selection.name == metric
+        return [selection.score(out, target) for out in outputs]
+
+    assert scores("accuracy") == pytest.approx([0.8, 0.7]) and select_epoch(scores("accuracy")) == 0
+    assert scores("mcc") == pytest.approx([0.0, 0.5])
+    assert scores("f1_accuracy_mean") == pytest.approx([0.4, (4 / 7 + 0.7) / 2])
+    # The task table decides: CoLA on MCC, MRPC / QQP on GLUE's mean of F1 and accuracy, the others on accuracy.
+    assert select_epoch(scores(GLUE_TASKS["cola"].select_on)) == 1
+    assert select_epoch(scores(GLUE_TASKS["mrpc"].select_on)) == select_epoch(scores(GLUE_TASKS["qqp"].select_on)) == 1
+    assert select_epoch(scores(GLUE_TASKS["sst2"].select_on)) == select_epoch(scores(GLUE_TASKS["mnli"].select_on)) == 0
+    assert select_epoch([0.5, 0.7, 0.7]) == 1  # the first best epoch on ties
+
+
+def test_every_glue_task_selects_on_a_metric_of_its_kind():
+    assert set(GLUE_TASKS) == set(GLUE_TASK_NAMES)
+    for name, task in GLUE_TASKS.items():
+        assert task.select_on in (REGRESSION_SELECTION if task.regression else CLASSIFICATION_SELECTION), name
+    assert {n: t.select_on for n, t in GLUE_TASKS.items() if t.select_on != "accuracy"} == {
+        "cola": "mcc", "mrpc": "f1_accuracy_mean", "qqp": "f1_accuracy_mean", "stsb": "spearman"}
+    # STS-B is regression: its selection scores predicted values by rank correlation.
+    assert text_selection("spearman", True, None, "1").score(torch.tensor([[0.1], [0.3], [0.2]]),
+                                                             torch.tensor([1.0, 5.0, 2.0])) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="selection metric 'mcc' does not apply to regression"):
+        text_selection("mcc", True, None, "1")
+    with pytest.raises(ValueError, match="selection metric 'spearman' does not apply to classification"):
+        text_selection("spearman", False, ["0", "1"], "1")
+    with pytest.raises(ValueError, match="F1's positive label 'yes' is not among the classes"):
+        text_selection("f1_accuracy_mean", False, ["0", "1"], "yes")
+    with pytest.raises(ValueError, match="unknown selection metric 'f1'"):
+        selection_score("f1", [0, 1], [0, 1])
+    with pytest.raises(ValueError, match="no epoch"):
+        select_epoch([])
+
+
 def test_held_out_parts_are_spread_and_never_straddle_an_image():
     assert held_out(10, 0.2) == [0, 5] and held_out(2, 0.1) == [0]
     with pytest.raises(ValueError, match="cannot spare"):
@@ -421,6 +475,10 @@ def test_evaluate_model_with_official_layouts_then_report(tmp_path):
     assert bench["glue_cola"]["accuracy"] == bench["glue_cola"]["mcc"] == 1.0
     assert bench["glue_mrpc"]["accuracy"] == bench["glue_mrpc"]["f1"] == 1.0
     assert "mcc" not in bench["glue_sst2"] and "f1" not in bench["glue_qnli"]
+    # The epoch is chosen on the task's official metric, named beside its validation score.
+    assert bench["glue_cola"]["selected_on"] == "mcc" and "val_mcc" in bench["glue_cola"]
+    assert bench["glue_mrpc"]["selected_on"] == "f1_accuracy_mean" and bench["glue_mrpc"]["f1_accuracy_mean"] == 1.0
+    assert bench["glue_sst2"]["selected_on"] == bench["glue_qnli"]["selected_on"] == "accuracy"
     assert bench["glue_mnli"]["skipped"].startswith("no train.tsv or dev_matched.tsv in ")
     assert set(metrics["tasks"]) == {"zeroshot", "retrieval_i2t", "retrieval_t2i", "linear_probe", "text_cls",
                                      "vqa"}  # benchmarks stay out of the macros the promotion gate reads
@@ -432,3 +490,4 @@ def test_evaluate_model_with_official_layouts_then_report(tmp_path):
     assert "## Paper benchmarks" in md and "| imagenet_zeroshot | top1 1.0000, top5 1.0000" in md
     assert "| vqav2 | skipped: eval.benchmarks.vqav2.val_questions is not set |" in md
     assert "| glue_cola | accuracy 1.0000, val_accuracy" in md and ", mcc 1.0000, " in md
+    assert ", selected_on mcc, " in md

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from flava.eval import finetune
 from flava.eval.config import FinetuneConfig, ProbeConfig, TextFinetuneConfig
 from flava.eval.datasets import TextSet, load_text_cls, load_vqa
-from flava.eval.finetune import finetune_multimodal, finetune_text, text_task_kind
+from flava.eval.finetune import Selection, finetune_multimodal, finetune_text, text_task_kind
 from flava.eval.probe import evaluate_linear_probe, linear_probe
 from tests.unit.test_eval_fakes import COLOURS, OracleModel, make_tokenizer, to_tensor, write_eval_root
 
@@ -86,10 +87,24 @@ def test_text_finetune_learns_and_leaves_the_model_alone(world):
     out = finetune_text(model, tok, data, cfg, device="cpu", max_length=16)
     assert out["accuracy"] >= 0.9 and out["num_classes"] == 2
     assert 1 <= out["best_epoch"] <= 15
+    assert out["selected_on"] == "accuracy"  # no official metric asked for: the epoch is chosen on accuracy
     assert _unchanged(model, before)
     # Deterministic for a seed.
     again = finetune_text(model, tok, data, cfg, device="cpu", max_length=16)
     assert again == out
+
+
+def test_text_finetune_picks_the_epoch_by_its_selection_metric(world, monkeypatch):
+    # A selection that scores (val, test) of epochs 1..3 as given: epoch 2 has the best val score, whatever the
+    # accuracy says, and the result reports its scores under the selection's name.
+    root, tok = world
+    given = iter([0.1, 0.0, 0.9, 0.8, 0.2, 0.3])
+    monkeypatch.setattr(finetune, "text_selection", lambda *args: Selection("mcc", lambda out, target: next(given)))
+    data = {s: load_text_cls(root, s) for s in ("train", "val", "test")}
+    out = finetune_text(OracleModel(tok), tok, data, TextFinetuneConfig(epochs=3, batch_size=8), device="cpu",
+                        max_length=16, select_on="mcc")
+    assert out["best_epoch"] == 2 and out["selected_on"] == "mcc"
+    assert out["val_mcc"] == 0.9 and out["mcc"] == 0.8 and "accuracy" in out and "val_accuracy" in out
 
 
 def test_text_regression_reports_pearson(world):
@@ -103,8 +118,11 @@ def test_text_regression_reports_pearson(world):
     data = {"train": ds(36, 0), "val": ds(12, 1), "test": ds(12, 2)}
     assert text_task_kind(data["train"].labels, "auto") == "regression"
     cfg = TextFinetuneConfig(epochs=20, batch_size=6, lr=1e-3, head_lr=5e-2, dropout=0.0)
-    out = finetune_text(model, tok, data, cfg, device="cpu", max_length=16, extra_metrics=("spearman",))
+    out = finetune_text(model, tok, data, cfg, device="cpu", max_length=16, extra_metrics=("spearman",),
+                        select_on="spearman")
     assert out["pearson"] > 0.8 and out["spearman"] > 0.8
+    # STS-B style: the epoch is chosen on the val Spearman, reported beside the val Pearson r.
+    assert out["selected_on"] == "spearman" and out["val_spearman"] > 0.8 and "val_pearson" in out
     with pytest.raises(ValueError, match=r"metrics \['mcc'\] do not apply to regression"):
         finetune_text(model, tok, data, cfg, device="cpu", max_length=16, extra_metrics=("mcc",))
 
