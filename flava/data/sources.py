@@ -340,24 +340,22 @@ class _TextLines:
 
     def __init__(self, f: BinaryIO, offset: int, lines: int = 0):
         self._f, self.offset, self.lines = f, offset, lines
-        self._pending: list[bytes] = []
+        # one generator, whichever reader iterates: a line split at a bare \r may be half handed out
+        self._lines = self._read()
 
-    def __iter__(self) -> _TextLines:
-        return self
+    def __iter__(self) -> Iterator[str]:
+        return self._lines
 
-    def __next__(self) -> str:
-        if not self._pending:
-            chunk = self._f.readline()
-            if not chunk:
-                raise StopIteration
+    def _read(self) -> Iterator[str]:
+        # a generator, not __next__: the planning pass runs it once per line (a generator resumes faster)
+        for chunk in self._f:
             if self.offset == 0 and chunk.startswith(_BOM):
                 self.offset, chunk = len(_BOM), chunk[len(_BOM):]
-            # a bare \r ends a line in text mode too (binary readline splits at \n only)
-            self._pending = [chunk] if b"\r" not in chunk else _LINE_END.findall(chunk)[::-1]
-        line = self._pending.pop()
-        self.offset += len(line)
-        self.lines += 1
-        return decode_text(line)
+            # a bare \r ends a line in text mode too (a binary file's lines end at \n only)
+            for line in (chunk,) if b"\r" not in chunk else _LINE_END.findall(chunk):
+                self.offset += len(line)
+                self.lines += 1
+                yield line.decode("utf-8", "surrogateescape")
 
 
 def _csv_reader(lines: _TextLines, sep: str) -> Any:

@@ -122,6 +122,12 @@ def test_binary_lines_parse_as_text_mode_does(tmp_path):
         assert [r["fields"] if "fields" in r else [v for v in r.values() if v is not None] for r in got] \
             == [fields for fields, _ in expected]
         assert [r["line"] for r in got if "line" in r] == [n for fields, n in expected if len(fields) > 2]
+    mac = tmp_path / "mac.csv"  # a bare \r ends the header: the rest of that binary line is the first row
+    mac.write_bytes(b"caption,image\rx,imgs/x.jpg\r\ny,imgs/y.jpg")
+    assert [row for row, _ in sources._manifest_rows(mac, ManifestPairs(path=str(mac)))] == [
+        {"caption": "x", "image": "imgs/x.jpg"}, {"caption": "y", "image": "imgs/y.jpg"}]
+    assert [(u.first_row, u.offset, u.first_line) for u in sources.manifest_ranges(mac, ManifestPairs(
+        path=str(mac)), "csv", 1)] == [(0, 14, 2), (1, 28, 3)]
 
 
 @pytest.mark.slow
