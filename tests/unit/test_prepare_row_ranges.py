@@ -7,12 +7,13 @@ import gc
 import json
 import shutil
 import tracemalloc
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from flava.data import ingest, sources
-from flava.data.engine import EngineConfig
+from flava.data.engine import Engine, EngineConfig
 from flava.data.prep_config import IngestConfig, ManifestPairs
 from tests.helpers import spy_partitions
 from tests.unit.test_prepare_partitions import _snapshot
@@ -173,3 +174,26 @@ def test_killed_prepare_resumes_at_the_first_unfinished_row_range(tmp_path, monk
     done.clear()  # another partition size: other ranges, every partition again
     ingest.prepare(_ingest(), raw, out, EngineConfig(partition_rows=5))
     assert done == [("pairs", i) for i in range(6)]
+
+
+def test_inputs_are_hashed_on_the_engine_once_per_file(tmp_path, monkeypatch):
+    """The planning process does not read every input byte itself: the files' SHA-256 run as engine tasks, one per
+    distinct file (the row ranges of one manifest share it)."""
+    mapped: list[tuple[str, list]] = []
+
+    class Recording(Engine):
+        def map(self, fn, items):
+            mapped.append((fn.__name__, list(items)))
+            return super().map(fn, items)
+
+    @contextmanager
+    def recording(cfg):
+        yield Recording()
+
+    monkeypatch.setattr(ingest, "open_engine", recording)
+    raw = _raw(tmp_path)
+    ingest.prepare(_ingest(), raw, tmp_path / "prepared", EngineConfig(partition_rows=4))
+    files = [str(raw / name) for name in ("quoted.csv", "cc3m.tsv", "docs.jsonl")]
+    assert ("input_identity", files) in mapped
+    assert mapped.index(("input_identity", files)) < [name for name, _ in mapped].index("prepare_partition")
+    assert len(next(items for name, items in mapped if name == "prepare_partition")) == 9
