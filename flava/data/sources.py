@@ -263,7 +263,7 @@ def _parquet_parts(path: Path, src: ManifestPairs) -> list[Path]:
 
 def _manifest_rows(path: Path, src: ManifestPairs,
                    unit: SourceUnit | None = None) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
-    """The rows of the manifest at ``path``; of one parquet part or Arrow file only when ``unit`` names it."""
+    """The rows of the manifest at ``path``; of one parquet part, Arrow file or row range only when ``unit`` is one."""
     fmt = _manifest_format(path, src)
     if fmt == "jsonl":
         with path.open("rb") as f:
