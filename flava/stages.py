@@ -132,7 +132,9 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="prepare", command=("data", "prepare"), entry="flava.data.ingest:run_prepare",
-        deps=("${paths.raw}",), params=("seed", "data.ingest"),
+        # data.engine.partition_rows: CSV/TSV/JSONL manifests are prepared in row ranges of that many rows (the
+        # partitions' files depend on it, the manifests and metrics do not)
+        deps=("${paths.raw}",), params=("seed", "data.ingest", "data.engine.partition_rows"),
         outs=tuple(Out(f"{_PREPARED}/{c}.jsonl") for c in _CORPORA) + (Out(f"{_PREPARED}/eval"),)
         + tuple(Out(f"{_PREPARED}/{c}.rejects.jsonl") for c in _CORPORA)
         + (Out(f"{_PREPARED}/extracted"),  # packs of image bytes embedded in parquet/arrow cells and compressed tars

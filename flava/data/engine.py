@@ -25,7 +25,8 @@ from flava.configbase import StrictModel
 
 class EngineConfig(StrictModel):
     """``data.engine``: where the data stages (prepare, validate, shard) run their partitions, and how many manifest
-    rows make one partition of validate and shard (prepare's partitions are its sources' files)."""
+    rows make one partition of validate and shard, and of prepare's CSV/TSV/JSONL manifests (its other partitions
+    are its sources' files)."""
 
     kind: Literal["serial", "local", "address"] = "serial"
     workers: int = Field(0, ge=0)  # local: worker processes; 0 = one per core

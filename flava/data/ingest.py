@@ -14,14 +14,16 @@ cells, members of compressed tars) go into one pack per unit of the source,
 ``paths.prepared/eval/`` with image paths resolved so that they open from the working directory.
 
 Partitions: each unit of each source (``sources.source_units``: a webdataset shard, a parquet part, an Arrow
-file, a text file; a CSV/TSV/JSONL manifest, a captions JSON or a class-folder tree is one unit however large) is
-one partition, run on the engine of ``data.engine`` (``flava.data.engine``). A partition writes
+file, a text file, a row range of ``data.engine.partition_rows`` rows of a CSV/TSV/JSONL manifest -- its start
+found by one streaming pass that parses the records, so quoted newlines are no boundary; a captions JSON or a
+class-folder tree is one unit however large) is one partition, run on the engine of ``data.engine``
+(``flava.data.engine``). A partition writes
 ``partitions/<corpus>/<n>.jsonl``, ``<n>.rejects.jsonl`` and, last, ``<n>.json`` (counts, reasons, per-source
 counts, first reasons, the fingerprint of the corpus's inputs and params and of ``n``); ``index.json`` lists them.
 The corpus's manifest and rejects are the partitions' files concatenated in order and its metrics their sums, so
-they are the bytes of one pass over the sources on any engine. A killed run resumes at the partitions without a
-matching ``<n>.json``; changed inputs (a unit file's name, size and SHA-256; a class-folder tree's file names
-and sizes) or params start the corpus afresh.
+they are the bytes of one pass over the sources on any engine and any partitioning. A killed run resumes at the
+partitions without a matching ``<n>.json``; changed inputs (a unit file's name, size and SHA-256, hashed on the
+engine's workers; a class-folder tree's file names and sizes), params or row ranges start the corpus afresh.
 
 Manifest rows: pairs ``{key, image, text, source}`` (+ webdataset provenance such as ``url``, ``sha256``), or
 ``{key, image, captions, source}`` for an image with several captions (COCO, Karpathy: ``flava.data.captions``),
@@ -202,71 +204,86 @@ def prepare_partition(task: PrepareTask) -> dict[str, Any]:
     return doc
 
 
-def _digest_inputs(digest: Any, path: str) -> None:
-    """Feed the identity of what ``path`` names to ``digest``, the same on every clone and copy of the data (never
-    a modification time: the partitions' summaries are stage outputs, byte-identical for the same data):
+def input_identity(path: str) -> str:
+    """The identity of what ``path`` names, one line, the same on every clone and copy of the data (never a
+    modification time: the partitions' summaries are stage outputs, byte-identical for the same data):
 
     - a file (a tar shard, parquet part, Arrow file, manifest, text file, class-name map): its name, size and
-      SHA-256, since the rows prepare writes depend on its bytes. This reads each unit once more per run (the
-      digest streams, ~1 GB/s per core here; DVC hashes the same raw files for the stage's dependency);
+      SHA-256, since the rows prepare writes depend on its bytes. This reads each input once more per run, on the
+      engine's workers (``_input_identities``; the digest streams, ~1 GB/s per core here; DVC hashes the same raw
+      files for the stage's dependency);
     - a directory (a class-folder tree): the relative names and sizes of its files -- prepare's rows from it
       depend on the names only; validation reads the images;
     - an ``s3://`` URI: itself (an object replaced under the same key is not noticed: delete the partitions)."""
     if is_s3(path):
-        digest.update(f"{path}\n".encode())
-        return
+        return f"{path}\n"
     root = Path(path)
     if root.is_dir():
-        for file in sorted(f for f in root.rglob("*") if f.is_file()):
-            digest.update(f"{file.relative_to(root)}\t{file.stat().st_size}\n".encode("utf-8", "surrogateescape"))
-        return
+        return "".join(f"{file.relative_to(root)}\t{file.stat().st_size}\n"
+                       for file in sorted(f for f in root.rglob("*") if f.is_file()))
     if not root.is_file():
-        digest.update(f"{path}\tmissing\n".encode("utf-8", "surrogateescape"))
-        return
+        return f"{path}\tmissing\n"
     content = hashlib.sha256()
     with root.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             content.update(block)
-    digest.update(f"{path}\t{root.stat().st_size}\t{content.hexdigest()}\n".encode("utf-8", "surrogateescape"))
+    return f"{path}\t{root.stat().st_size}\t{content.hexdigest()}\n"
+
+
+def _input_identities(paths: list[str], engine: Engine) -> dict[str, str]:
+    """``input_identity`` of each distinct path, computed on ``engine`` (a corpus of many shards is not read byte
+    by byte on the planning process's one core; the row ranges of one manifest share its file's)."""
+    distinct = list(dict.fromkeys(paths))
+    return dict(zip(distinct, engine.map(input_identity, distinct)))
+
+
+def _unit_params(name: str, unit: sources.SourceUnit) -> list[Any]:
+    """A unit as the fingerprint knows it; a row range also by where it starts and how many rows it holds (a whole
+    file stays [name, path, first row], as before ranges existed)."""
+    whole = [name, unit.path, unit.first_row]
+    return whole if unit.rows is None else [*whole, unit.rows, unit.offset, unit.first_line]
 
 
 def _corpus_fingerprint(corpus: str, ing: IngestConfig, units: list[tuple[str, sources.SourceUnit]], raw: Path,
-                        out: Path) -> str:
+                        out: Path, engine: Engine) -> str:
     """The inputs (each unit's files, a class-name map) and the params that shape the corpus's rows; ``units``:
     (source name, unit) in partition order."""
     srcs = getattr(ing, corpus)
     params = {"format": PARTITION_FORMAT, "corpus": corpus, "raw": str(raw), "out": str(out),
               "sources": [src.model_dump(mode="json") for src in srcs],
-              "units": [[name, unit.path, unit.first_row] for name, unit in units]}
+              "units": [_unit_params(name, unit) for name, unit in units]}
     if corpus == "pairs":
         params.update(caption_filter=ing.caption_filter.model_dump(mode="json"), s3=ing.s3.model_dump(mode="json"))
     if corpus == "text":
         params["max_passage_words"] = ing.max_passage_words
+    maps = [str(raw / src.class_names) for src in srcs if isinstance(src, ClassFolderImages) and src.class_names]
+    inputs = [unit.path for _, unit in units] + maps
+    identities = _input_identities(inputs, engine)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8"))
-    for _, unit in units:
-        _digest_inputs(digest, unit.path)
-    for src in srcs:
-        if isinstance(src, ClassFolderImages) and src.class_names:
-            _digest_inputs(digest, str(raw / src.class_names))
+    for path in inputs:
+        digest.update(identities[path].encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
-def _plan(corpus: str, ing: IngestConfig, raw: Path, out: Path) -> tuple[list[PrepareTask], str]:
-    """The corpus's partitions, one per unit of each source in order, and the corpus's fingerprint."""
+def _plan(corpus: str, ing: IngestConfig, raw: Path, out: Path, engine: Engine,
+          rows_per_partition: int) -> tuple[list[PrepareTask], str]:
+    """The corpus's partitions, one per unit of each source in order (a CSV/TSV/JSONL manifest's units are row
+    ranges of ``rows_per_partition`` rows), and the corpus's fingerprint (its inputs hashed on ``engine``)."""
     srcs = getattr(ing, corpus)
     # (source position, source name, unit number within the source, unit)
     units = [(pos, name, n, unit) for pos, (src, name) in enumerate(zip(srcs, _names(corpus, srcs)))
-             for n, unit in enumerate(sources.source_units(src, raw, ing.s3))]
-    fingerprint = _corpus_fingerprint(corpus, ing, [(name, unit) for _, name, _, unit in units], raw, out)
+             for n, unit in enumerate(sources.source_units(src, raw, ing.s3, rows_per_partition))]
+    fingerprint = _corpus_fingerprint(corpus, ing, [(name, unit) for _, name, _, unit in units], raw, out, engine)
     return [PrepareTask(corpus, i, pos, name, unit, n, ing, str(raw), str(out), part_fingerprint(fingerprint, i))
             for i, (pos, name, n, unit) in enumerate(units)], fingerprint
 
 
-def _prepare_corpus(corpus: str, ing: IngestConfig, raw: Path, out: Path, engine: Engine) -> dict[str, Any]:
+def _prepare_corpus(corpus: str, ing: IngestConfig, raw: Path, out: Path, engine: Engine,
+                    rows_per_partition: int) -> dict[str, Any]:
     """Prepare one corpus partition by partition on ``engine``; partitions already done with the same inputs and
     params are kept (a killed run resumes). Then the partitions' files are concatenated in order into the
     corpus's manifest and rejects, and their counts added up."""
-    tasks, fingerprint = _plan(corpus, ing, raw, out)
+    tasks, fingerprint = _plan(corpus, ing, raw, out, engine, rows_per_partition)
     parts_dir = out / PARTITIONS_DIR / corpus
     index = parts_dir / "index.json"
     if finished(index, fingerprint) is None:  # new inputs or params: start afresh
@@ -406,8 +423,10 @@ def prepare(ing: IngestConfig, raw: str | Path, prepared: str | Path,
             shutil.rmtree(stale)
         else:
             stale.unlink()
-    with open_engine(engine or EngineConfig()) as runner:
-        metrics: dict[str, Any] = {corpus: _prepare_corpus(corpus, ing, raw, out, runner) for corpus in CORPORA}
+    engine = engine or EngineConfig()
+    with open_engine(engine) as runner:
+        metrics: dict[str, Any] = {corpus: _prepare_corpus(corpus, ing, raw, out, runner, engine.partition_rows)
+                                   for corpus in CORPORA}
     metrics["eval"] = prepare_eval(raw / ing.eval_dir, out / "eval") if ing.eval_dir else None
     (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     for corpus in CORPORA:

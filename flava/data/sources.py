@@ -75,6 +75,11 @@ class SourceUnit:
     path: str  # a manifest file, parquet part, Arrow file, webdataset shard (path or s3:// URI), text file, or the
     # source's own path when it is read whole (a class-folder tree, a captions JSON)
     first_row: int = 0  # rows of the source before this unit: keys are numbered by row when there is no key column
+    # A row range of a CSV/TSV/JSONL manifest (``manifest_ranges``): ``rows`` records starting at byte ``offset``,
+    # on line ``first_line`` (rejects carry line numbers). None: the whole file (a unit that is not a range).
+    rows: int | None = None
+    offset: int = 0
+    first_line: int = 1
 
 
 def safe_key(text: str) -> str:
@@ -258,11 +263,15 @@ def _parquet_parts(path: Path, src: ManifestPairs) -> list[Path]:
 
 def _manifest_rows(path: Path, src: ManifestPairs,
                    unit: SourceUnit | None = None) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
-    """The rows of the manifest at ``path``; of one parquet part or Arrow file only when ``unit`` names it."""
+    """The rows of the manifest at ``path``; of one parquet part, Arrow file or row range only when ``unit`` is one."""
     fmt = _manifest_format(path, src)
     if fmt == "jsonl":
         with path.open("rb") as f:
-            for lineno, line in enumerate(f, 1):
+            lines = enumerate(f, 1)
+            if unit is not None and unit.rows is not None:
+                f.seek(unit.offset)
+                lines = _first_rows(enumerate(f, unit.first_line), unit.rows, path, unit)
+            for lineno, line in lines:
                 if not line.strip():
                     continue
                 try:
@@ -285,7 +294,7 @@ def _manifest_rows(path: Path, src: ManifestPairs,
                 yield row, None
         return
     if fmt in ("csv", "tsv"):
-        yield from _csv_rows(path, src, "\t" if fmt == "tsv" or path.suffix.lower() == ".tsv" else ",")
+        yield from _csv_rows(path, src, _csv_separator(path, fmt), unit)
         return
     if fmt == "arrow":
         for file in [Path(unit.path)] if unit else _arrow_files(path, src.split):
@@ -296,28 +305,140 @@ def _manifest_rows(path: Path, src: ManifestPairs,
         yield from _table_rows(pq.ParquetFile(part).iter_batches(batch_size=256))
 
 
-def _csv_rows(path: Path, src: ManifestPairs, sep: str) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
-    """Rows of a CSV/TSV file streamed one at a time (the ``csv`` module over the open file: memory is one row, not
-    the file). Cells are strings; a row with fewer fields than columns has the missing cells as None (no value);
-    one with more is a reject, yielded in file order; blank lines are skipped."""
-    # quoting off for TSV: CC3M/CC12M captions hold bare quotes. utf-8-sig: a leading byte-order mark is no header.
-    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
-    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f, delimiter=sep, quoting=quoting)
+def _csv_separator(path: Path, fmt: str) -> str:
+    return "\t" if fmt == "tsv" or path.suffix.lower() == ".tsv" else ","
+
+
+def _first_rows(lines: Iterator[tuple[int, bytes]], rows: int, path: Path,
+                unit: SourceUnit) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a JSONL range: lines until ``rows`` non-blank ones have been read."""
+    left = rows
+    for lineno, line in lines:
+        if left == 0:
+            return
+        left -= bool(line.strip())
+        yield lineno, line
+    if left:
+        raise ValueError(_range_cut_short(path, unit))
+
+
+def _range_cut_short(path: Path, unit: SourceUnit) -> str:
+    return (f"{path} ended inside the row range of rows {unit.first_row}..{unit.first_row + (unit.rows or 0) - 1} "
+            f"(from line {unit.first_line}); was it changed after prepare planned its partitions?")
+
+
+_LINE_END = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+_BOM = b"\xef\xbb\xbf"
+
+
+class _TextLines:
+    """The lines of a binary file from its position on, decoded as UTF-8 (``surrogateescape``) and split where text
+    mode with ``newline=""`` splits them (``\\n``, ``\\r\\n``, ``\\r``; what ``csv`` needs), counting what it hands out:
+    ``csv.reader`` pulls no line ahead of the record it returns, so after each record ``offset`` (bytes) and
+    ``lines`` are where the next record starts -- a record boundary even inside quoted newlines. A byte-order mark
+    at the start of the file is dropped (as ``utf-8-sig`` does: it is no header)."""
+
+    def __init__(self, f: BinaryIO, offset: int, lines: int = 0):
+        self._f, self.offset, self.lines = f, offset, lines
+        # one generator, whichever reader iterates: a line split at a bare \r may be half handed out
+        self._lines = self._read()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._lines
+
+    def _read(self) -> Iterator[str]:
+        # a generator, not __next__: the planning pass runs it once per line (a generator resumes faster)
+        for chunk in self._f:
+            if self.offset == 0 and chunk.startswith(_BOM):
+                self.offset, chunk = len(_BOM), chunk[len(_BOM):]
+            # a bare \r ends a line in text mode too (a binary file's lines end at \n only)
+            for line in (chunk,) if b"\r" not in chunk else _LINE_END.findall(chunk):
+                self.offset += len(line)
+                self.lines += 1
+                yield line.decode("utf-8", "surrogateescape")
+
+
+def _csv_reader(lines: _TextLines, sep: str) -> Any:
+    # quoting off for TSV: CC3M/CC12M captions hold bare quotes
+    return csv.reader(lines, delimiter=sep, quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+
+
+def _csv_header(f: BinaryIO, sep: str) -> tuple[list[str] | None, _TextLines]:
+    """The first non-blank record of a CSV file open at its start (None when it has none), and the lines after it."""
+    lines = _TextLines(f, 0)
+    return next((fields for fields in _csv_reader(lines, sep) if fields), None), lines
+
+
+def _csv_rows(path: Path, src: ManifestPairs, sep: str,
+              unit: SourceUnit | None = None) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """Rows of a CSV/TSV file streamed one at a time (the ``csv`` module over the file's lines: memory is one row,
+    not the file); of the row range ``unit`` when it is one (its header read first, from the file's start). Cells
+    are strings; a row with fewer fields than columns has the missing cells as None (no value); one with more is a
+    reject, yielded in file order; blank lines are skipped."""
+    ranged = unit is not None and unit.rows is not None
+    with path.open("rb") as f:
         columns = src.column_names
+        lines = _TextLines(f, 0)
         if src.header:  # the first line names the columns, unless column_names renames them
-            header = next((fields for fields in reader if fields), None)
+            header, lines = _csv_header(f, sep)
             if header is None:
                 return
             columns = columns or header
-        for fields in reader:
+        if ranged:
+            f.seek(unit.offset)
+            lines = _TextLines(f, unit.offset, unit.first_line - 1)
+        left = unit.rows if ranged else -1
+        reader = _csv_reader(lines, sep)
+        while left:
+            fields = next(reader, None)
+            if fields is None:
+                if ranged:
+                    raise ValueError(_range_cut_short(path, unit))
+                return
             if not fields:
                 continue
+            left -= 1
             if len(fields) > len(columns):  # a reject, not a crash
-                yield ({"line": reader.line_num, "fields": fields},
+                yield ({"line": lines.lines, "fields": fields},
                        f"malformed CSV row: {len(fields)} fields, expected {len(columns)}")
                 continue
             yield dict(zip(columns, fields + [None] * (len(columns) - len(fields)))), None
+
+
+def manifest_ranges(path: Path, src: ManifestPairs, fmt: str, rows_per_partition: int) -> list[SourceUnit]:
+    """A CSV/TSV/JSONL manifest cut into row ranges of ``rows_per_partition`` rows, in one streaming pass that
+    parses its records (a quoted CSV field may hold newlines: only the parser knows where a record ends) and keeps
+    only where each range starts. One range or none: the whole file as one unit."""
+    starts: list[tuple[int, int, int]] = []  # (first row, byte offset, first line) of each range
+    rows = 0
+    with path.open("rb") as f:
+        if fmt == "jsonl":
+            offset = 0
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    if rows % rows_per_partition == 0:
+                        starts.append((rows, offset, lineno))
+                    rows += 1
+                offset += len(line)
+        else:
+            sep = _csv_separator(path, fmt)
+            lines = _TextLines(f, 0)
+            if src.header:
+                header, lines = _csv_header(f, sep)
+                if header is None:
+                    return [SourceUnit(str(path))]
+            boundary = (lines.offset, lines.lines + 1)
+            for fields in _csv_reader(lines, sep):
+                if fields:
+                    if rows % rows_per_partition == 0:
+                        starts.append((rows, *boundary))
+                    rows += 1
+                boundary = (lines.offset, lines.lines + 1)
+    if len(starts) <= 1:
+        return [SourceUnit(str(path))]
+    ends = [first for first, _, _ in starts[1:]] + [rows]
+    return [SourceUnit(str(path), first, end - first, offset, line)
+            for (first, offset, line), end in zip(starts, ends)]
 
 
 def _image_ref(value: Any, base: Path, store: ImageStore) -> tuple[str | None, str | None]:
@@ -350,14 +471,15 @@ def _manifest_path(src: ManifestPairs, root: Path) -> Path:
     return path
 
 
-def _manifest_units(src: ManifestPairs, root: Path) -> list[SourceUnit]:
-    """A table file is one unit (a huge CSV too: it is not split); Parquet parts and Arrow files one unit each.
-    Without a key column keys number the rows, so each part carries the row count of the parts before it
-    (Parquet: from its footer; Arrow: from its record batches' headers, memory-mapped)."""
+def _manifest_units(src: ManifestPairs, root: Path, rows_per_partition: int) -> list[SourceUnit]:
+    """A CSV/TSV/JSONL file is cut into row ranges of ``rows_per_partition`` rows (``manifest_ranges``); Parquet
+    parts and Arrow files are one unit each. Without a key column keys number the rows, so each part carries the
+    row count of the parts before it (Parquet: from its footer; Arrow: from its record batches' headers,
+    memory-mapped)."""
     path = _manifest_path(src, root)
     fmt = _manifest_format(path, src)
     if fmt not in ("parquet", "arrow"):
-        return [SourceUnit(str(path))]
+        return manifest_ranges(path, src, fmt, rows_per_partition)
     files = _parquet_parts(path, src) if fmt == "parquet" else _arrow_files(path, src.split)
     units, first = [], 0
     for file in files:
@@ -736,13 +858,14 @@ def read_text_documents(src: TextFiles, root: Path, unit: SourceUnit | None = No
 
 
 # ------------------------------------------------------------------------------------ units
-def source_units(src: PairSource | ClassFolderImages | TextFiles, root: Path, s3: S3Config) -> list[SourceUnit]:
+def source_units(src: PairSource | ClassFolderImages | TextFiles, root: Path, s3: S3Config,
+                 rows_per_partition: int) -> list[SourceUnit]:
     """The pieces of a source that ``flava data prepare`` reads as separate partitions, in reading order: a
-    table's Parquet parts or Arrow files, a webdataset source's shards, a text source's files; a CSV/TSV/JSONL
-    manifest, a captions JSON and a class-folder tree are one unit each, however large (a captions JSON is one
-    document; splitting a CSV at byte offsets would cut quoted newlines)."""
+    CSV/TSV/JSONL manifest's row ranges of ``rows_per_partition`` rows, a table's Parquet parts or Arrow files, a
+    webdataset source's shards, a text source's files; a captions JSON and a class-folder tree are one unit each,
+    however large (a captions JSON is one document)."""
     if isinstance(src, ManifestPairs):
-        return _manifest_units(src, root)
+        return _manifest_units(src, root, rows_per_partition)
     if isinstance(src, WebdatasetPairs):
         return _webdataset_units(src, root, s3)
     if isinstance(src, TextFiles):
