@@ -97,6 +97,9 @@ _ARTIFACTS = "${paths.artifacts}"
 _MODELS = "${paths.models}"
 _REPORTS = "${paths.reports}"
 _CORPORA = ("pairs", "images", "text")
+# The images of the validated manifests: validate's pack members for converted images, and for those it kept as
+# they are the source images themselves, under paths.raw or prepare's packs (flava.data.validate).
+_VALIDATED_IMAGES = (f"{_VALIDATED}/images", f"{_PREPARED}/extracted", "${paths.raw}")
 
 # What every pretraining stage reads of data/model/train (the stage's own train.<stage> section is added).
 _TRAIN_COMMON = (
@@ -158,7 +161,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="shard", command=("data", "shard"), entry="flava.data.shards:run_shard",
-        deps=tuple(f"{_VALIDATED}/{c}.jsonl" for c in _CORPORA) + (f"{_VALIDATED}/images",),
+        deps=tuple(f"{_VALIDATED}/{c}.jsonl" for c in _CORPORA) + _VALIDATED_IMAGES,
         # paths.shards: where the tars go is part of what the stage writes (the index records it) once that is not
         # the tracked directory itself (another bucket must re-shard)
         # data.engine.partition_rows: with several partitions each is shuffled and packed on its own
@@ -171,7 +174,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="fit", command=("data", "fit"), entry="flava.data.fit:run_fit",
-        deps=tuple(f"{_VALIDATED}/{c}.jsonl" for c in _CORPORA) + (f"{_VALIDATED}/images",),
+        deps=tuple(f"{_VALIDATED}/{c}.jsonl" for c in _CORPORA) + _VALIDATED_IMAGES,
         params=("seed", "data.tokenizer", "data.codebook", "data.loader", "model"),
         outs=(Out(f"{_ARTIFACTS}/tokenizer"), Out(f"{_ARTIFACTS}/codebook")),
         metrics=(Out(f"{_ARTIFACTS}/fit.json", cache=False),),

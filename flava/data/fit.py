@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flava.data.captions import row_captions
-from flava.data.packs import read_ref
-from flava.data.shards import read_manifest, resolve_image
+from flava.data.shards import read_manifest, read_row_image
 from flava.data.tokenizer import fit_wordpiece, load_tokenizer
 from flava.data.transforms import decode_image, model_image_geometry, transform_from_config
 from flava.model.codebook import DalleCodebook, KMeansCodebook, load_codebook
@@ -76,16 +75,16 @@ def fit_tokenizer(cfg: "PipelineConfig", out_dir: Path) -> dict[str, Any]:
 def sample_pixels(cfg: "PipelineConfig") -> torch.Tensor:
     """A seeded sample of validated images as the loader would see them: (N, 3, H, W) normalised."""
     cc = cfg.data.codebook
-    refs: list[tuple[str, Path]] = []
+    rows: list[tuple[dict[str, Any], Path]] = []
     for corpus in cc.corpora:
         manifest = Path(cfg.paths.validated) / f"{corpus}.jsonl"
-        refs += [(str(r["image"]), manifest.parent) for r in read_manifest(manifest) if r.get("image")]
-    if not refs:
+        rows += [(r, manifest.parent) for r in read_manifest(manifest) if r.get("image")]
+    if not rows:
         raise ValueError(f"no images to fit the codebook on in {cc.corpora} under {cfg.paths.validated}")
-    chosen = random.Random(f"{cfg.seed}:codebook").sample(refs, min(cc.sample_images, len(refs)))
+    chosen = random.Random(f"{cfg.seed}:codebook").sample(rows, min(cc.sample_images, len(rows)))
     transform = transform_from_config(cfg, train=False)
-    pixels = [transform(decode_image(read_ref(resolve_image(image, base), cfg.data.shards.s3)))
-              for image, base in chosen]
+    # as the shard stage reads them: from the source or validation's pack, checked against validation's SHA-256
+    pixels = [transform(decode_image(read_row_image(row, base, cfg.data.ingest.s3)[1])) for row, base in chosen]
     return torch.stack(pixels)
 
 

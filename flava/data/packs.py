@@ -32,9 +32,12 @@ from flava.data import storage
 from flava.data.partitions import temporary
 from flava.data.stream_config import S3Config
 
-# Field of a validated manifest row: the image reference as prepare wrote it, while ``image`` points into the
-# validation pack (where the accepted bytes are; meaningless outside the pipeline's working tree).
+# Fields of a validated manifest row with an image: the image reference as prepare wrote it (``image`` is that same
+# reference for an image kept as it is, or points into the validation pack for a converted one), and the SHA-256
+# and size of the bytes ``image`` named when validation read them (``read_verified`` checks them).
 SOURCE_IMAGE_FIELD = "source_image"
+IMAGE_SHA256_FIELD = "image_sha256"
+IMAGE_BYTES_FIELD = "image_bytes"
 _REF = re.compile(r"^(?P<uri>.+)#(?P<offset>\d+)\+(?P<size>\d+)$")
 _BLOCK = 512  # tar block size: member data is padded to a multiple of it
 
@@ -82,6 +85,23 @@ def read_ref(ref: str, s3: S3Config | None = None) -> bytes:
     if len(data) != parsed.size:
         raise ValueError(f"image reference {ref}: read {len(data)} of {parsed.size} bytes (range past the end of "
                          f"{parsed.uri}?)")
+    return data
+
+
+class ChangedImageError(ValueError):
+    """The bytes an image reference names are not those validation accepted (the source changed since)."""
+
+
+def read_verified(ref: str, s3: S3Config | None, *, sha256: str | None, size: int | None, key: str) -> bytes:
+    """``read_ref``, then the bytes checked against the SHA-256 and size validation recorded for row ``key`` (each
+    when given): changed bytes raise ``ChangedImageError`` naming the row, the reference and both hashes."""
+    data = read_ref(ref, s3)
+    actual = hashlib.sha256(data).hexdigest() if sha256 is not None or size is not None else None
+    if (sha256 is not None and actual != sha256) or (size is not None and len(data) != size):
+        raise ChangedImageError(
+            f"row {key!r}: image {ref} changed since validation: validated {size} bytes with sha256 {sha256}, "
+            f"now {len(data)} bytes with sha256 {actual}; re-run `flava data validate` (never sharded from bytes "
+            "validation did not see)")
     return data
 
 

@@ -233,8 +233,8 @@ class IngestConfig(StrictModel):
 class ValidateConfig(StrictModel):
     """Great Expectations validation (``flava data validate``). Rows failing a check are quarantined with the
     reason; images in convertible modes (CMYK, L, P, RGBA, 16-bit, ...) are normalised to RGB, EXIF-rotated,
-    and written into one pack per partition, ``paths.validated/images/<corpus>/<n>.tar`` (RGB JPEGs and PNGs as
-    they are, see passthrough; ``flava.data.packs``)."""
+    and written into one pack per partition, ``paths.validated/images/<corpus>/<n>.tar`` (``flava.data.packs``);
+    RGB JPEGs and PNGs kept as they are (see passthrough) are not copied: their rows name the source."""
 
     min_accept_fraction: float = Field(0.9, ge=0, le=1)
     # captions (pairs) and passages (text)

@@ -3,12 +3,19 @@
 Layout (``paths.shards`` may be ``s3://bucket/prefix``)::
 
     {root}/{corpus}/shard-000000.tar ...   samples: {key}.png|jpg (image), {key}.txt (text), {key}.json (metadata:
-                                           the row but its text; ``image`` is the source's reference, e.g. the
-                                           raw file or webdataset member, not validation's pack)
+                                           the row but its text and validation's read fields; ``image`` is the
+                                           source's reference, e.g. the raw file or webdataset member, not
+                                           validation's pack)
                                            (a pair with several captions: {key}.captions.json, a JSON list,
                                            instead of {key}.txt; its image is stored once)
     {root}/{corpus}/index.json             num_samples, num_shards, per shard: name, samples, bytes, sha256
     {root}/metrics.json                    per corpus counts and bytes
+
+A row's image is read where the validated manifest says it is: the source image itself (a path, an ``s3://``
+object read with ``data.ingest.s3`` as validation read it, or a range of a tar) when validation kept it as it is,
+or validation's pack member when it converted it. Its bytes must have the SHA-256 and size validation recorded
+(``flava.data.packs.read_verified``): a source changed since validation stops the stage naming the row, the
+reference and both hashes, never shards other bytes.
 
 DVC tracks ``paths.shard_index``, a local directory. By default it is ``paths.shards`` itself (tars, index and
 metrics, as above). When the shards are written elsewhere (``s3://``), it holds a copy of each corpus' index with
@@ -63,7 +70,15 @@ from flava.data import storage
 from flava.data.captions import CAPTIONS_FIELD, CAPTIONS_MEMBER, row_captions
 from flava.data.engine import Engine, EngineConfig, open_engine
 from flava.data.jsonl import read_jsonl
-from flava.data.packs import SOURCE_IMAGE_FIELD, fixed_member, make_ref, parse_ref, read_ref
+from flava.data.packs import (
+    IMAGE_BYTES_FIELD,
+    IMAGE_SHA256_FIELD,
+    SOURCE_IMAGE_FIELD,
+    fixed_member,
+    make_ref,
+    parse_ref,
+    read_verified,
+)
 from flava.data.partitions import (
     PARTITIONS_DIR,
     ManifestPlan,
@@ -76,7 +91,7 @@ from flava.data.partitions import (
     read_range,
     write_json_atomic,
 )
-from flava.data.stream_config import ShardConfig
+from flava.data.stream_config import S3Config, ShardConfig
 from flava.data.transforms import to_rgb
 from flava.tracking.runs import stage_run
 
@@ -223,6 +238,16 @@ def resolve_image(image: str, manifest_dir: Path) -> str:
     return make_ref(uri, ranged.offset, ranged.size) if ranged else uri
 
 
+def read_row_image(row: dict[str, Any], manifest_dir: Path, s3: S3Config | None) -> tuple[str, bytes]:
+    """(resolved reference, bytes) of a validated row's ``image``: read where it is (a source image validation
+    kept as it is, or a member of validation's pack) with ``s3`` -- validation's S3 settings, ``data.ingest.s3``
+    -- and checked against the SHA-256 and size validation recorded (``ChangedImageError`` when they differ)."""
+    uri = resolve_image(str(row["image"]), manifest_dir)
+    size = row.get(IMAGE_BYTES_FIELD)
+    return uri, read_verified(uri, s3, sha256=row.get(IMAGE_SHA256_FIELD), size=None if size is None else int(size),
+                              key=str(row["key"]))
+
+
 def encode_image(data: bytes, cfg: ShardConfig, where: str) -> tuple[str, bytes]:
     """Image file bytes -> (extension, bytes to store), per ``image_format`` and ``max_image_side``."""
     try:
@@ -249,9 +274,15 @@ def encode_image(data: bytes, cfg: ShardConfig, where: str) -> tuple[str, bytes]
     return target, out.getvalue()
 
 
+# Fields of a validated row that say where its image is and how validation saw it, not what the sample is: a
+# sample's json names the source reference as its ``image`` and leaves these out.
+_READ_FIELDS = ("text", "caption", CAPTIONS_FIELD, SOURCE_IMAGE_FIELD, IMAGE_SHA256_FIELD, IMAGE_BYTES_FIELD)
+
+
 def build_samples(
-    rows: list[dict[str, Any]], corpus: str, manifest_dir: Path, cfg: ShardConfig
+    rows: list[dict[str, Any]], corpus: str, manifest_dir: Path, cfg: ShardConfig, images_s3: S3Config | None = None
 ) -> Iterator[Sample]:
+    """The samples of validated ``rows``; images read with ``images_s3`` (see ``read_row_image``)."""
     seen: dict[str, str] = {}
     for row in rows:
         key = shard_key(row["key"])
@@ -259,14 +290,14 @@ def build_samples(
             raise ValueError(f"{corpus}: keys {seen[key]!r} and {row['key']!r} collide as shard key {key!r}")
         seen[key] = row["key"]
         files: dict[str, bytes] = {}
-        meta = {k: v for k, v in row.items() if k not in ("text", "caption", CAPTIONS_FIELD, SOURCE_IMAGE_FIELD)}
+        meta = {k: v for k, v in row.items() if k not in _READ_FIELDS}
         if SOURCE_IMAGE_FIELD in row:  # where the image came from; the validation pack's offset means nothing here
             meta["image"] = row[SOURCE_IMAGE_FIELD]
         if corpus in ("pairs", "images"):
             if not row.get("image"):
                 raise ValueError(f"{corpus}: row {row['key']!r} has no 'image'")
-            uri = resolve_image(str(row["image"]), manifest_dir)
-            ext, data = encode_image(read_ref(uri, cfg.s3), cfg, f"{uri} (row {row['key']!r})")
+            uri, data = read_row_image(row, manifest_dir, images_s3)
+            ext, data = encode_image(data, cfg, f"{uri} (row {row['key']!r})")
             files[ext] = data
         captions = row_captions(row) if corpus == "pairs" else None
         if captions is not None:
@@ -299,6 +330,7 @@ class ShardTask:
     fingerprint: str  # of the corpus' input, params and partitioning, and this range
     summary: str  # written last: the partition is done when it exists with ``fingerprint``
     cfg: ShardConfig
+    images_s3: S3Config | None = None  # how the rows' images are read: validation's S3 settings (data.ingest.s3)
 
 
 def shard_partition(task: ShardTask) -> dict[str, Any]:
@@ -307,7 +339,7 @@ def shard_partition(task: ShardTask) -> dict[str, Any]:
     random.Random(task.shuffle_seed).shuffle(rows)
     out = storage.join(task.root, task.corpus)
     shards = []
-    samples = build_samples(rows, task.corpus, Path(task.manifest).parent, task.cfg)
+    samples = build_samples(rows, task.corpus, Path(task.manifest).parent, task.cfg, task.images_s3)
     with tempfile.TemporaryDirectory(prefix="flava-shard-") as tmp:
         batch: list[Sample] = []
         for sample in samples:
@@ -364,11 +396,13 @@ def _corpus_fingerprint(plan: ManifestPlan, manifest: Path, corpus: str, cfg: Sh
 
 
 def write_corpus(manifest: Path, corpus: str, root: str, cfg: ShardConfig, seed: int, *, engine: Engine | None = None,
-                 partition_rows: int | None = None, state: Path | None = None) -> dict[str, Any]:
+                 partition_rows: int | None = None, state: Path | None = None,
+                 images_s3: S3Config | None = None) -> dict[str, Any]:
     """Shard the validated manifest of one corpus under ``{root}/{corpus}/``, partition by partition on ``engine``
     (default: this process; ``partition_rows`` default: ``data.engine``'s), and write its index. Partitions already
     done with the same input and params are kept (a killed run resumes). ``state``: the partitions' bookkeeping
-    (default ``{root}/partitions/{corpus}``; required when ``root`` is on S3). Returns the index."""
+    (default ``{root}/partitions/{corpus}``; required when ``root`` is on S3). ``images_s3``: how the rows' images
+    are read (validation's ``data.ingest.s3``). Returns the index."""
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"validated manifest {manifest} not found (run `flava data validate` first)")
@@ -404,7 +438,8 @@ def write_corpus(manifest: Path, corpus: str, root: str, cfg: ShardConfig, seed:
     for p in plan.partitions:
         tasks.append(ShardTask(corpus, str(manifest), root, p, first,
                                shuffle_seed(seed, corpus, p.index, len(plan.partitions)),
-                               part_fingerprint(fingerprint, p.index), str(state / f"{part_name(p.index)}.json"), cfg))
+                               part_fingerprint(fingerprint, p.index), str(state / f"{part_name(p.index)}.json"), cfg,
+                               images_s3))
         first += -(-p.rows // cfg.samples_per_shard)
     todo = [t for t in tasks if not _partition_done(t, out)]
     if todo:
@@ -490,7 +525,7 @@ def _shard(cfg: "PipelineConfig") -> tuple[dict[str, Any], dict[str, float]]:
             start = time.perf_counter()
             index = write_corpus(validated / f"{corpus}.jsonl", corpus, root, sc, cfg.seed, engine=engine,
                                  partition_rows=cfg.data.engine.partition_rows,
-                                 state=Path(index_dir) / PARTITIONS_DIR / corpus)
+                                 state=Path(index_dir) / PARTITIONS_DIR / corpus, images_s3=cfg.data.ingest.s3)
             if elsewhere:
                 _write_local_index(index, storage.join(root, corpus), Path(index_dir) / corpus)
             metrics["corpora"][corpus] = {

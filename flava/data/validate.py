@@ -4,20 +4,25 @@ For each corpus manifest in ``paths.prepared`` every row gets one column per che
 encoding and bounds, image decodability, mode and size, computed by decoding each image safely, local file or
 ``s3://`` object alike). The corpus's GE suite (``flava.data.expectations``) runs over those columns; a row that
 fails an expectation is rejected with the first failing expectation's reason. Accepted images are normalised
-(EXIF rotation, 8-bit RGB; RGB JPEGs and PNGs kept as they are under ``passthrough``) and written into one
-*pack* per partition, ``paths.validated/images/<corpus>/<n>.tar`` (``flava.data.packs``: an uncompressed tar),
-never one file per image: once per image reference and once per distinct content (rows sharing an image share
-the member, named after the first row that decodes it); images of rejected rows never land in it. An accepted
-row's ``image`` is a reference into its partition's pack (``<pack>#<offset>+<size>``), and ``source_image``
-keeps the reference prepare wrote (where the image came from). The packs, and so the ``image`` references,
-depend on the partitioning; the bytes they name do not.
+(EXIF rotation, 8-bit RGB). An image already fit for the shards (an RGB JPEG or PNG with no EXIF turn, under
+``passthrough``) is not copied: its accepted row's ``image`` stays the reference prepare wrote (a local path, an
+``s3://`` URI or a ``<tar>#<offset>+<size>`` range), and the shard stage reads it from there. Only converted
+images (a mode change, an EXIF rotation, a re-encode with ``passthrough`` off) are written, into one *pack* per
+partition, ``paths.validated/images/<corpus>/<n>.tar`` (``flava.data.packs``: an uncompressed tar; a partition
+with no converted image writes none), never one file per image: once per image reference and once per distinct
+content (rows sharing an image share the member, named after the first row that decodes it); images of rejected
+rows never land in it. A converted row's ``image`` is a reference into its partition's pack
+(``<pack>#<offset>+<size>``). Every accepted row with an image keeps ``source_image`` (the reference prepare
+wrote), ``image_sha256`` and ``image_bytes`` (of the bytes ``image`` names, as validated: the shard stage refuses
+other bytes under that reference). The packs, and so the converted rows' ``image`` references, depend on the
+partitioning; the bytes they name do not.
 
 The manifest is validated in partitions of ``data.engine.partition_rows`` rows, on the engine of
 ``data.engine`` (``flava.data.engine``): memory is bounded by the partition (one streaming pass before them
 finds the keys and images that recur across partitions, so duplicates and shared images come out as in one
-pass; an image shared by rows of several partitions is in each of their packs). Each partition writes its pack,
-``partitions/<corpus>/<n>.jsonl``, ``<n>.rejects.jsonl`` and, last, ``<n>.json``
-(counts, reasons, per-expectation results, its GE result, the fingerprint of manifest + params + range);
+pass; a converted image shared by rows of several partitions is in each of their packs). Each partition writes
+its pack (if any), ``partitions/<corpus>/<n>.jsonl``, ``<n>.rejects.jsonl`` and, last, ``<n>.json`` (counts,
+reasons, per-expectation results, its GE result, the fingerprint of manifest + params + range);
 ``partitions/<corpus>/index.json`` lists them. A killed run resumes at the partitions without a matching
 ``<n>.json``; new manifest bytes or params start the corpus afresh.
 
@@ -42,6 +47,7 @@ import io
 import json
 import logging
 import shutil
+import stat
 import time
 from array import array
 from collections import Counter
@@ -62,7 +68,14 @@ from flava.data.expectations import (
     corpus_checks,
 )
 from flava.data.ingest import CORPORA, dump_row
-from flava.data.packs import SOURCE_IMAGE_FIELD, PackWriter, parse_ref, read_ref
+from flava.data.packs import (
+    IMAGE_BYTES_FIELD,
+    IMAGE_SHA256_FIELD,
+    SOURCE_IMAGE_FIELD,
+    PackWriter,
+    parse_ref,
+    read_ref,
+)
 from flava.data.partitions import (
     PARTITIONS_DIR,
     ManifestPlan,
@@ -108,18 +121,21 @@ class Fetcher:
         if ranged is not None and ranged.size > self.max_bytes:  # the size is in the reference: do not read it
             return None, f"file too large: {ranged.size} bytes > {self.max_bytes}"
         if not is_s3(uri):
-            path = Path(uri)
+            # one stat per reference: here for a whole file (its size decides whether it is read), in read_ref
+            # for a range (whose size is in the reference)
             try:
-                if not path.is_file():
-                    return None, f"missing file: {uri[:200]}"
+                if ranged is None:
+                    info = Path(uri).stat()
+                    if not stat.S_ISREG(info.st_mode):
+                        return None, f"missing file: {uri[:200]}"
+                    if info.st_size > self.max_bytes:  # do not read it into memory
+                        return None, f"file too large: {info.st_size} bytes > {self.max_bytes}"
+                    return Path(uri).read_bytes(), None
+                return read_ref(ref), None
+            except (FileNotFoundError, NotADirectoryError):
+                return None, f"missing file: {uri[:200]}"
             except OSError as err:  # e.g. a name too long: not a path at all
                 return None, f"missing file: not a usable path ({err.strerror}): {uri[:200]!r}"
-            if ranged is None:
-                size = path.stat().st_size
-                if size > self.max_bytes:  # do not read it into memory
-                    return None, f"file too large: {size} bytes > {self.max_bytes}"
-            try:
-                return read_ref(ref), None
             except ValueError as err:  # a range past the end of its tar
                 return None, f"missing file: {err}"
         bucket, _ = split_s3(uri)
@@ -177,9 +193,10 @@ def image_name(key: str, suffix: str) -> str:
 class _CorpusChecker:
     """Check columns of one partition's rows. Rows are numbered corpus-wide (``start`` is the partition's first
     row); ``prior_keys`` and ``prior_images`` carry what earlier partitions saw: the first row of each key that
-    recurs here, and the key naming each shared image that an earlier row decoded first. Normalised images are
-    appended to a scratch file beside ``pack`` as they decode (memory holds one image at a time);
-    ``settle_images`` copies those an accepted row points to into the pack ``pack`` and drops the scratch file."""
+    recurs here, and the key naming each shared image that an earlier row decoded first. An image kept as it is
+    (``passthrough``) is not copied: only its reference, SHA-256 and size are kept. Converted images are appended
+    to a scratch file beside ``pack`` as they decode (memory holds one image at a time); ``settle_images`` copies
+    those an accepted row points to into the pack ``pack`` and drops the scratch file."""
 
     def __init__(self, corpus: str, v: ValidateConfig, fetch: Fetcher, pack: Path, *, start: int = 0,
                  prior_keys: dict[str, int] | None = None, prior_images: dict[str, str] | None = None):
@@ -195,7 +212,8 @@ class _CorpusChecker:
         self._seen_images: dict[str, tuple[dict[str, Any], str | None]] = {}
         self._scratch_path = temporary(pack.with_suffix(".scratch"))
         self._scratch: BinaryIO | None = None  # opened at the first decoded image
-        self._pending: dict[str, tuple[int, int]] = {}  # member name -> (offset, size) in the scratch file
+        self._pending: dict[str, tuple[int, int, str]] = {}  # member name -> (offset, size, sha256) in the scratch
+        self._kept: dict[str, tuple[str, int, str]] = {}  # name of an image kept as it is -> (its ref, size, sha256)
         # row index -> caption check columns of a multi-caption row (set by check_captions)
         self.caption_columns: dict[int, dict[str, Any]] = {}
 
@@ -252,8 +270,8 @@ class _CorpusChecker:
         return dropped, result
 
     def image_columns(self, row: dict[str, Any], decode: bool) -> tuple[dict[str, Any], str | None]:
-        """Check columns of the row's image; when it decodes, the normalised image is kept aside (its member name
-        in the pack returned)."""
+        """Check columns of the row's image; when it decodes, its name (``settle_images`` gives the row's image
+        fields from it) is returned too."""
         empty = {"image_error": None, "image_mode": None, "image_width": np.nan, "image_height": np.nan,
                  "image_min_side": np.nan, "image_max_side": np.nan, "image_aspect": np.nan}
         ref = row.get("image")
@@ -288,39 +306,46 @@ class _CorpusChecker:
             self.exif_rotated += int(turned)
         keep = v.passthrough and info.format in PASSTHROUGH_FORMATS and info.mode == "RGB" and not turned
         name = image_name(key, PASSTHROUGH_FORMATS[info.format] if keep else v.image_format)
-        if keep:  # already what the shards need: the source bytes, untouched
-            out = data
+        if keep:  # already what the shards need: the source bytes, read from the source, never copied
+            self._kept[name] = (ref, len(data), hashlib.sha256(data).hexdigest())
+            return cols, name
+        buffer = io.BytesIO()
+        if v.image_format == "png":
+            rgb.save(buffer, format="PNG")
         else:
-            buffer = io.BytesIO()
-            if v.image_format == "png":
-                rgb.save(buffer, format="PNG")
-            else:
-                rgb.save(buffer, format="JPEG", quality=v.jpeg_quality)
-            out = buffer.getvalue()
+            rgb.save(buffer, format="JPEG", quality=v.jpeg_quality)
+        out = buffer.getvalue()
         if self._scratch is None:
             self._scratch = self._scratch_path.open("w+b")
-        self._pending[name] = (self._scratch.tell(), len(out))
+        self._pending[name] = (self._scratch.tell(), len(out), hashlib.sha256(out).hexdigest())
         self._scratch.write(out)
         return cols, name
 
-    def settle_images(self, kept: set[str]) -> dict[str, str]:
-        """Write the pack: the images accepted rows point to, in the order they decoded, each once; the others
-        (decoded, but every row using them was rejected for another reason, e.g. its caption) never land in it.
-        Returns member name -> reference into the pack. The scratch file is removed."""
-        refs: dict[str, str] = {}
+    def settle_images(self, accepted: set[str]) -> dict[str, dict[str, Any]]:
+        """The image fields of the accepted rows, by image name: ``image`` (the source reference of an image kept
+        as it is; for a converted one, its member of the pack), ``image_sha256`` and ``image_bytes``. Writes the
+        pack: the converted images accepted rows point to, in the order they decoded, each once; the others
+        (decoded, but every row using them was rejected for another reason, e.g. its caption) never land in it. A
+        partition with no accepted converted image writes no pack. The scratch file is removed."""
+        fields = {name: {"image": ref, IMAGE_SHA256_FIELD: digest, IMAGE_BYTES_FIELD: size}
+                  for name, (ref, size, digest) in self._kept.items() if name in accepted}
+        converted = [name for name in self._pending if name in accepted]
         try:
-            with PackWriter(self.pack) as pack:
-                for name, (offset, size) in self._pending.items():
-                    if name in kept:
+            if converted:
+                with PackWriter(self.pack) as pack:
+                    for name in converted:
+                        offset, size, digest = self._pending[name]
                         self._scratch.seek(offset)
-                        refs[name] = pack.add(name, self._scratch.read(size))
+                        fields[name] = {"image": pack.add(name, self._scratch.read(size)),
+                                        IMAGE_SHA256_FIELD: digest, IMAGE_BYTES_FIELD: size}
         finally:
             if self._scratch is not None:
                 self._scratch.close()
                 self._scratch = None
             self._scratch_path.unlink(missing_ok=True)
             self._pending.clear()
-        return refs
+            self._kept.clear()
+        return fields
 
     def frame(self, rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str | None]]:
         seen: dict[str, int] = {}
@@ -355,7 +380,9 @@ class _CorpusChecker:
 
 # ---------------------------------------------------------------------------------------------- the stage
 # Bump when the partition outputs change meaning, so a resumed run never reuses partitions of another format.
-PARTITION_FORMAT = 2  # 2: accepted images in one pack per partition, not one file per image
+# 2: accepted images in one pack per partition, not one file per image; 3: images kept as they are not copied
+# (``image`` is the source reference, with its SHA-256 and size)
+PARTITION_FORMAT = 3
 # PARTITIONS_DIR, under paths.validated: <corpus>/<partition>.{jsonl,rejects.jsonl,json}, index.json
 
 
@@ -396,7 +423,7 @@ class PartitionTask:
 
 
 def _pack_path(out: Path, corpus: str, index: int) -> Path:
-    """The pack of partition ``index``'s accepted images (``flava.data.packs``)."""
+    """The pack of partition ``index``'s accepted converted images (``flava.data.packs``)."""
     return out / "images" / corpus / f"{part_name(index)}.tar"
 
 
@@ -429,13 +456,13 @@ def validate_partition(task: PartitionTask) -> dict[str, Any]:
         failing = [r.expectation_config.type for r in final.results if not r.success]
         raise RuntimeError(f"{corpus} rows {part.start}..: accepted rows fail {failing}; the reject mapping is broken")
 
-    refs = {}
-    if corpus in IMAGE_CORPORA:  # the pack first: the accepted rows point into it
-        refs = checker.settle_images({written[i] for i in accepted_idx if written[i] is not None})
+    images = {}
+    if corpus in IMAGE_CORPORA:  # the pack first: the accepted rows of converted images point into it
+        images = checker.settle_images({written[i] for i in accepted_idx if written[i] is not None})
     paths = partition_paths(out, corpus, part.index)
     write_lines_atomic(paths["accepted"], (
         dump_row(rows[i] if written[i] is None else
-                 {**rows[i], "image": refs[written[i]], SOURCE_IMAGE_FIELD: rows[i]["image"]})
+                 {**rows[i], **images[written[i]], SOURCE_IMAGE_FIELD: rows[i]["image"]})
         for i in accepted_idx))
     write_lines_atomic(paths["rejects"], _reject_lines(rows, reasons, failed, dropped))
     histogram = Counter(reason.split(":")[0] for reason in reasons.values())

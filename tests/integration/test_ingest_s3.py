@@ -1,11 +1,13 @@
 """`s3://` images end to end against a moto S3 server on loopback: a manifest naming one existing and one missing
 object is prepared and validated; the existing one is fetched and normalised, the missing one quarantined with
-its reason. An endpoint nobody listens on is quarantined too, quickly and without crashing."""
+its reason. An endpoint nobody listens on is quarantined too, quickly and without crashing. A webdataset on S3 is
+referenced in place from prepare to shard, and a tar rewritten after validation stops the shard stage."""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import shutil
 import socket
 
 import boto3
@@ -15,8 +17,9 @@ from PIL import Image
 
 from flava.config import PipelineConfig
 from flava.data.ingest import run_prepare
-from flava.data.packs import read_ref
+from flava.data.packs import ChangedImageError, read_ref
 from flava.data.prep_config import WebdatasetPairs
+from flava.data.shards import read_tar, run_shard
 from flava.data.validate import run_validate
 from tests.helpers import tracking_in
 from tests.unit.test_ingest_formats import img2dataset_tar, jpeg
@@ -129,3 +132,27 @@ def test_img2dataset_webdataset_on_s3_is_streamed_with_its_provenance(tmp_path, 
     assert [read_ref(r["image"], cfg.data.ingest.s3) for r in rows] == [data for _, _, data in samples]
     assert list((tmp_path / "prepared" / "extracted").iterdir()) == []
     assert run_validate(cfg)["pairs"]["accepted"] == 2
+    # RGB JPEGs kept as they are: the validated rows still name the ranges of the S3 tars, nothing is copied
+    validated = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
+    assert [r["image"] for r in validated] == [r["image"] for r in rows]
+    assert [p for p in (tmp_path / "validated" / "images").rglob("*") if p.is_file()] == []
+
+    # the shard stage reads them from the bucket with data.ingest.s3 (data.shards.s3 names no endpoint here)
+    cfg.paths.shards = cfg.paths.shard_index = str(tmp_path / "shards")
+    cfg.data.shards.corpora = ["pairs"]
+    run_shard(cfg)
+    [shard] = (tmp_path / "shards" / "pairs").glob("shard-*.tar")
+    sharded = {s.key: s.files for s in read_tar(shard.read_bytes())}
+    assert {k: f["jpg"] for k, f in sharded.items()} == {f"laion-{name}": data for name, _, data in samples}
+    assert json.loads(sharded["laion-000000000"]["json"])["image"] == rows[0]["image"]
+
+    # an S3 source rewritten after validation: the shard stage refuses its bytes, naming the row and the reference
+    samples[0] = (samples[0][0], samples[0][1], jpeg((10, 10, 250)))
+    img2dataset_tar(tmp_path / "tars" / "00000.tar", samples[:1])
+    s3.upload_file(str(tmp_path / "tars" / "00000.tar"), "laion", "out/00000.tar")
+    shutil.rmtree(tmp_path / "shards")
+    with pytest.raises(ChangedImageError, match=r"row 'laion-000000000': image s3://laion/out/00000\.tar#\d+\+\d+ "
+                                                r"changed since validation") as err:
+        run_shard(cfg)
+    assert validated[0]["image_sha256"] in str(err.value)
+    assert hashlib.sha256(samples[0][2]).hexdigest() in str(err.value)

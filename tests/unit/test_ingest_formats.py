@@ -23,7 +23,7 @@ from flava.cli import main as cli_main
 from flava.config import PipelineConfig
 from flava.data import sources
 from flava.data.ingest import run_prepare
-from flava.data.packs import read_ref
+from flava.data.packs import parse_ref, read_ref
 from flava.data.prep_config import ManifestPairs, TextFiles
 from flava.data.validate import run_validate
 from flava.exitcodes import NON_RETRYABLE
@@ -132,9 +132,12 @@ def test_img2dataset_parquet_images_come_from_the_bytes_and_are_stored_once(tmp_
     result = run_validate(c)
     assert result["pairs"] == {"in": 4, "accepted": 4, "rejected": 0, "reject_rate": 0.0}
     validated = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
-    assert [p.name for p in (tmp_path / "validated" / "images" / "pairs").iterdir()] == ["00000.tar"]  # one pack
-    with tarfile.open(tmp_path / "validated" / "images" / "pairs" / "00000.tar") as tar:
-        assert len({r["image"] for r in validated}) == 3 == len(tar.getmembers())
+    # RGB JPEGs kept as they are: the rows still point into prepare's packs, validation copies nothing
+    assert list((tmp_path / "validated" / "images" / "pairs").iterdir()) == []
+    assert [r["image"] for r in validated] == [r["image"] for r in rows]
+    assert len({r["image"] for r in validated}) == 3
+    assert {parse_ref(r["image"]).uri for r in validated} == {
+        str(tmp_path / "prepared" / "extracted" / "laion" / name) for name in ("00000.tar", "00001.tar")}
     green = Image.open(io.BytesIO(read_ref(validated[2]["image"])))
     assert green.getpixel((5, 5))[1] > 120  # the green one, decoded from its bytes
 
@@ -249,9 +252,10 @@ def test_karpathy_splits_flickr30k_and_coco_layouts(tmp_path):
     assert {r["reason"] for r in rejects} == {"split 'val' not in splits ['train', 'restval']",
                                               "split 'test' not in splits ['train', 'restval']"}
     assert run_validate(c)["pairs"]["accepted"] == 3
-    assert [p.name for p in (tmp_path / "validated" / "images" / "pairs").iterdir()] == ["00000.tar"]
-    with tarfile.open(tmp_path / "validated" / "images" / "pairs" / "00000.tar") as tar:
-        assert len(tar.getmembers()) == 3
+    # RGB JPEGs kept as they are: read from the raw tree, not copied
+    assert list((tmp_path / "validated" / "images" / "pairs").iterdir()) == []
+    validated = read_jsonl(tmp_path / "validated" / "pairs.jsonl")
+    assert all(r["image"] == r["source_image"] and r["image"].startswith(str(raw)) for r in validated)
 
 
 def test_a_captions_json_given_as_a_manifest_says_which_kind_to_use(tmp_path):

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flava.data.packs import PackWriter
+from flava.data.packs import IMAGE_BYTES_FIELD, IMAGE_SHA256_FIELD, ChangedImageError, PackWriter, parse_ref
 from flava.data.shards import read_tar, run_shard
+from flava.data.validate import run_validate
 from tests.unit.shard_fixtures import config, make_validated
+from tests.unit.test_validate import pack_member, write_photos
 
 
 def test_index_counts_and_checksums(tmp_path):
@@ -69,6 +71,63 @@ def test_samples_read_images_from_packs_and_name_their_source(tmp_path):
         row = by_key[meta["key"]]
         assert s.files["png"] == Path(row["source_image"]).read_bytes()
         assert meta["image"] == row["source_image"] and "source_image" not in meta
+
+
+def _shard_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "pairs").glob("shard-*.tar"))} | {
+        "index.json": (root / "pairs" / "index.json").read_bytes()}
+
+
+def test_images_read_from_their_sources_give_the_shards_of_copies(tmp_path):
+    """Validated photos kept as they are are sharded from their sources: each shard member holds the source's
+    bytes, and the shards are byte for byte those of the same rows with every image copied into a pack (the layout
+    before images kept as they were stayed where they were)."""
+    cfg, sources = write_photos(tmp_path)
+    run_validate(cfg)
+    run_shard(cfg)
+    validated = tmp_path / "validated"
+    rows = [json.loads(line) for line in (validated / "pairs.jsonl").read_text().splitlines()]
+    samples = {s.key: s for tar in sorted((tmp_path / "shards" / "pairs").glob("shard-*.tar"))
+               for s in read_tar(tar.read_bytes())}
+    assert len(samples) == len(rows) == 26
+    for row in rows:
+        files = samples[row["key"]].files
+        [ext] = set(files) - {"txt", "json"}
+        if parse_ref(row["image"]) is None:  # kept as it is: the source's bytes, untouched
+            assert files[ext] == sources[row["key"]]
+        else:
+            assert files[ext] == pack_member(row["image"])[1]
+        meta = json.loads(files["json"])
+        assert meta["image"] == row["source_image"] and not {IMAGE_SHA256_FIELD, IMAGE_BYTES_FIELD} & set(meta)
+
+    # every image copied into a pack, as validation wrote them before: the same shard bytes
+    copied = []
+    with PackWriter(validated / "images" / "pairs" / "copied.tar") as pack:
+        for row in rows:
+            data = samples[row["key"]].files[next(iter(set(samples[row["key"]].files) - {"txt", "json"}))]
+            copied.append({k: v for k, v in row.items() if k not in (IMAGE_SHA256_FIELD, IMAGE_BYTES_FIELD)}
+                          | {"image": pack.add(row["key"], data)})
+    (validated / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in copied))
+    cfg.paths.shards = cfg.paths.shard_index = str(tmp_path / "shards-copied")
+    run_shard(cfg)
+    assert _shard_files(tmp_path / "shards-copied") == _shard_files(tmp_path / "shards")
+
+
+def test_source_changed_after_validation_stops_the_shard_stage(tmp_path):
+    cfg, sources = write_photos(tmp_path, n=4)
+    run_validate(cfg)
+    row = next(json.loads(line) for line in (tmp_path / "validated" / "pairs.jsonl").read_text().splitlines()
+               if json.loads(line)["key"] == "photo001")
+    source = Path(row["image"])
+    assert source.read_bytes() == sources["photo001"]
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(source)  # another valid image under the same name
+    new = hashlib.sha256(source.read_bytes()).hexdigest()
+    with pytest.raises(ChangedImageError) as err:
+        run_shard(cfg)
+    message = str(err.value)
+    assert "'photo001'" in message and str(source) in message
+    assert row[IMAGE_SHA256_FIELD] in message and new in message
+    assert not list((tmp_path / "shards" / "pairs").glob("shard-*.tar"))  # nothing sharded from changed bytes
 
 
 def test_deterministic_bytes_and_seeded_order(tmp_path):

@@ -2,6 +2,7 @@
 the accept threshold fails the stage with a readable message."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
@@ -17,7 +18,14 @@ from PIL import Image
 from flava.config import PipelineConfig
 from flava.data import images as imaging
 from flava.data.ingest import dump_row, run_prepare
-from flava.data.packs import SOURCE_IMAGE_FIELD, PackWriter, make_ref, parse_ref
+from flava.data.packs import (
+    IMAGE_BYTES_FIELD,
+    IMAGE_SHA256_FIELD,
+    SOURCE_IMAGE_FIELD,
+    PackWriter,
+    make_ref,
+    parse_ref,
+)
 from flava.data.stream_config import S3Config
 from flava.data.synthetic import run_generate
 from flava.data.validate import Fetcher, run_validate
@@ -42,8 +50,13 @@ def pack_member(ref: str) -> tuple[str, bytes]:
     raise AssertionError(f"no member of {parsed.uri} starts at {parsed.offset}")
 
 
+def ref_bytes(ref: str) -> bytes:
+    """The bytes a validated row's ``image`` names: a pack member (read by tarfile) or a whole source file."""
+    return pack_member(ref)[1] if parse_ref(ref) is not None else Path(ref).read_bytes()
+
+
 def open_ref(ref: str) -> Image.Image:
-    return Image.open(io.BytesIO(pack_member(ref)[1]))
+    return Image.open(io.BytesIO(ref_bytes(ref)))
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -145,6 +158,89 @@ def write_prepared(tmp_path: Path) -> tuple[PipelineConfig, Path]:
     return cfg, prepared
 
 
+def write_photos(tmp_path: Path, n: int = 24, side: int = 64) -> tuple[PipelineConfig, dict[str, bytes]]:
+    """A prepared pairs corpus of ``n`` noise photos kept as they are (RGB PNGs and JPEGs) and two that need a
+    conversion (a greyscale PNG, an EXIF-rotated JPEG); no images or text rows. Returns the config (shards of the
+    pairs under ``tmp_path/shards``) and the source bytes by key."""
+    src, prepared = tmp_path / "raw", tmp_path / "prepared"
+    src.mkdir()
+    prepared.mkdir()
+    rng = np.random.default_rng(0)
+    sources = {}
+    for i in range(n):
+        fmt, suffix = ("PNG", "png") if i % 2 else ("JPEG", "jpg")
+        noise = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        sources[(f"photo{i:03d}", suffix)] = encode(noise, fmt)
+    sources[("grey", "png")] = encode(rgb().convert("L"))
+    sources[("exif", "jpg")] = exif_rotated_jpeg()
+    rows = []
+    for (key, suffix), data in sources.items():
+        (src / f"{key}.{suffix}").write_bytes(data)
+        rows.append({"key": key, "image": str(src / f"{key}.{suffix}"), "text": f"a photo called {key}"})
+    (prepared / "pairs.jsonl").write_text("".join(dump_row(r) + "\n" for r in rows))
+    for corpus in ("images", "text"):
+        (prepared / f"{corpus}.jsonl").write_text("")
+    cfg = PipelineConfig.model_validate({
+        "paths": {"raw": str(src), "prepared": str(prepared), "validated": str(tmp_path / "validated"),
+                  "shards": str(tmp_path / "shards")},
+        "data": {"validation": {"min_accept_fraction": 0.0}, "shards": {"samples_per_shard": 8, "corpora": ["pairs"]}},
+        "tracking": tracking_in(tmp_path),
+    })
+    return cfg, {key: data for (key, _), data in sources.items()}
+
+
+def test_images_kept_as_they_are_are_not_copied(tmp_path):
+    """Passthrough photos stay where they are (the row names the source, its SHA-256 and size); only the converted
+    images are written, into the partition's pack: the validated image directory holds no bytes of the others."""
+    cfg, sources = write_photos(tmp_path)
+    assert run_validate(cfg)["pairs"] == {"in": 26, "accepted": 26, "rejected": 0, "reject_rate": 0.0}
+    out = tmp_path / "validated"
+    rows = {r["key"]: r for r in read_jsonl(out / "pairs.jsonl")}
+    for key, row in rows.items():
+        assert row[SOURCE_IMAGE_FIELD].startswith(str(tmp_path / "raw" / key))
+        if key in ("grey", "exif"):  # converted: a member of the pack
+            assert parse_ref(row["image"]).uri == str(out / "images" / "pairs" / "00000.tar")
+        else:  # kept: the source reference itself, with what validation read there
+            assert row["image"] == row[SOURCE_IMAGE_FIELD]
+            assert row[IMAGE_SHA256_FIELD] == hashlib.sha256(sources[key]).hexdigest()
+            assert row[IMAGE_BYTES_FIELD] == len(sources[key])
+    with tarfile.open(out / "images" / "pairs" / "00000.tar") as tar:
+        assert sorted(m.name.split("-")[0] for m in tar.getmembers()) == ["exif", "grey"]
+    image_bytes = sum(p.stat().st_size for p in (out / "images").rglob("*") if p.is_file())
+    source_bytes = sum(len(d) for d in sources.values())
+    assert image_bytes < 0.1 * source_bytes, (image_bytes, source_bytes)  # two small images and tar headers
+    assert sorted(p.name for p in (out / "images").rglob("*") if p.is_file()) == ["00000.tar"]  # no file per image
+
+    # with nothing to convert, a partition writes no pack
+    for key in ("grey", "exif"):
+        (tmp_path / "prepared" / "pairs.jsonl").write_text("".join(
+            line + "\n" for line in (tmp_path / "prepared" / "pairs.jsonl").read_text().splitlines()
+            if json.loads(line)["key"] != key))
+    run_validate(cfg)
+    assert len(read_jsonl(out / "pairs.jsonl")) == 24
+    assert [p for p in (out / "images").rglob("*") if p.is_file()] == []
+
+
+def test_fetcher_stats_a_local_reference_once(tmp_path, monkeypatch):
+    with PackWriter(tmp_path / "p.tar") as pack:
+        ranged = pack.add("a.png", encode(rgb()))
+    (tmp_path / "whole.png").write_bytes(encode(rgb()))
+    calls = []
+    real_stat = Path.stat
+
+    def counting_stat(self, *args, **kwargs):
+        calls.append(str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", counting_stat)
+    fetch = Fetcher(S3Config(), max_bytes=10**6)
+    for ref in (ranged, str(tmp_path / "whole.png")):
+        calls.clear()
+        data, error = fetch(ref)
+        assert error is None and data == encode(rgb())
+        assert len(calls) == 1, (ref, calls)
+
+
 def test_bad_inputs_are_converted_or_quarantined_with_reasons(tmp_path):
     cfg, _ = write_prepared(tmp_path)
     result = run_validate(cfg)
@@ -152,12 +248,19 @@ def test_bad_inputs_are_converted_or_quarantined_with_reasons(tmp_path):
     accepted = {r["key"]: r for r in read_jsonl(out / "pairs.jsonl")}
     rejects = {r["key"] if r["text"] != "a duplicate key" else "rgb#2": r for r in read_jsonl(out / "pairs.rejects.jsonl")}
 
-    # converted, not rejected: every accepted image is 8-bit RGB under paths.validated
+    # converted, not rejected: every accepted image is 8-bit RGB; the converted ones in the pack under
+    # paths.validated, the RGB PNG kept as it is, where it was (not copied)
     assert set(accepted) == {name for name, _, _ in GOOD}
     for row in accepted.values():
-        assert parse_ref(row["image"]).uri == str(out / "images" / "pairs" / "00000.tar")
+        source = str(tmp_path / "src" / f"{row['key']}.img")
+        if row["key"] == "rgb":
+            assert row["image"] == source
+        else:
+            assert parse_ref(row["image"]).uri == str(out / "images" / "pairs" / "00000.tar")
         assert open_ref(row["image"]).mode == "RGB"
-        assert row[SOURCE_IMAGE_FIELD] == str(tmp_path / "src" / f"{row['key']}.img")  # prepare's reference, kept
+        assert row[SOURCE_IMAGE_FIELD] == source  # prepare's reference, kept
+        data = ref_bytes(row["image"])
+        assert row[IMAGE_SHA256_FIELD] == hashlib.sha256(data).hexdigest() and row[IMAGE_BYTES_FIELD] == len(data)
     rgba = np.asarray(open_ref(accepted["rgba"]["image"]))
     assert tuple(rgba[0, 0]) == (0, 0, 255) and tuple(rgba[0, -1]) == (255, 255, 255)  # alpha composited on white
     sixteen = np.asarray(open_ref(accepted["sixteen"]["image"]))
@@ -179,12 +282,13 @@ def test_bad_inputs_are_converted_or_quarantined_with_reasons(tmp_path):
     assert rejects["blank"]["reason"] == "empty caption: whitespace only"
     assert rejects["empty"]["reason"] == "empty caption: no text"
     assert "does-not-exist.png" in rejects["missing"]["reason"]
-    # one pack, holding exactly the accepted rows' images (decoded-then-rejected rows leave nothing behind)
+    # one pack, holding exactly the accepted rows' converted images (decoded-then-rejected rows leave nothing
+    # behind, nor does the image kept as it is)
     assert [p.name for p in (out / "images" / "pairs").iterdir()] == ["00000.tar"]
     with tarfile.open(out / "images" / "pairs" / "00000.tar") as tar:
         members = tar.getnames()
     assert len(set(members)) == len(members)
-    assert set(members) == {pack_member(r["image"])[0] for r in accepted.values()}
+    assert set(members) == {pack_member(r["image"])[0] for r in accepted.values() if r["key"] != "rgb"}
 
     metrics = json.loads((out / "metrics.json").read_text())
     for corpus in ("pairs", "images", "text"):

@@ -15,12 +15,21 @@ from flava.config import PipelineConfig
 from flava.data import validate as validation
 from flava.data.engine import Engine, EngineConfig, open_engine
 from flava.data.ingest import dump_row, run_prepare
+from flava.data.packs import parse_ref
 from flava.data.prep_config import ValidateConfig
 from flava.data.stream_config import S3Config
 from flava.data.synthetic import run_generate
 from tests.helpers import spy_partitions, tracking_in
 from tests.unit.test_synthetic import SMALL
-from tests.unit.test_validate import encode, exif_rotated_jpeg, pack_member, read_jsonl, rgb, write_prepared
+from tests.unit.test_validate import (
+    encode,
+    exif_rotated_jpeg,
+    pack_member,
+    read_jsonl,
+    ref_bytes,
+    rgb,
+    write_prepared,
+)
 
 # rows of the fixture manifest: 21 pairs, so 3 rows per partition gives 7 partitions, with a duplicate key and
 # shared images whose first rows lie in earlier partitions than the rows that repeat them
@@ -57,10 +66,12 @@ def _snapshot(out: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
 
 def _resolved(out: Path) -> dict[str, object]:
     """The outputs that do not depend on the partitioning: every file but the packs (one per partition) and the
-    per-partition bookkeeping, with each accepted row's pack reference replaced by the member it names."""
+    per-partition bookkeeping, with each accepted row's pack reference replaced by the member it names (an image
+    kept as it is keeps its source reference)."""
     snap: dict[str, object] = _snapshot(out, (*PER_PARTITIONING, "images"))
     for corpus in validation.IMAGE_CORPORA:
-        snap[f"{corpus}.jsonl"] = [{**r, "image": pack_member(r["image"])} for r in read_jsonl(out / f"{corpus}.jsonl")]
+        snap[f"{corpus}.jsonl"] = [{**r, "image": pack_member(r["image"]) if r["image"] != r["source_image"]
+                                    else r["image"]} for r in read_jsonl(out / f"{corpus}.jsonl")]
     return snap
 
 
@@ -76,10 +87,14 @@ def test_partitions_give_the_one_pass_outputs_and_counts_add_up(tmp_path):
     result = _run(cfg, prepared, EngineConfig(partition_rows=SMALL_PARTITIONS))
     # rows (images as the bytes they point to), rejects, metrics, report: the same
     assert _resolved(out) == one_pass
-    # one pack per partition, whatever the number of images: no file per image
-    assert sorted(p.name for p in (out / "images" / "pairs").iterdir()) == [f"{i:05d}.tar" for i in range(7)]
+    # at most one pack per partition, whatever the number of images: no file per image; none for a partition
+    # whose accepted images were all kept as they are
     accepted = {r["key"]: r for r in read_jsonl(out / "pairs.jsonl")}
-    assert pack_member(accepted["shared-later"]["image"])[0].startswith("shared-first-")
+    packs = {parse_ref(r["image"]).uri for r in accepted.values() if r["image"] != r["source_image"]}
+    assert sorted(p.name for p in (out / "images" / "pairs").iterdir()) == sorted(Path(p).name for p in packs)
+    assert len(packs) > 1
+    # an RGB PNG, kept as it is: the accepted row names the source, shared with the rejected first row
+    assert accepted["shared-later"]["image"] == str(tmp_path / "src" / "shared.img")
     rejects = {r["key"]: r["reason"] for r in read_jsonl(out / "pairs.rejects.jsonl")}
     assert rejects["rgb"] == "duplicate key: 'rgb' already seen at row 0"  # a row of partition 5 -> row 0
 
@@ -171,18 +186,24 @@ def test_passthrough_keeps_jpeg_and_png_bytes_unless_a_conversion_is_needed(tmp_
     for passthrough in (False, True):
         out = tmp_path / f"validated-{passthrough}"
         validation.validate(ValidateConfig(passthrough=passthrough), S3Config(), prepared, out)
-        written = {r["key"]: pack_member(r["image"]) for r in read_jsonl(out / "pairs.jsonl")}
+        written = {r["key"]: r for r in read_jsonl(out / "pairs.jsonl")}
         assert set(written) == set(inputs)
-        for name, (member, data) in written.items():
+        for name, row in written.items():
             kept = passthrough and name in ("photo", "drawing")  # grey: mode L; exif: to be rotated
+            if kept:  # not copied: the row names the source
+                assert row["image"] == str(src / name)
+                data = Path(row["image"]).read_bytes()
+            else:
+                member, data = pack_member(row["image"])
+                assert Path(member).suffix == ".png", name
             assert (data == inputs[name]) is kept, name
-            assert Path(member).suffix == (".jpg" if kept and name == "photo" else ".png"), name
             assert Image.open(io.BytesIO(data)).mode == "RGB"
 
 
 def test_synthetic_world_is_the_same_with_and_without_passthrough(tmp_path):
-    """Why passthrough can be the default without changing the pipeline's baseline: the synthetic PNGs are what
-    re-encoding them would write."""
+    """Why passthrough can be the default without changing the pipeline's shards: the synthetic PNGs are what
+    re-encoding them would write. With passthrough they are not copied: the rows name the raw files, whose bytes
+    are those of the re-encoded copies."""
     cfg = PipelineConfig.model_validate({
         "paths": {k: str(tmp_path / k) for k in ("raw", "prepared", "validated")},
         "data": {"generate": SMALL}, "tracking": tracking_in(tmp_path)})
@@ -194,9 +215,15 @@ def test_synthetic_world_is_the_same_with_and_without_passthrough(tmp_path):
         shutil.rmtree(out, ignore_errors=True)
         v = cfg.data.validation.model_copy(update={"passthrough": passthrough})
         validation.validate(v, cfg.data.ingest.s3, cfg.paths.prepared, out)
-        snapshots.append(_snapshot(out, (validation.PARTITIONS_DIR,)))
-    with tarfile.open(out / "images" / "pairs" / "00000.tar") as tar:
-        assert tar.getnames() and all(name.endswith(".png") for name in tar.getnames())
+        if not passthrough:
+            with tarfile.open(out / "images" / "pairs" / "00000.tar") as tar:
+                assert tar.getnames() and all(name.endswith(".png") for name in tar.getnames())
+        snapshot = _snapshot(out, (validation.PARTITIONS_DIR, "images"))
+        for corpus in validation.IMAGE_CORPORA:  # each image as the bytes it names
+            snapshot[f"{corpus}.jsonl"] = [{**r, "image": ref_bytes(r["image"])}
+                                           for r in read_jsonl(out / f"{corpus}.jsonl")]
+        snapshots.append(snapshot)
+    assert [p for p in (out / "images").rglob("*") if p.is_file()] == []  # passthrough: nothing copied
     assert snapshots[0] == snapshots[1]
 
 
