@@ -109,6 +109,18 @@ class LossConfig(StrictModel):
     # Without ``itm_labels`` in a pair batch, this fraction of its captions is swapped for another caption of the
     # batch to form ITM negatives (the reference implementation uses about 10 %).
     itm_negative_prob: float = Field(0.1, ge=0.0, le=1.0)
+    # Which caption a negative row gets: ``random``, uniformly among the batch's other captions; ``hard``, drawn
+    # with probability softmax(contrastive logit) over the other captions of the batch (ALBEF, Li et al. 2021),
+    # so ITM must separate the pairs the contrastive space confuses. A caption identical to the row's own is
+    # never its negative (it would be a false one). ``hard`` needs the contrastive loss on.
+    itm_negatives: Literal["random", "hard"] = "random"
+
+    @model_validator(mode="after")
+    def _hard_negatives_need_contrastive(self):
+        if self.itm_negatives == "hard" and self.contrastive <= 0:
+            raise ValueError("itm_negatives 'hard' draws negatives from the contrastive similarities: it needs "
+                             "contrastive > 0 (or use itm_negatives 'random')")
+        return self
 
     def weight(self, name: str) -> float:
         return float(getattr(self, name))

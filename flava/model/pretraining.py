@@ -265,13 +265,15 @@ class FlavaForPretraining(nn.Module):
         fused_pass = self._weight("itm") or self._weight("mmm_image") or self._weight("mmm_text")
         # Both image passes embed the same pixels: the patch embedding (a conv) runs once for the two.
         patches = self.image_encoder.patchify(pixel_values) if self._weight("contrastive") and fused_pass else None
+        logits = None
         if self._weight("contrastive"):
-            self._contrastive_objective(batch, patches, matched, losses, metrics)
+            logits = self._contrastive_objective(batch, patches, matched, losses, metrics)
         if fused_pass:
-            self._fused_objectives(batch, patches, matched, generator, losses, metrics)
+            self._fused_objectives(batch, patches, matched, generator, losses, metrics, logits)
 
-    def _contrastive_objective(self, batch, patches, matched, losses, metrics) -> None:
-        """The unmasked image and text passes -> the global contrastive loss over the ``matched`` rows."""
+    def _contrastive_objective(self, batch, patches, matched, losses, metrics) -> torch.Tensor | None:
+        """The unmasked image and text passes -> the global contrastive loss over the ``matched`` rows. Returns
+        the local (B, B) image -> text logits, detached, when hard ITM negatives are drawn from them; else None."""
         # Only the CLS states are needed: the last block of each tower runs for that one position.
         image = self.image_encoder(batch["pixel_values"], cls_only=True, patches=patches)
         text = self.text_encoder(batch["input_ids"], batch.get("attention_mask"), cls_only=True, skip_padding=True)
@@ -282,8 +284,13 @@ class FlavaForPretraining(nn.Module):
             image_emb, text_emb, self._clamped_logit_scale(), rank=rank, world_size=world_size, rows=matched
         )
         metrics["logit_scale"] = self.logit_scale.detach().clone()
+        if self.config.loss.itm_negatives != "hard":
+            return None
+        # Not _clamped_logit_scale(): its in-place clamp would bump the parameter's version under the loss's graph.
+        scale = self.logit_scale.detach().clamp(self.config.logit_scale_min, self.config.logit_scale_max).float().exp()
+        return scale * image_emb.detach().float() @ text_emb.detach().float().t()
 
-    def _fused_objectives(self, batch, patches, matched, generator, losses, metrics) -> None:
+    def _fused_objectives(self, batch, patches, matched, generator, losses, metrics, logits=None) -> None:
         """The masked image and text passes fused by the multimodal encoder -> ITM, MMM-image, MMM-text."""
         pixel_values, attention_mask = batch["pixel_values"], batch.get("attention_mask")
         image_mask = batch.get("image_mask")
@@ -301,7 +308,8 @@ class FlavaForPretraining(nn.Module):
         text_states, text_mask = mm.fusion_states(text), attention_mask
         itm_labels = batch.get("itm_labels")
         if itm_labels is None and self._weight("itm"):
-            itm_labels, text_index = self._itm_negatives(pixel_values.shape[0], generator, pixel_values.device)
+            itm_labels, text_index = self._itm_negatives(
+                pixel_values.shape[0], generator, pixel_values.device, logits=logits, input_ids=batch["input_ids"])
             # Row i now holds caption text_index[i]. index_select, not text_states[text_index]: a caption appears
             # twice (its own row and a negative), and the backward of advanced indexing with repeated indices on
             # CPU adds with parallel atomics in thread-timing order (different bits each run); index_select's
@@ -372,17 +380,29 @@ class FlavaForPretraining(nn.Module):
         return torch.argsort((~needed).to(torch.int8), dim=1, stable=True)[:, :count]
 
     def _itm_negatives(
-        self, batch_size: int, generator: torch.Generator | None, device: torch.device
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device, *,
+        logits: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Swap a fraction ``loss.itm_negative_prob`` of captions for another caption of the batch.
+        """Swap a fraction ``loss.itm_negative_prob`` of captions for another caption of the batch: uniformly, or,
+        given the (B, B) contrastive ``logits``, drawn with probability softmax(logits[i]) over the captions that
+        differ from row i's own (``input_ids``); a row with no such caption stays matched.
 
         Returns (itm_labels (B,) long, 1 = matched; text_index (B,) long: the caption row paired with image i)."""
         rows = torch.arange(batch_size)
         if batch_size < 2:
             return torch.ones(batch_size, dtype=torch.long, device=device), rows.to(device)
         negative = torch.rand(batch_size, generator=generator) < self.config.loss.itm_negative_prob
-        shift = torch.randint(1, batch_size, (batch_size,), generator=generator)  # never pairs i with itself
-        text_index = torch.where(negative, (rows + shift) % batch_size, rows)
+        if logits is None:
+            shift = torch.randint(1, batch_size, (batch_size,), generator=generator)  # never pairs i with itself
+            text_index = torch.where(negative, (rows + shift) % batch_size, rows)
+            return (~negative).long().to(device), text_index.to(device)
+        ids = input_ids.cpu()
+        other = (ids[:, None, :] != ids[None, :, :]).any(dim=-1)  # (B, B): caption j is not row i's caption
+        negative &= other.any(dim=1)
+        weights = torch.softmax(logits.cpu().float().masked_fill(~other, float("-inf")), dim=1)
+        text_index = rows.clone()
+        if bool(negative.any()):
+            text_index[negative] = torch.multinomial(weights[negative], 1, generator=generator).squeeze(1)
         return (~negative).long().to(device), text_index.to(device)
 
     @torch.no_grad()

@@ -156,6 +156,45 @@ def test_itm_negatives_are_seeded_and_mmm_runs_on_matched_pairs_only():
     assert 0 < int(labels.sum()) < 8
 
 
+def test_hard_itm_negatives_follow_the_contrastive_logits_and_skip_identical_captions():
+    cfg = preset("tiny", {"loss": {"itm_negative_prob": 1.0, "itm_negatives": "hard"}})
+    model = FlavaForPretraining(cfg, seed=0)
+    ids = torch.tensor([[1, 5, 2], [1, 5, 2], [1, 6, 2], [1, 7, 2]])  # rows 0 and 1: one caption twice
+    logits = torch.zeros(4, 4)
+    logits[0, 1] = logits[0, 3] = 50.0  # row 0's closest "other" caption is its own text again (row 1)
+    logits[2, 3] = logits[3, 2] = 50.0
+    labels, index = model._itm_negatives(4, torch.Generator().manual_seed(0), torch.device("cpu"),
+                                         logits=logits, input_ids=ids)
+    assert labels.tolist() == [0, 0, 0, 0]  # every row drew a negative (probability 1)
+    assert index[0] == 3 and index[2] == 3 and index[3] == 2  # the most confusable caption, never an identical one
+    assert index[1] != 0  # row 1's caption is row 0's: that would be a false negative
+    again = model._itm_negatives(4, torch.Generator().manual_seed(0), torch.device("cpu"), logits=logits,
+                                 input_ids=ids)
+    assert torch.equal(again[1], index)  # drawn from the given generator: the same seed, the same negatives
+    # A row whose every other caption is its own stays matched.
+    same = torch.tensor([[1, 5, 2]] * 3)
+    labels, index = model._itm_negatives(3, torch.Generator().manual_seed(0), torch.device("cpu"),
+                                         logits=torch.zeros(3, 3), input_ids=same)
+    assert labels.tolist() == [1, 1, 1] and index.tolist() == [0, 1, 2]
+
+
+def test_hard_itm_negatives_train_through_the_forward_and_need_the_contrastive_loss():
+    cfg = preset("tiny", {"loss": {"itm_negative_prob": 0.5, "itm_negatives": "hard"}})
+    model = FlavaForPretraining(cfg, seed=0)
+    batch = make_batch(cfg, "pair", batch_size=8)
+    a = model(batch, generator=torch.Generator().manual_seed(1))
+    a.loss.backward()  # the drawn negatives are indices: nothing of the draw sits in the graph
+    b = model(batch, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.loss, b.loss) and torch.isfinite(a.loss)
+    assert all(p.grad is not None for p in model.itm_head.parameters())
+    uniform = FlavaForPretraining(preset("tiny", {"loss": {"itm_negative_prob": 0.5}}), seed=0)
+    with torch.no_grad():
+        c = uniform(batch, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a.losses["itm"].detach(), c.losses["itm"])  # the hard draw is not the uniform one
+    with pytest.raises(ValueError, match="itm_negatives 'hard'.*contrastive > 0"):
+        preset("tiny", {"loss": {"itm_negatives": "hard", "contrastive": 0.0}})
+
+
 def test_given_itm_labels_restrict_mmm_and_contrastive_to_matched_rows(model, cfg):
     model.eval()
     batch = make_batch(cfg, "pair")
