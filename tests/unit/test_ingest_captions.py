@@ -4,9 +4,10 @@ deterministically. Also: CSV/TSV manifests are streamed, not read whole."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
-import tarfile
 import tracemalloc
+from pathlib import Path
 
 from flava.data import sources
 from flava.data.captions import CAPTIONS_MEMBER
@@ -81,10 +82,12 @@ def test_coco_five_captions_per_image_one_sample_from_manifest_to_loader(tmp_pat
     assert [(r["key"], r["caption_index"], r["reason"]) for r in drops] == [
         ("coco-25", 1, "empty caption: whitespace only"), ("coco-30", 0, "empty caption: no text"),
         ("coco-30", 1, "empty caption: whitespace only")]
-    # one pack per partition (here one), never one file per image: 3 images in it
-    assert [p.name for p in (tmp_path / "validated" / "images" / "pairs").iterdir()] == ["00000.tar"]
-    with tarfile.open(tmp_path / "validated" / "images" / "pairs" / "00000.tar") as tar:
-        assert len(tar.getmembers()) == 3
+    # the JPEGs are kept as they are: validate copies none of them (no pack, no file per image); each accepted row
+    # names its source image with the content's SHA-256, which shard checks
+    assert list((tmp_path / "validated" / "images" / "pairs").iterdir()) == []
+    assert [r["image"] for r in validated] == [r["source_image"] for r in validated]
+    assert validated[0]["image"] == image9
+    assert validated[0]["image_sha256"] == hashlib.sha256(Path(image9).read_bytes()).hexdigest()
     assert (tmp_path / "validated" / "ge" / "pairs_captions.json").is_file()
 
     # shard: the image stored once with all its captions
