@@ -37,13 +37,25 @@ from flava.eval.glue_metrics import (
 
 
 class Head(torch.nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+    """Dropout + linear on a CLS feature. Its initial weights (``nn.Linear``'s default range) and its dropout
+    masks come from ``generator``, the run's own: never from torch's global RNG, which every thread of the process
+    shares (the Prefect flow runs stages in threads)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float, generator: torch.Generator):
         super().__init__()
-        self.dropout = torch.nn.Dropout(dropout)
-        self.linear = torch.nn.Linear(in_dim, out_dim)
+        self.p = dropout
+        self.generator = generator
+        self.linear = torch.nn.utils.skip_init(torch.nn.Linear, in_dim, out_dim)  # no draw from the global RNG
+        bound = in_dim**-0.5
+        with torch.no_grad():
+            for param in (self.linear.weight, self.linear.bias):
+                param.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(x))
+        if self.training and self.p > 0:
+            keep = torch.rand(x.shape, generator=self.generator) >= self.p  # drawn on the CPU generator
+            x = x * keep.to(x.device, x.dtype) / (1 - self.p)
+        return self.linear(x)
 
 
 @dataclass
@@ -101,15 +113,18 @@ def _run(
     """Fine-tune and report the best-val epoch; ``extra`` adds scores of that epoch's test outputs. ``select``
     chooses the epoch (default: the task's own metric, accuracy / Pearson r / VQA accuracy) and adds its val and
     test scores under its name where the task's metric does not already report them."""
-    torch.manual_seed(seed)
     encoder = copy.deepcopy(model).to(device)
-    head = Head(feature_dim, out_dim, fcfg.dropout).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in encoder.modules()):
+        # the model's own dropout (0 in every preset) has no generator argument in torch: it draws from the
+        # global RNG, seeded here as the training stages seed it (flava.train.stages.seed_dropout)
+        torch.manual_seed(seed)
+    head = Head(feature_dim, out_dim, fcfg.dropout, gen).to(device)
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": params, "lr": fcfg.lr}, {"params": head.parameters(), "lr": fcfg.head_lr}],
         weight_decay=fcfg.weight_decay,
     )
-    gen = torch.Generator().manual_seed(seed)
     train = splits["train"]
 
     def predict(split: _Split) -> torch.Tensor:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow import MlflowClient
 
 from flava.config import PipelineConfig
@@ -123,7 +122,6 @@ def run_evaluate_pretrained(cfg: PipelineConfig, checkpoint: str | Path, root: s
     name = source.name
     model_dir = root / cfg.paths.models / BASELINES / name
     out_dir = root / cfg.paths.reports / BASELINES / name
-    torch.manual_seed(cfg.seed)
     device = pick_device(cfg.eval.device)
     model = load_transformers_checkpoint(source, attention=cfg.model.resolved.attention)
     mcfg = model.config

@@ -213,7 +213,6 @@ def run_evaluate(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         raise FileNotFoundError(f"model directory {model_dir} not found: run `flava pretrain joint` first")
     if not eval_root.exists():
         raise FileNotFoundError(f"evaluation sets {eval_root} not found: run `flava data prepare` first")
-    torch.manual_seed(cfg.seed)
     device = pick_device(cfg.eval.device)
     model = load_model(model_dir).to(device)
     tokenizer = load_tokenizer(model_dir / "tokenizer")

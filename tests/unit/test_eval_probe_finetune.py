@@ -94,6 +94,24 @@ def test_text_finetune_learns_and_leaves_the_model_alone(world):
     assert again == out
 
 
+def test_finetune_neither_reads_nor_moves_the_global_rng(world):
+    """With head dropout on, the result depends on the seed only, whatever torch's global RNG holds, and the
+    global RNG is left where it was: a fine-tune in one thread cannot change another thread's random draws."""
+    root, tok = world
+    data = {s: load_text_cls(root, s) for s in ("train", "val", "test")}
+    cfg = TextFinetuneConfig(epochs=3, batch_size=8, lr=1e-3, head_lr=5e-2, dropout=0.3)
+    model = OracleModel(tok)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        runs.append(finetune_text(model, tok, data, cfg, device="cpu", max_length=16, seed=7))
+        assert torch.equal(torch.get_rng_state(), state)
+    assert runs[0] == runs[1]
+    other = finetune_text(model, tok, data, cfg, device="cpu", max_length=16, seed=8)
+    assert other["final_train_loss"] != runs[0]["final_train_loss"]  # the seed does drive head and dropout
+
+
 def test_text_finetune_picks_the_epoch_by_its_selection_metric(world, monkeypatch):
     # A selection that scores (val, test) of epochs 1..3 as given: epoch 2 has the best val score, whatever the
     # accuracy says, and the result reports its scores under the selection's name.
