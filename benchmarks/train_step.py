@@ -229,6 +229,8 @@ def pair_step_flops(cfg, batch: dict[str, torch.Tensor], *, needed_only: bool = 
     ``needed_only``: the last block of a stack is counted only for the positions a loss reads (the CLS of the
     unmasked passes, which feed only the contrastive loss; the multimodal CLS, and the masked patches and tokens
     of matched pairs); otherwise every position of every block is counted."""
+    from flava.train.flops import stem_flops
+
     img, txt, mm = cfg.image, cfg.text, cfg.multimodal
     b, t = batch["input_ids"].shape
     p = img.num_patches
@@ -238,7 +240,7 @@ def pair_step_flops(cfg, batch: dict[str, torch.Tensor], *, needed_only: bool = 
     masked_tokens = ((batch["mlm_labels"] != -100) & matched[:, None]).sum(dim=1)
     cls_only = 1 if needed_only else None
 
-    patch = 2 * p * (img.num_channels * img.patch_size**2) * img.hidden_size
+    patch = stem_flops(img)
     per_sample = 2 * patch + _stack_flops(img, n_img, cls_only) + _stack_flops(img, n_img)  # unmasked + masked
     per_sample += _stack_flops(txt, t, cls_only) + _stack_flops(txt, t)
     per_sample += 2 * cfg.projection_dim * (img.hidden_size + txt.hidden_size)  # contrastive projections

@@ -55,6 +55,14 @@ class ImageEncoderConfig(TransformerConfig):
     image_size: int = Field(64, ge=1)
     patch_size: int = Field(8, ge=1)
     num_channels: int = Field(3, ge=1)
+    # How pixels become the patch grid. ``patch``: FLAVA's (and ViT's) one strided convolution, linear in each
+    # patch's pixels. ``conv``: a convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see
+    # better"): one stride-2 3x3 convolution per entry of ``stem_channels`` (its width; each followed by
+    # GroupNorm and GELU), then a 1x1 convolution to ``hidden_size``, so ``patch_size`` = 2 ** len(stem_channels)
+    # and the grid is the same. It learns the synthetic world's shapes from fewer steps (benchmarks/README.md,
+    # "Learning curves"); transformers' FLAVA has no such stem, so such a model does not export to it.
+    stem: Literal["patch", "conv"] = "patch"
+    stem_channels: tuple[int, ...] = (32, 64, 128)
 
     @model_validator(mode="after")
     def _patches_tile_image(self):
@@ -62,6 +70,16 @@ class ImageEncoderConfig(TransformerConfig):
             raise ValueError(
                 f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
             )
+        if self.stem == "conv":
+            if not self.stem_channels or min(self.stem_channels) < 1:
+                raise ValueError(f"stem_channels must be positive widths, got {list(self.stem_channels)}")
+            if 2 ** len(self.stem_channels) != self.patch_size:
+                need = (f"{self.patch_size.bit_length() - 1} entries" if self.patch_size & (self.patch_size - 1) == 0
+                        else "a power-of-two patch_size")
+                raise ValueError(
+                    f"stem conv halves the resolution once per stem_channels entry: patch_size ({self.patch_size}) "
+                    f"needs {need}, got {len(self.stem_channels)} ({list(self.stem_channels)})"
+                )
         return self
 
     @property

@@ -26,8 +26,41 @@ class EncoderOutput:
         return self.hidden[:, 0]
 
 
+class ConvStem(nn.Sequential):
+    """Pixels -> the patch grid through stride-2 3x3 convolutions (GroupNorm over each sample's channels and
+    positions, then GELU) and a 1x1 projection to the tower width: ``stem: conv`` of ``ImageEncoderConfig``.
+    Per-sample normalisation keeps a sample's tokens independent of the rest of its batch (unlike BatchNorm)."""
+
+    def __init__(self, cfg: ImageEncoderConfig) -> None:
+        layers: list[nn.Module] = []
+        widths = (cfg.num_channels, *cfg.stem_channels)
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(1, c_out, eps=cfg.layer_norm_eps), nn.GELU()]
+        layers.append(nn.Conv2d(widths[-1], cfg.hidden_size, 1))
+        super().__init__(*layers)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """He-normal 3x3 convolutions (fan-in, for GELU's near-ReLU gain), unit GroupNorms; the 1x1 projection
+        keeps the model-wide initialisation that ``FlavaForPretraining`` gives every linear map."""
+        for module in list(self)[:-1]:
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=generator)
+            elif isinstance(module, nn.GroupNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+
+def patch_stem(cfg: ImageEncoderConfig) -> nn.Module:
+    """(B, C, H, W) -> (B, hidden, H / patch, W / patch), as ``cfg.stem`` chooses."""
+    if cfg.stem == "conv":
+        return ConvStem(cfg)
+    return nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+
+
 class ImageEncoder(nn.Module):
-    """Patch embedding (a strided conv), a CLS token and learned positions, then the shared stack.
+    """Patch embedding (a strided conv, or a convolutional stem), a CLS token and learned positions, then the
+    shared stack.
 
     With ``image_mask`` (B, num_patches; True = masked) the masked patches' embeddings are replaced by the learned
     ``mask_token`` before positions are added (BEiT-style masked image modelling inputs)."""
@@ -35,7 +68,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: ImageEncoderConfig, implementation: str = "sdpa") -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = patch_stem(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.hidden_size))

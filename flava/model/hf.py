@@ -207,6 +207,9 @@ def check_transformers_compatible(cfg: FlavaConfig) -> None:
         raise ValueError(f"transformers' FLAVA needs equal tower widths, got {widths}")
     if cfg.multimodal.fusion_input != "pre_norm":
         raise ValueError("transformers' FLAVA fuses pre-norm states: multimodal.fusion_input must be 'pre_norm'")
+    if cfg.image.stem != "patch":
+        raise ValueError(f"transformers' FLAVA embeds patches with one strided convolution: image.stem must be "
+                         f"'patch', got {cfg.image.stem!r}")
 
 
 def _tower_to_hf(t) -> dict[str, Any]:

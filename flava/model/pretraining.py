@@ -47,7 +47,7 @@ from flava.model.batch import (
     validate_batch,
 )
 from flava.model.config import OBJECTIVES, FlavaConfig
-from flava.model.encoders import EncoderOutput, ImageEncoder, MultimodalEncoder, TextEncoder
+from flava.model.encoders import ConvStem, EncoderOutput, ImageEncoder, MultimodalEncoder, TextEncoder
 from flava.model.heads import ITMHead, MaskedPredictionHead
 from flava.model.layers import TransformerStack
 from flava.model.losses import (
@@ -143,6 +143,8 @@ class FlavaForPretraining(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if isinstance(self.image_encoder.patch_embed, ConvStem):
+            self.image_encoder.patch_embed.reset_parameters(gen)
         for name, param in self.named_parameters():
             if name.endswith(("cls_token", "mask_token")) or name.endswith("image_encoder.position_embeddings"):
                 nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std, generator=gen)

@@ -45,6 +45,21 @@ def _stack(tower, n: int) -> int:
     return tower.num_layers * _block(tower.hidden_size, tower.intermediate_size, n)
 
 
+def stem_flops(img) -> int:
+    """Pixels -> patch tokens of one image (an ``ImageEncoderConfig``): the patch convolution is a
+    (C * patch^2) x d matmul per patch; the ``conv`` stem is each 3x3 stride-2 convolution at its output
+    resolution plus the 1x1 projection per patch."""
+    p = img.num_patches
+    if img.stem == "patch":
+        return 2 * p * (img.num_channels * img.patch_size**2) * img.hidden_size
+    flops, side, c_in = 0, img.image_size, img.num_channels
+    for c_out in img.stem_channels:
+        side = (side + 1) // 2
+        flops += 2 * side * side * (c_in * 9) * c_out
+        c_in = c_out
+    return flops + 2 * p * c_in * img.hidden_size
+
+
 def _head(hidden: int, vocab: int) -> int:
     """Masked-prediction head per predicted position: transform (d x d) + decoder (d x vocab)."""
     return 2 * (hidden * hidden + hidden * vocab)
@@ -56,7 +71,7 @@ def step_flops(cfg, batch: Mapping[str, Any]) -> float:
     kind = batch["kind"]
     p = img.num_patches
     n_img = p + 1
-    image_pass = 2 * p * (img.num_channels * img.patch_size**2) * img.hidden_size + _stack(img, n_img)
+    image_pass = stem_flops(img) + _stack(img, n_img)
     forward = 0
     if kind == "image":
         b = batch["pixel_values"].shape[0]
