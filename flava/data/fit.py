@@ -102,12 +102,13 @@ def fit_codebook(cfg: "PipelineConfig", out_dir: Path) -> dict[str, Any]:
                 "codebook_source": str(cc.dalle_dir)}
     pixels = sample_pixels(cfg)
     codebook = KMeansCodebook.fit(pixels, num_codes=cc.num_codes, patch_size=patch_size, iters=cc.iters,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, features=cc.features, hog_bins=cc.hog_bins, hog_cells=cc.hog_cells)
     codebook.save(out_dir)
     loaded = load_codebook(out_dir)
     usage = torch.bincount(loaded(pixels).flatten(), minlength=loaded.num_codes)
     return {
-        "codebook_kind": "kmeans", "codebook_size": codebook.num_codes, "codebook_images": int(pixels.shape[0]),
+        "codebook_kind": "kmeans", "codebook_features": cc.features, "codebook_size": codebook.num_codes,
+        "codebook_images": int(pixels.shape[0]),
         "codebook_inertia": codebook.inertia, "codebook_codes_used": int((usage > 0).sum()),
         "image_size": image_size, "patch_size": patch_size,
     }

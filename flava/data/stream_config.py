@@ -72,6 +72,12 @@ class CodebookFitConfig(StrictModel):
     iters: int = Field(20, ge=1)
     sample_images: int = Field(512, ge=1)  # images drawn (seeded) from the image corpora for the fit
     corpora: list[Literal["pairs", "images"]] = Field(default_factory=lambda: ["images", "pairs"])
+    # kind=kmeans: what each patch is described by (flava.model.codebook): "pixels" (its normalised pixels: codes
+    # of colour and texture) or "hog" (histograms of gradient orientation, hog_bins bins over [0, pi) in
+    # hog_cells x hog_cells cells: codes of edges and their directions, the shape of what the patch cuts)
+    features: Literal["pixels", "hog"] = "pixels"
+    hog_bins: int = Field(9, ge=2)
+    hog_cells: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _dalle_needs_dir(self):

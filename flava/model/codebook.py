@@ -1,7 +1,9 @@
 """Image tokenizers that turn pixels into MIM targets: one codebook id per image patch.
 
-- ``KMeansCodebook``: k-means (k-means++ seeding, Lloyd iterations) over the normalised pixels of image patches,
-  fit on the user's own images in seconds; the embedded default.
+- ``KMeansCodebook``: k-means (k-means++ seeding, Lloyd iterations) over a descriptor of each image patch, fit
+  on the user's own images in seconds; the embedded default. The descriptor is the patch's normalised pixels
+  (``pixels``: codes of colour and texture) or a histogram of its gradient orientations (``hog``: Dalal & Triggs
+  2005, the target MaskFeat (Wei et al. 2022) predicts: codes of edges and their directions, blind to colour).
 - ``DalleCodebook``: the DALL-E dVAE encoder that FLAVA uses, in the layout of transformers'
   ``FlavaImageCodebook`` (``config.json`` + ``model.safetensors``), loaded from a local directory.
   It reads ``codebook_pixel_values`` at 8x the token grid (112 px for 14x14 patches), mapped as the
@@ -14,6 +16,7 @@ here ever unpickles.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -52,6 +55,41 @@ def image_patches(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     return F.unfold(pixel_values, kernel_size=patch_size, stride=patch_size).transpose(1, 2)
 
 
+PATCH_FEATURES = ("pixels", "hog")
+
+
+def hog_patches(pixel_values: torch.Tensor, patch_size: int, bins: int, cells: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, bins * cells**2): per patch, ``cells`` x ``cells`` cells, each a histogram of the
+    unsigned gradient orientation over ``bins`` equal bins of [0, pi), weighted by gradient magnitude (the mean
+    over the cell's pixels). Central differences, replicated border; per pixel the channel with the strongest
+    gradient (Dalal & Triggs). Not normalised: a flat patch stays near zero, apart from an edge."""
+    if patch_size % cells:
+        raise ValueError(f"patch_size ({patch_size}) must be a multiple of the HOG cells per side ({cells})")
+    image_patches(pixel_values[:, :1], patch_size)  # the same shape checks as the pixel descriptor
+    x = F.pad(pixel_values.float(), (1, 1, 1, 1), mode="replicate")
+    gx = x[..., 1:-1, 2:] - x[..., 1:-1, :-2]
+    gy = x[..., 2:, 1:-1] - x[..., :-2, 1:-1]
+    magnitude = torch.sqrt(gx * gx + gy * gy)
+    strongest = magnitude.argmax(dim=1, keepdim=True)  # (B, 1, H, W)
+    angle = torch.atan2(gy.gather(1, strongest), gx.gather(1, strongest)) % math.pi
+    index = (angle * (bins / math.pi)).long().clamp(max=bins - 1)
+    hist = torch.zeros(x.shape[0], bins, *pixel_values.shape[-2:], dtype=magnitude.dtype, device=x.device)
+    hist.scatter_(1, index, magnitude.gather(1, strongest))  # (B, bins, H, W): one bin per pixel
+    hist = F.avg_pool2d(hist, patch_size // cells)  # (B, bins, H / cell, W / cell)
+    return F.unfold(hist, kernel_size=cells, stride=cells).transpose(1, 2)
+
+
+def patch_descriptors(pixel_values: torch.Tensor, patch_size: int, features: str = "pixels", hog_bins: int = 9,
+                      hog_cells: int = 2) -> torch.Tensor:
+    """(B, C, H, W) normalised pixels -> (B, L, D): each patch's pixels, or its ``hog_patches`` histograms."""
+    if features not in PATCH_FEATURES:
+        raise ValueError(f"features must be one of {PATCH_FEATURES}, got {features!r}")
+    pixel_values = pixel_values.detach().float()
+    if features == "hog":
+        return hog_patches(pixel_values, patch_size, hog_bins, hog_cells)
+    return image_patches(pixel_values, patch_size)
+
+
 def _nearest(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of and squared distance to the nearest centroid, for (N, D) points against (K, D) centroids."""
     c_norm = (centroids * centroids).sum(dim=1)  # (K,)
@@ -66,24 +104,40 @@ def _nearest(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) 
 
 
 class KMeansCodebook:
-    """Nearest-centroid codes for image patches; ``centroids`` (num_codes, C * patch_size**2)."""
+    """Nearest-centroid codes for image patches; ``centroids`` (num_codes, descriptor size): C * patch_size**2
+    for ``features="pixels"``, ``hog_bins * hog_cells**2`` for ``"hog"``."""
 
     kind = "kmeans"
 
-    def __init__(self, centroids: torch.Tensor, patch_size: int, num_channels: int = 3) -> None:
-        if centroids.ndim != 2 or centroids.shape[1] != num_channels * patch_size**2:
-            raise ValueError(
-                f"centroids has shape {tuple(centroids.shape)}; expected (num_codes, {num_channels * patch_size**2})"
-            )
-        self.centroids = centroids.detach().float().cpu()
+    def __init__(self, centroids: torch.Tensor, patch_size: int, num_channels: int = 3, *,
+                 features: str = "pixels", hog_bins: int = 9, hog_cells: int = 2) -> None:
+        if features not in PATCH_FEATURES:
+            raise ValueError(f"features must be one of {PATCH_FEATURES}, got {features!r}")
+        self.features = features
+        self.hog_bins, self.hog_cells = int(hog_bins), int(hog_cells)
         self.patch_size = int(patch_size)
         self.num_channels = int(num_channels)
+        size = self.descriptor_size
+        if centroids.ndim != 2 or centroids.shape[1] != size:
+            raise ValueError(f"centroids has shape {tuple(centroids.shape)}; expected (num_codes, {size}) for "
+                             f"{features} descriptors")
+        self.centroids = centroids.detach().float().cpu()
         self.inertia: float | None = None  # mean squared distance of the fitting patches to their centroid
         self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def num_codes(self) -> int:
         return int(self.centroids.shape[0])
+
+    @property
+    def descriptor_size(self) -> int:
+        if self.features == "hog":
+            return self.hog_bins * self.hog_cells**2
+        return self.num_channels * self.patch_size**2
+
+    def descriptors(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised pixels -> (B, L, descriptor size), patches in row-major order."""
+        return patch_descriptors(pixel_values, self.patch_size, self.features, self.hog_bins, self.hog_cells)
 
     @classmethod
     def fit(
@@ -94,6 +148,9 @@ class KMeansCodebook:
         patch_size: int,
         iters: int,
         seed: int,
+        features: str = "pixels",
+        hog_bins: int = 9,
+        hog_cells: int = 2,
     ) -> "KMeansCodebook":
         """Fit on (N, C, H, W) normalised images: k-means++ seeding, then ``iters`` Lloyd steps (stopping early
         once no patch changes cluster). Empty clusters are re-seeded with the worst-fit patches."""
@@ -101,7 +158,7 @@ class KMeansCodebook:
             raise ValueError(f"num_codes must be >= 2, got {num_codes}")
         if iters < 0:
             raise ValueError(f"iters must be >= 0, got {iters}")
-        points = image_patches(pixel_values.detach().float().cpu(), patch_size)
+        points = patch_descriptors(pixel_values.cpu(), patch_size, features, hog_bins, hog_cells)
         points = points.reshape(-1, points.shape[-1])  # (N * L, D)
         if points.shape[0] < num_codes:
             raise ValueError(
@@ -123,7 +180,8 @@ class KMeansCodebook:
             if empty.numel():
                 worst = dist.topk(empty.numel()).indices  # re-seed with the patches fit worst
                 centroids[empty] = points[worst]
-        codebook = cls(centroids, patch_size, pixel_values.shape[1])
+        codebook = cls(centroids, patch_size, pixel_values.shape[1], features=features, hog_bins=hog_bins,
+                       hog_cells=hog_cells)
         codebook.inertia = float(_nearest(points, centroids)[1].mean())
         return codebook
 
@@ -133,7 +191,7 @@ class KMeansCodebook:
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)}; expected (B, {self.num_channels}, H, W)"
             )
-        patches = image_patches(pixel_values.detach().float(), self.patch_size)  # (B, L, D)
+        patches = self.descriptors(pixel_values)  # (B, L, D)
         key = (patches.device, patches.dtype)
         if key not in self._cache:
             self._cache[key] = self.centroids.to(device=patches.device, dtype=patches.dtype)
@@ -147,6 +205,7 @@ class KMeansCodebook:
         _write_json(directory / MANIFEST, {
             "kind": self.kind, "format_version": FORMAT_VERSION, "num_codes": self.num_codes,
             "patch_size": self.patch_size, "num_channels": self.num_channels, "inertia": self.inertia,
+            "features": self.features, "hog_bins": self.hog_bins, "hog_cells": self.hog_cells,
         })
         return directory
 
@@ -155,7 +214,10 @@ class KMeansCodebook:
         directory = Path(directory)
         meta = _read_manifest(directory, expect="kmeans")
         centroids = load_file(str(directory / "codebook.safetensors"))["centroids"]
-        codebook = cls(centroids, meta["patch_size"], meta.get("num_channels", 3))
+        # codebooks saved before descriptors were a choice hold pixel centroids and no "features" key
+        codebook = cls(centroids, meta["patch_size"], meta.get("num_channels", 3),
+                       features=meta.get("features", "pixels"), hog_bins=meta.get("hog_bins", 9),
+                       hog_cells=meta.get("hog_cells", 2))
         if codebook.num_codes != meta["num_codes"]:
             raise ValueError(f"{directory}: codebook.json says {meta['num_codes']} codes, weights hold "
                              f"{codebook.num_codes}")

@@ -42,6 +42,19 @@ def test_fit_is_deterministic(tmp_path):
     assert all((art / p).read_bytes() == b for p, b in first.items())
 
 
+def test_fit_a_hog_codebook_when_asked(tmp_path):
+    """data.codebook.features: hog fits the k-means codebook on gradient-orientation histograms of the same
+    sampled patches; the saved codebook describes patches that way, and the report says so."""
+    make_validated(tmp_path, n_pairs=6, n_images=6, n_text=4)
+    metrics = run_fit(cfg_for(tmp_path, codebook={"num_codes": 16, "iters": 5, "features": "hog", "hog_bins": 6}))
+    cb = load_codebook(tmp_path / "artifacts" / "codebook")
+    assert (cb.features, cb.hog_bins, cb.hog_cells) == ("hog", 6, 2) and cb.centroids.shape == (16, 6 * 2**2)
+    # the fixture's images are flat colours, one per image: no edge anywhere, so every patch gets the one "flat"
+    # code, where the pixel codebook tells the colours apart
+    assert metrics["codebook_features"] == "hog" and metrics["codebook_codes_used"] == 1
+    assert run_fit(cfg_for(tmp_path))["codebook_codes_used"] > 1
+
+
 def test_copies_pretrained_tokenizer_and_dalle_codebook(tmp_path):
     from transformers import BertTokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flava.model import FlavaForPretraining, preset
-from flava.model.codebook import DalleCodebook, KMeansCodebook, load_codebook
+from flava.model.codebook import DalleCodebook, KMeansCodebook, hog_patches, load_codebook
 
 
 def clustered_images(n: int = 24, size: int = 32, patch: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,3 +112,62 @@ def test_load_codebook_refuses_unknown_directories(tmp_path):
     (tmp_path / "codebook.json").write_text(json.dumps({"kind": "vqgan"}))
     with pytest.raises(ValueError, match="vqgan"):
         load_codebook(tmp_path)
+
+
+def _edge_image(size: int = 16, vertical: bool = True) -> torch.Tensor:
+    """One image, left (or top) half -1, the rest +1, in all three channels: one straight edge."""
+    img = -torch.ones(1, 3, size, size)
+    if vertical:
+        img[..., size // 2:] = 1.0
+    else:
+        img[..., size // 2:, :] = 1.0
+    return img
+
+
+def test_hog_descriptors_bin_an_edge_by_its_direction_and_leave_flat_patches_at_zero():
+    bins, cells = 4, 2  # bins of 45 degrees: 0 = horizontal gradient (a vertical edge), 2 = vertical gradient
+    d = hog_patches(_edge_image(vertical=True), patch_size=8, bins=bins, cells=cells)  # (1, 4 patches, 16)
+    assert d.shape == (1, 4, bins * cells**2)
+    per_bin = d[0].reshape(4, bins, cells * cells).sum(-1)  # (patches, bins)
+    # the edge at x = 8 runs down the right-hand column of patches 0 and 2 and the left of 1 and 3
+    assert bool((per_bin[:, 0] > 0).all()) and float(per_bin[:, 1:].abs().sum()) == 0.0
+    d = hog_patches(_edge_image(vertical=False), patch_size=8, bins=bins, cells=cells)
+    per_bin = d[0].reshape(4, bins, cells * cells).sum(-1)
+    assert bool((per_bin[:, 2] > 0).all()) and float(per_bin[:, [0, 1, 3]].abs().sum()) == 0.0
+    flat = hog_patches(torch.full((1, 3, 16, 16), 0.7), patch_size=8, bins=bins, cells=cells)
+    assert float(flat.abs().sum()) == 0.0
+    # the colour of the two sides does not matter, only the direction of the change
+    recoloured = _edge_image(vertical=True) * torch.tensor([0.3, -2.0, 1.0])[None, :, None, None]
+    per_bin = hog_patches(recoloured, 8, bins, cells)[0].reshape(4, bins, cells * cells).sum(-1)
+    assert bool((per_bin[:, 0] > 0).all()) and float(per_bin[:, 1:].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match=r"patch_size \(8\) must be a multiple of the HOG cells per side \(3\)"):
+        hog_patches(_edge_image(), 8, bins, 3)
+
+
+def test_hog_codebook_codes_edges_not_colours_and_round_trips(tmp_path):
+    """Codes of a HOG codebook separate a vertical from a horizontal edge and give a red and a blue flat patch
+    the same code; save/load keeps the descriptor; a codebook saved before descriptors were a choice loads as
+    pixels."""
+    images = torch.cat([_edge_image(vertical=True), _edge_image(vertical=False), torch.zeros(1, 3, 16, 16)])
+    codebook = KMeansCodebook.fit(images, num_codes=5, patch_size=8, iters=10, seed=0, features="hog",
+                                  hog_bins=4, hog_cells=2)
+    assert codebook.centroids.shape == (5, 16) and codebook.features == "hog"  # 5 distinct patches
+    codes = codebook(images)  # (3 images, 4 patches)
+    assert len({int(codes[0, 0]), int(codes[1, 0]), int(codes[2, 0])}) == 3
+    red, blue = torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16)
+    red[:, 0], blue[:, 2] = 2.0, 2.0
+    assert torch.equal(codebook(red), codebook(blue)) and torch.equal(codebook(red), codes[2:3])
+    codebook.save(tmp_path / "cb")
+    assert json.loads((tmp_path / "cb" / "codebook.json").read_text())["features"] == "hog"
+    loaded = load_codebook(tmp_path / "cb")
+    assert (loaded.features, loaded.hog_bins, loaded.hog_cells) == ("hog", 4, 2)
+    assert torch.equal(loaded(images), codes)
+    pixels_cb = KMeansCodebook.fit(clustered_images()[0], num_codes=4, patch_size=8, iters=5, seed=0)
+    pixels_cb.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "codebook.json").read_text())
+    for key in ("features", "hog_bins", "hog_cells"):
+        del meta[key]
+    (tmp_path / "old" / "codebook.json").write_text(json.dumps(meta))
+    assert load_codebook(tmp_path / "old").features == "pixels"
+    with pytest.raises(ValueError, match=r"expected \(num_codes, 16\) for hog descriptors"):
+        KMeansCodebook(torch.zeros(4, 192), 8, features="hog", hog_bins=4, hog_cells=2)
