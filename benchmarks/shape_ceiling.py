@@ -10,6 +10,9 @@ from
 - ``random``: the image tower as the model initialises it (``FlavaForPretraining(seed=...)``);
 - ``mim``: the image tower after the unimodal image stage (MIM on the k-means codebook, run here through
   ``run_pretrain``),
+- ``cnn``: not FLAVA's tower but a reference for how fast this data teaches shape to a network built for local
+  structure: four 3x3 convolutions (GroupNorm, GELU, 2x2 max-pool each) to the tower's width, global average pool,
+  the same head and recipe;
 
 and reports, at each ``--eval-at`` step, held-out accuracy on the zero-shot ``test`` split: 24-class top-1 and the
 colour and shape of the predicted class (``flava.eval.attributes``). Baselines that train nothing in the tower:
@@ -20,6 +23,8 @@ The world is made once with ``benchmarks/learning.py``'s helpers (``params.yaml`
 
     python benchmarks/shape_ceiling.py --threads 1                       # 600 steps, evaluated at 150/300/600
     python benchmarks/shape_ceiling.py --steps 20 --eval-at 10,20 --unimodal-steps 10  # smoke
+    python benchmarks/shape_ceiling.py --inits random,cnn --steps 300 --eval-at 100,200,300 \
+        [--set model.overrides.image.stem=conv] [--pool mean]       # the tower's inductive bias
 """
 from __future__ import annotations
 
@@ -58,21 +63,50 @@ from flava.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from flava.train.stages import run_pretrain, seed_dropout  # noqa: E402
 
 ATTRIBUTES = ("colour", "shape")
-INITS = ("random", "mim")
+INITS = ("random", "mim", "cnn")
+POOLS = ("cls", "mean")
+
+
+class ReferenceCNN(nn.Module):
+    """The ``cnn`` reference: (conv 3x3, GroupNorm, GELU, max-pool 2x2) x 4, widths 32, 64, 128 and ``width``,
+    then the mean over positions; PyTorch's default initialisation from ``generator``'s seed."""
+
+    def __init__(self, width: int, generator: torch.Generator):
+        super().__init__()
+        with torch.random.fork_rng():  # default init draws from the global RNG: fork it, seeded from ours
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+            widths, layers = (3, 32, 64, 128, width), []
+            for c_in, c_out in zip(widths[:-1], widths[1:]):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(1, c_out), nn.GELU(), nn.MaxPool2d(2)]
+            self.net = nn.Sequential(*layers)
+        self.width = width
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, width)
+        return self.net(pixel_values).mean(dim=(2, 3))
 
 
 class Classifier(nn.Module):
-    """The image tower and a linear head on its CLS state (after the final LayerNorm, as ``image_features``)."""
+    """The image tower and a linear head on its CLS state (after the final LayerNorm, as ``image_features``), or
+    on the mean of its patch states (``pool="mean"``), or the reference CNN and the same head."""
 
-    def __init__(self, encoder: ImageEncoder, num_classes: int, generator: torch.Generator):
+    def __init__(self, encoder: ImageEncoder | ReferenceCNN, num_classes: int, generator: torch.Generator,
+                 pool: str = "cls"):
         super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.cfg.hidden_size, num_classes)
-        nn.init.normal_(self.head.weight, std=encoder.cfg.hidden_size ** -0.5, generator=generator)
+        self.encoder, self.pool = encoder, pool
+        width = encoder.width if isinstance(encoder, ReferenceCNN) else encoder.cfg.hidden_size
+        self.head = nn.Linear(width, num_classes)
+        nn.init.normal_(self.head.weight, std=width ** -0.5, generator=generator)
         nn.init.zeros_(self.head.bias)
 
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.encoder, ReferenceCNN):
+            return self.encoder(pixel_values)
+        if self.pool == "mean":
+            return self.encoder(pixel_values).hidden[:, 1:].mean(dim=1)
+        return self.encoder(pixel_values, cls_only=True).cls
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, num_classes)
-        return self.head(self.encoder(pixel_values, cls_only=True).cls)
+        return self.head(self.features(pixel_values))
 
 
 def corpus_images(cfg: PipelineConfig, classnames: list[str]) -> tuple[list[str], list[int]]:
@@ -113,14 +147,14 @@ def predict(model: Classifier, x: torch.Tensor, batch_size: int) -> list[int]:
     return torch.cat(out).tolist()
 
 
-def train_supervised(cfg: PipelineConfig, encoder: ImageEncoder, train: tuple[torch.Tensor, torch.Tensor],
-                     test_x: torch.Tensor, test: ZeroShotSet, *, steps: int, eval_at: list[int],
-                     seed: int) -> list[dict[str, Any]]:
+def train_supervised(cfg: PipelineConfig, encoder: ImageEncoder | ReferenceCNN,
+                     train: tuple[torch.Tensor, torch.Tensor], test_x: torch.Tensor, test: ZeroShotSet, *,
+                     steps: int, eval_at: list[int], seed: int, pool: str = "cls") -> list[dict[str, Any]]:
     """Cross-entropy on ``train`` for ``steps`` with the joint stage's batch and the recipe's optimiser; one row of
     held-out scores per ``eval_at`` step."""
     tc = cfg.train
     generator = torch.Generator().manual_seed(seed)
-    model = Classifier(encoder, len(test.classnames), generator)
+    model = Classifier(encoder, len(test.classnames), generator, pool)
     optimizer = build_optimizer(model, tc.optimizer, tc.stage_lr("joint"), torch.device("cpu"))
     scheduler = build_scheduler(optimizer, tc.schedule, total_steps=steps, warmup_steps=tc.stage_warmup("joint"))
     seed_dropout(seed)  # dropout (off in the presets) is the only user of the global RNG
@@ -186,6 +220,8 @@ def main() -> None:
     parser.add_argument("--unimodal-steps", type=int, default=None,
                         help="image (MIM) stage steps (default: the small train preset's)")
     parser.add_argument("--inits", default=",".join(INITS), help=f"comma-separated, from {', '.join(INITS)}")
+    parser.add_argument("--pool", choices=POOLS, default="cls",
+                        help="the supervised head reads the CLS state or the mean of the patch states")
     parser.add_argument("--seed", type=int, default=0, help="model init, batch order and MIM masking")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="results.json (default: a temp dir)")
@@ -222,15 +258,18 @@ def main() -> None:
                 **{s: (pixels(zs[s].images, transform), zs[s].labels) for s in zs}}
         mim = load_model(mim_dir)
         towers = {"random": lambda: FlavaForPretraining(mim.config, seed=args.seed).image_encoder,
-                  "mim": lambda: load_model(mim_dir).image_encoder}
+                  "mim": lambda: load_model(mim_dir).image_encoder,
+                  "cnn": lambda: ReferenceCNN(mim.config.image.hidden_size, torch.Generator().manual_seed(args.seed))}
         results: dict[str, Any] = {"probe": {}, "supervised": {}}
         for name in inits:
-            results["probe"][name] = probes(cfg, towers[name](), sets, test, args.seed)
+            if name != "cnn":  # the probes read the FLAVA tower's CLS state
+                results["probe"][name] = probes(cfg, towers[name](), sets, test, args.seed)
         train = (sets["train"][0], torch.tensor(train_labels))
         for name in inits:
             start = time.perf_counter()
             results["supervised"][name] = train_supervised(cfg, towers[name](), train, sets["test"][0], test,
-                                                           steps=args.steps, eval_at=eval_at, seed=args.seed)
+                                                           steps=args.steps, eval_at=eval_at, seed=args.seed,
+                                                           pool=args.pool)
             results["supervised"][name][-1]["wall_s"] = time.perf_counter() - start
             (out / "results.json").write_text(json.dumps({"settings": {**vars(args), "out": str(out),
                                                                         "workdir": str(root)},
