@@ -369,16 +369,13 @@ def test_cls_only_last_block_equals_the_full_pass(attention):
     assert model.image_encoder.encoder.blocks[-1].mlp.fc1.weight.grad is not None
 
 
-def test_every_objective_learns_on_a_fixed_batch():
-    torch.manual_seed(0)
-    cfg = preset("tiny")
-    model = FlavaForPretraining(cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, OptimizerConfig(weight_decay=0.0)), lr=5e-3)
-    batches = [make_batch(cfg, kind, batch_size=8, seed=3) for kind in ("pair", "image", "text")]
-    batches[0]["itm_labels"] = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1])
+def fixed_batch_losses(model, batches: list[dict], steps: int = 30, lr: float = 5e-3):
+    """Train ``model`` on the same ``batches`` for ``steps`` rounds (AdamW, no weight decay) -> each objective's
+    loss at the first round and at the last."""
+    optimizer = torch.optim.AdamW(param_groups(model, OptimizerConfig(weight_decay=0.0)), lr=lr)
     first: dict[str, float] = {}
     last: dict[str, float] = {}
-    for step in range(30):
+    for step in range(steps):
         for batch in batches:
             out = model(batch)
             out.loss.backward()
@@ -386,6 +383,16 @@ def test_every_objective_learns_on_a_fixed_batch():
             optimizer.zero_grad()
             for name, value in out.losses.items():
                 (first if step == 0 else last)[name] = value.item()
+    return first, last
+
+
+def test_every_objective_learns_on_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = FlavaForPretraining(cfg)
+    batches = [make_batch(cfg, kind, batch_size=8, seed=3) for kind in ("pair", "image", "text")]
+    batches[0]["itm_labels"] = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1])
+    first, last = fixed_batch_losses(model, batches)
     assert set(first) == {"contrastive", "itm", "mmm_image", "mmm_text", "mim", "mlm"}
     for name in first:
         assert last[name] < 0.75 * first[name], (name, first[name], last[name])

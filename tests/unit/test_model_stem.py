@@ -13,7 +13,7 @@ from flava.model.io import load_model, save_model
 from flava.train.config import OptimizerConfig
 from flava.train.flops import stem_flops, step_flops
 from flava.train.optim import param_groups
-from tests.unit.test_model import make_batch
+from tests.unit.test_model import fixed_batch_losses, make_batch
 
 CONV = {"image": {"stem": "conv", "stem_channels": [16, 32, 64]}}
 
@@ -79,20 +79,10 @@ def test_conv_stem_model_round_trips_through_save_and_load(cfg, tmp_path):
 
 def test_every_objective_learns_through_the_conv_stem(cfg):
     model = FlavaForPretraining(cfg, seed=0)
-    optimizer = torch.optim.AdamW(param_groups(model, OptimizerConfig(weight_decay=0.0)), lr=5e-3)
     batches = [make_batch(cfg, kind, batch_size=8, seed=3) for kind in ("pair", "image")]
     batches[0]["itm_labels"] = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1])
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
     stem_before = model.image_encoder.patch_embed[0].weight.detach().clone()
-    for step in range(30):
-        for batch in batches:
-            out = model(batch)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            for name, value in out.losses.items():
-                (first if step == 0 else last)[name] = value.item()
+    first, last = fixed_batch_losses(model, batches)
     assert not torch.equal(stem_before, model.image_encoder.patch_embed[0].weight)
     for name in ("contrastive", "mim", "mmm_image"):
         assert last[name] < 0.75 * first[name], (name, first[name], last[name])
