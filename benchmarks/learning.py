@@ -20,7 +20,7 @@ Arms (``--arms``, each a set of config overrides on top of ``params.yaml``), aft
 - ``no_mmm_itm``: without the multimodal objectives (MMM image/text, ITM weights 0);
 - ``pairs_only``: all objectives on image-text pairs only (no unimodal corpora mixed in).
 
-Each arm runs for every seed (``--seeds``: seeds 0..n-1, model init and data order; the world is the same), and
+Each arm runs for every seed (``--seeds`` from ``--first-seed``: model init and data order; the world is the same), and
 the closing table gives each arm's last evaluation as mean +- sample standard deviation over the seeds. Curves
 are written as ``curves.png`` and everything as ``results.json`` in ``--out``.
 
@@ -225,7 +225,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200, help="joint steps between evaluated checkpoints")
     parser.add_argument("--unimodal-steps", type=int, default=None,
                         help="text and image stage steps (default: the small train preset's)")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds 0..n-1 per arm")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per arm: first-seed .. first-seed + n - 1")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first seed (e.g. 1 to add a seed to an earlier run of seed 0)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="results.json and curves.png (default: a temp dir)")
@@ -251,10 +253,11 @@ def main() -> None:
         root = args.workdir or Path(tmp)
         world_s = make_world(config(root, args, root / "world", None, {}))
         meta = {"steps": args.steps, "eval_every": args.eval_every, "unimodal_steps": args.unimodal_steps,
-                "seeds": args.seeds, "threads": args.threads, "set": args.set, "world_s": world_s}
+                "seeds": args.seeds, "first_seed": args.first_seed, "threads": args.threads, "set": args.set,
+                "world_s": world_s}
         out.mkdir(parents=True, exist_ok=True)
         results = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for arm in arms:
                 results.append(run_arm(root, args, arm, seed))
                 # after every run, so a benchmark stopped for time keeps the runs it finished
